@@ -1,0 +1,319 @@
+package sandboxpool
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math/bits"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Defaults. Each is documented on the Config field it fills.
+const (
+	DefaultNamespace        = "sandboxpool"
+	DefaultTemplate         = "base"
+	DefaultIdleTimeout      = 5 * time.Minute
+	DefaultMaxAge           = 15 * time.Minute
+	DefaultHealthCheckAfter = 30 * time.Second
+	DefaultReapInterval     = time.Second
+	DefaultCreateTimeout    = 2 * time.Minute
+	DefaultRedisTimeout     = 500 * time.Millisecond
+	DefaultLockTTL          = 10 * time.Second
+	DefaultShards           = 64
+)
+
+// maxShards bounds Config.Shards: beyond this the shard array costs more
+// memory than contention it saves on a machine with a sane core count.
+const maxShards = 1 << 16
+
+// RateLimit is a rate of Rate events per Per, with bursts of up to Burst.
+// The zero value means unlimited.
+type RateLimit struct {
+	Rate  int           // events per Per; 0 = unlimited
+	Burst int           // default: Rate
+	Per   time.Duration // default: 1 second
+}
+
+func (r RateLimit) enabled() bool { return r.Rate > 0 }
+
+// interval is the steady-state spacing between two events.
+func (r RateLimit) interval() time.Duration { return r.Per / time.Duration(r.Rate) }
+
+// Config configures a Manager. The zero value of every field except Provider
+// selects the documented default. New copies the Config; later changes to the
+// caller's value have no effect.
+type Config struct {
+	// Provider creates and manages sandboxes. Required. Use NewE2BProvider
+	// for E2B.
+	Provider Provider
+
+	// Redis, when set, makes the pool safe to share between processes: it
+	// holds the pair → sandbox cache, the per-pair create lock, the idle
+	// clock, quotas and rate limits. Standalone, Sentinel and Cluster clients
+	// all work. default: nil, a single-process, memory-only pool.
+	Redis redis.UniversalClient
+
+	// Namespace prefixes every Redis key and is stored in each sandbox's
+	// metadata, so independent deployments can share a Redis and an E2B
+	// team. 1–64 bytes of A-Z a-z 0-9 . _ - @ + =. default: "sandboxpool".
+	Namespace string
+
+	// Template is the sandbox template to create. default: "base".
+	Template string
+
+	// Metadata is added to every created sandbox's metadata. Keys starting
+	// with "sandboxpool." are reserved. default: none.
+	Metadata map[string]string
+
+	// IdleTimeout is how long an unleased sandbox survives without use.
+	// default: 5 minutes.
+	IdleTimeout time.Duration
+
+	// MaxAge is the longest a sandbox is handed out after its creation;
+	// must be >= IdleTimeout. A sandbox past MaxAge is destroyed once its
+	// last lease is released. default: 15 minutes.
+	MaxAge time.Duration
+
+	// HealthCheckAfter skips the liveness probe for a sandbox checked this
+	// recently, so a hot pair costs no I/O. -1 probes on every Acquire.
+	// default: 30 seconds.
+	HealthCheckAfter time.Duration
+
+	// ReapInterval is how often the reaper looks for expired sandboxes. A
+	// tick costs O(sandboxes due), not O(pool size). default: 1 second.
+	ReapInterval time.Duration
+
+	// CreateTimeout bounds a create (lock wait included) independently of
+	// the caller's context: a create that has started finishes, or fails,
+	// within it even if the caller gives up. default: 2 minutes.
+	CreateTimeout time.Duration
+
+	// RedisTimeout bounds every single Redis call. default: 500 ms.
+	RedisTimeout time.Duration
+
+	// LockTTL is the expiry of the per-pair create lock in Redis; it is
+	// refreshed every LockTTL/3 while the create runs, so a holder that
+	// dies frees the pair within LockTTL. default: 10 seconds.
+	LockTTL time.Duration
+
+	// MaxSandboxes caps the sandboxes alive at once (cluster-wide with
+	// Redis). Only fresh creates are refused, with ErrQuotaExceeded.
+	// default: 0, unlimited.
+	MaxSandboxes int
+
+	// MaxPerUser caps the sandboxes of one user (cluster-wide with Redis).
+	// default: 0, unlimited.
+	MaxPerUser int
+
+	// CreateLimit limits fresh creates per user (reuse is never limited);
+	// refused creates get ErrRateLimited with a retry-after.
+	// default: zero, unlimited.
+	CreateLimit RateLimit
+
+	// RefuseCreatesWhenDegraded makes the Manager refuse fresh creates with
+	// ErrUnavailable while Redis is unreachable, instead of creating without
+	// the cross-instance lock. Sandboxes already in memory are served either
+	// way. default: false (create and count it in Stats().DegradedCreates).
+	RefuseCreatesWhenDegraded bool
+
+	// Shards is the number of in-memory pool shards, rounded up to a power
+	// of two. default: 64.
+	Shards int
+
+	// Logger receives the Manager's background events (evictions, failed
+	// kills, Redis state changes). Errors on the request path are returned,
+	// not logged. default: nil, discard: a library should not write to an
+	// application's logs unless asked to; pass slog.Default() to opt in.
+	Logger *slog.Logger
+
+	// now replaces time.Now in tests.
+	now func() time.Time
+}
+
+// withDefaults returns a copy of c with zero fields set to their defaults.
+func (c Config) withDefaults() Config {
+	c.Metadata = maps.Clone(c.Metadata)
+	setDefault(&c.Namespace, DefaultNamespace)
+	setDefault(&c.Template, DefaultTemplate)
+	setDefault(&c.IdleTimeout, DefaultIdleTimeout)
+	setDefault(&c.MaxAge, DefaultMaxAge)
+	setDefault(&c.HealthCheckAfter, DefaultHealthCheckAfter)
+	setDefault(&c.ReapInterval, DefaultReapInterval)
+	setDefault(&c.CreateTimeout, DefaultCreateTimeout)
+	setDefault(&c.RedisTimeout, DefaultRedisTimeout)
+	setDefault(&c.LockTTL, DefaultLockTTL)
+	setDefault(&c.Shards, DefaultShards)
+	if c.CreateLimit.enabled() {
+		setDefault(&c.CreateLimit.Burst, c.CreateLimit.Rate)
+		setDefault(&c.CreateLimit.Per, time.Second)
+	}
+	if c.Shards > 0 && c.Shards <= maxShards {
+		c.Shards = 1 << bits.Len(uint(c.Shards-1))
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.now == nil {
+		c.now = time.Now
+	}
+	return c
+}
+
+func setDefault[T comparable](v *T, def T) {
+	var zero T
+	if *v == zero {
+		*v = def
+	}
+}
+
+// validate reports every problem with a defaulted config at once.
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.Provider == nil {
+		bad("Provider is required")
+	}
+	if err := validateID("namespace", c.Namespace, maxNamespaceLen); err != nil {
+		bad("Namespace: %w", err)
+	}
+	if c.Template == "" {
+		bad("Template is empty")
+	}
+	for name, d := range map[string]time.Duration{
+		"IdleTimeout": c.IdleTimeout, "MaxAge": c.MaxAge, "ReapInterval": c.ReapInterval,
+		"CreateTimeout": c.CreateTimeout, "RedisTimeout": c.RedisTimeout, "LockTTL": c.LockTTL,
+	} {
+		if d < 0 {
+			bad("%s must not be negative (got %s)", name, d)
+		}
+	}
+	if c.HealthCheckAfter < -1 {
+		bad("HealthCheckAfter must be -1 (always probe), 0 (default) or positive (got %s)", c.HealthCheckAfter)
+	}
+	if c.MaxAge < c.IdleTimeout {
+		bad("MaxAge (%s) must be >= IdleTimeout (%s)", c.MaxAge, c.IdleTimeout)
+	}
+	if c.IdleTimeout > 0 && c.IdleTimeout < time.Second {
+		bad("IdleTimeout must be at least 1s: E2B timeouts are whole seconds (got %s)", c.IdleTimeout)
+	}
+	if c.MaxSandboxes < 0 || c.MaxPerUser < 0 {
+		bad("MaxSandboxes and MaxPerUser must not be negative")
+	}
+	if c.MaxSandboxes > 0 && c.MaxPerUser > c.MaxSandboxes {
+		bad("MaxPerUser (%d) must not exceed MaxSandboxes (%d)", c.MaxPerUser, c.MaxSandboxes)
+	}
+	if r := c.CreateLimit; r.Rate < 0 || r.Burst < 0 || r.Per < 0 {
+		bad("CreateLimit fields must not be negative")
+	} else if r.enabled() && r.interval() <= 0 {
+		bad("CreateLimit: Rate %d per %s is finer than 1ns", r.Rate, r.Per)
+	}
+	if c.Shards < 1 || c.Shards > maxShards {
+		bad("Shards must be between 1 and %d (got %d)", maxShards, c.Shards)
+	}
+	for k := range c.Metadata {
+		if len(k) >= len("sandboxpool.") && k[:len("sandboxpool.")] == "sandboxpool." {
+			bad("Metadata key %q uses the reserved prefix sandboxpool.", k)
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("sandboxpool: invalid config: %w", errors.Join(errs...))
+	}
+	return nil
+}
+
+// Environment variables read by ConfigFromEnv.
+const (
+	EnvNamespace        = "SANDBOXPOOL_NAMESPACE"
+	EnvTemplate         = "SANDBOXPOOL_TEMPLATE"
+	EnvIdleTimeout      = "SANDBOXPOOL_IDLE_TIMEOUT"
+	EnvMaxAge           = "SANDBOXPOOL_MAX_AGE"
+	EnvHealthCheckAfter = "SANDBOXPOOL_HEALTH_CHECK_AFTER"
+	EnvReapInterval     = "SANDBOXPOOL_REAP_INTERVAL"
+	EnvCreateTimeout    = "SANDBOXPOOL_CREATE_TIMEOUT"
+	EnvRedisTimeout     = "SANDBOXPOOL_REDIS_TIMEOUT"
+	EnvLockTTL          = "SANDBOXPOOL_LOCK_TTL"
+	EnvMaxSandboxes     = "SANDBOXPOOL_MAX_SANDBOXES"
+	EnvMaxPerUser       = "SANDBOXPOOL_MAX_PER_USER"
+	EnvCreateRate       = "SANDBOXPOOL_CREATE_RATE"
+	EnvCreateBurst      = "SANDBOXPOOL_CREATE_BURST"
+	EnvCreatePer        = "SANDBOXPOOL_CREATE_PER"
+	EnvRefuseDegraded   = "SANDBOXPOOL_REFUSE_CREATES_WHEN_DEGRADED"
+)
+
+// envSource lets tests (and ConfigFromEnv) read variables from anywhere.
+type envSource func(string) (string, bool)
+
+// ConfigFromEnv builds a Config from the environment: the SANDBOXPOOL_*
+// variables for pool settings, E2B_API_KEY, E2B_API_URL, E2B_DOMAIN and
+// E2B_SANDBOX_URL for the provider, REDIS_URL for Redis. Unset variables
+// leave their defaults. A malformed variable is an error naming it.
+func ConfigFromEnv() (Config, error) { return configFrom(os.LookupEnv) }
+
+func configFrom(env envSource) (Config, error) {
+	var c Config
+	var errs []error
+	str := func(name string, dst *string) {
+		if v, ok := env(name); ok {
+			*dst = v
+		}
+	}
+	dur := func(name string, dst *time.Duration) {
+		if v, ok := env(name); ok && v != "" {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %q is not a duration such as 90s or 5m", name, v))
+				return
+			}
+			*dst = d
+		}
+	}
+	num := func(name string, dst *int) {
+		if v, ok := env(name); ok && v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 {
+				errs = append(errs, fmt.Errorf("%s: %q is not a non-negative integer", name, v))
+				return
+			}
+			*dst = n
+		}
+	}
+	str(EnvNamespace, &c.Namespace)
+	str(EnvTemplate, &c.Template)
+	dur(EnvIdleTimeout, &c.IdleTimeout)
+	dur(EnvMaxAge, &c.MaxAge)
+	dur(EnvHealthCheckAfter, &c.HealthCheckAfter)
+	dur(EnvReapInterval, &c.ReapInterval)
+	dur(EnvCreateTimeout, &c.CreateTimeout)
+	dur(EnvRedisTimeout, &c.RedisTimeout)
+	dur(EnvLockTTL, &c.LockTTL)
+	num(EnvMaxSandboxes, &c.MaxSandboxes)
+	num(EnvMaxPerUser, &c.MaxPerUser)
+	num(EnvCreateRate, &c.CreateLimit.Rate)
+	num(EnvCreateBurst, &c.CreateLimit.Burst)
+	dur(EnvCreatePer, &c.CreateLimit.Per)
+	if v, ok := env(EnvRefuseDegraded); ok && v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %q is not a boolean (true/false)", EnvRefuseDegraded, v))
+		}
+		c.RefuseCreatesWhenDegraded = b
+	}
+	for _, hook := range envHooks {
+		if err := hook(env, &c); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		return Config{}, fmt.Errorf("sandboxpool: config from environment: %w", errors.Join(errs...))
+	}
+	return c, nil
+}
+
+// envHooks turn further variables into Config fields (the provider, Redis).
+// They are registered by the files that own those concepts.
+var envHooks []func(envSource, *Config) error

@@ -1,0 +1,98 @@
+package sandboxpool_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+)
+
+func TestNewValidatesConfig(t *testing.T) {
+	p := fakeprovider.New()
+	cases := []struct {
+		name string
+		cfg  sandboxpool.Config
+		want string
+	}{
+		{"nil provider", sandboxpool.Config{}, "Provider is required"},
+		{"negative idle", sandboxpool.Config{Provider: p, IdleTimeout: -time.Second}, "IdleTimeout must not be negative"},
+		{"negative reap", sandboxpool.Config{Provider: p, ReapInterval: -1}, "ReapInterval must not be negative"},
+		{"max age below idle", sandboxpool.Config{Provider: p, IdleTimeout: 10 * time.Minute, MaxAge: time.Minute}, "MaxAge (1m0s) must be >= IdleTimeout (10m0s)"},
+		{"sub-second idle", sandboxpool.Config{Provider: p, IdleTimeout: time.Millisecond, MaxAge: time.Minute}, "at least 1s"},
+		{"bad namespace", sandboxpool.Config{Provider: p, Namespace: "a:b"}, "Namespace: invalid namespace"},
+		{"namespace glob", sandboxpool.Config{Provider: p, Namespace: "ns*"}, "Namespace"},
+		{"negative quota", sandboxpool.Config{Provider: p, MaxPerUser: -1}, "must not be negative"},
+		{"per user above total", sandboxpool.Config{Provider: p, MaxSandboxes: 1, MaxPerUser: 2}, "MaxPerUser (2) must not exceed"},
+		{"negative rate", sandboxpool.Config{Provider: p, CreateLimit: sandboxpool.RateLimit{Rate: -1}}, "CreateLimit"},
+		{"too many shards", sandboxpool.Config{Provider: p, Shards: 1 << 20}, "Shards"},
+		{"reserved metadata", sandboxpool.Config{Provider: p, Metadata: map[string]string{"sandboxpool.user": "x"}}, "reserved prefix"},
+		{"probe below -1", sandboxpool.Config{Provider: p, HealthCheckAfter: -2}, "HealthCheckAfter"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := sandboxpool.New(tc.cfg)
+			require.Error(t, err)
+			assert.Nil(t, m)
+			assert.Contains(t, err.Error(), tc.want)
+			assert.True(t, strings.HasPrefix(err.Error(), "sandboxpool: invalid config"))
+		})
+	}
+}
+
+func TestNewReportsEveryProblem(t *testing.T) {
+	_, err := sandboxpool.New(sandboxpool.Config{IdleTimeout: -1, Namespace: "{x}"})
+	require.Error(t, err)
+	for _, want := range []string{"Provider", "IdleTimeout", "Namespace"} {
+		assert.Contains(t, err.Error(), want)
+	}
+}
+
+func TestConfigFromEnv(t *testing.T) {
+	cfg, err := sandboxpool.ConfigFrom(map[string]string{
+		"SANDBOXPOOL_NAMESPACE":    "prod",
+		"SANDBOXPOOL_IDLE_TIMEOUT": "90s",
+		"SANDBOXPOOL_MAX_AGE":      "1h",
+		"SANDBOXPOOL_MAX_PER_USER": "3",
+		"SANDBOXPOOL_CREATE_RATE":  "10",
+		"SANDBOXPOOL_CREATE_PER":   "1m",
+		"SANDBOXPOOL_REFUSE_CREATES_WHEN_DEGRADED": "true",
+	})
+	require.NoError(t, err)
+	assert.Equal(t, "prod", cfg.Namespace)
+	assert.Equal(t, 90*time.Second, cfg.IdleTimeout)
+	assert.Equal(t, time.Hour, cfg.MaxAge)
+	assert.Equal(t, 3, cfg.MaxPerUser)
+	assert.Equal(t, sandboxpool.RateLimit{Rate: 10, Per: time.Minute}, cfg.CreateLimit)
+	assert.True(t, cfg.RefuseCreatesWhenDegraded)
+
+	empty, err := sandboxpool.ConfigFrom(nil)
+	require.NoError(t, err)
+	assert.Zero(t, empty.IdleTimeout, "unset variables keep the defaults")
+}
+
+func TestConfigFromEnvErrors(t *testing.T) {
+	for name, val := range map[string]string{
+		"SANDBOXPOOL_IDLE_TIMEOUT":                 "5 minutes",
+		"SANDBOXPOOL_MAX_AGE":                      "forever",
+		"SANDBOXPOOL_MAX_SANDBOXES":                "-3",
+		"SANDBOXPOOL_MAX_PER_USER":                 "many",
+		"SANDBOXPOOL_CREATE_RATE":                  "1.5",
+		"SANDBOXPOOL_REFUSE_CREATES_WHEN_DEGRADED": "maybe",
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := sandboxpool.ConfigFrom(map[string]string{name: val})
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), name)
+			assert.Contains(t, err.Error(), val)
+		})
+	}
+	_, err := sandboxpool.ConfigFrom(map[string]string{"SANDBOXPOOL_MAX_AGE": "x", "SANDBOXPOOL_LOCK_TTL": "y"})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "SANDBOXPOOL_MAX_AGE")
+	assert.Contains(t, err.Error(), "SANDBOXPOOL_LOCK_TTL")
+}

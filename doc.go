@@ -1,0 +1,62 @@
+// Package sandboxpool gives every (user, project) pair of a Go service its
+// own cloud sandbox (an E2B microVM), reused across requests, shared safely
+// by many instances of the service, and destroyed on time.
+//
+//	m, err := sandboxpool.New(sandboxpool.Config{Provider: p, Redis: rdb})
+//	lease, err := m.Acquire(ctx, user, project)
+//	defer lease.Release()
+//	url := lease.Sandbox().EnvdURL()
+//
+// # Guarantees
+//
+//  1. One sandbox per pair. Concurrent Acquires of one pair, in one process
+//     or (with Redis) across processes, create at most one sandbox. In a
+//     process, one fill per pair runs at a time and every other caller
+//     waits for it.
+//  2. No leak. Memory held for a pair (pool entry, per-pair lock entry,
+//     limiter state) is freed when the pair is gone; Stats().KeyLocks returns
+//     to zero.
+//  3. Aligned deadlines. An unleased pair's deadline is
+//     min(lastUse+IdleTimeout, createdAt+MaxAge); the pool entry and the
+//     provider's own timeout (and the Redis key) carry it, so if every
+//     process dies the provider still reaps the sandbox on time. While a
+//     lease is held the deadline is kept extended.
+//  4. In use is alive. A leased sandbox is never reaped. A sandbox past
+//     MaxAge is never handed out again and is destroyed at its last release.
+//  5. Fail closed. A cached sandbox is replaced only when the provider says
+//     definitively that it is gone (ErrSandboxNotFound). Timeouts, 5xx, 429
+//     and auth errors are returned to the caller and never cause a duplicate.
+//  6. Probes have no side effects: a health check never extends a deadline.
+//  7. Bad input is refused before any I/O: ids are 1–128 bytes of ASCII
+//     letters, digits and ". _ - @ + =", starting with a letter or digit.
+//  8. Secrets stay secret: Secret masks itself in every output form.
+//  9. Caller cancellation does not strand work: a create that has started
+//     finishes within Config.CreateTimeout and is kept for the next caller.
+//
+// # The way through Acquire
+//
+// Validate ids; look the pair up in a sharded in-memory map under a read
+// lock (no allocation besides the Lease, no I/O, a coarse clock); on a miss,
+// join the pair's flight (a reference-counted per-pair entry) whose single
+// fill probes, reconnects, adopts or creates outside every lock. Touches of
+// the provider deadline are done by the reaper, at most once per
+// IdleTimeout/2 per pair, so hot pairs cost no I/O.
+//
+// # Redis key layout
+//
+//	<ns>:{<user>:<project>}:sbx    the pair's sandbox record
+//	<ns>:{<user>:<project>}:lock   the pair's create lock
+//
+// The braces are a Redis Cluster hash tag: a pair's keys share a slot. Valid
+// ids contain no ":", "{", "}", so the mapping from pair to key is injective
+// (FuzzPairKey checks it).
+//
+// # Failure behaviour
+//
+// Provider errors are returned wrapped with the pair they concern; test them
+// with errors.Is against the sentinels (ErrInvalidID, ErrClosed,
+// ErrQuotaExceeded, ErrRateLimited, ErrSandboxNotFound). Background failures
+// (a failed kill or touch) are counted in Stats and logged through
+// Config.Logger, and retried on the next reaper tick; the provider deadline
+// bounds what a failure can leak.
+package sandboxpool

@@ -1,0 +1,60 @@
+package sandboxpool
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Sentinel errors. Test for them with errors.Is; they are always wrapped with
+// the pair they concern.
+var (
+	// ErrInvalidID reports a user or project id that fails validation. The
+	// wrapped *ValidationError names the field and the reason.
+	ErrInvalidID = errors.New("sandboxpool: invalid id")
+	// ErrClosed is returned by calls made after Close.
+	ErrClosed = errors.New("sandboxpool: manager closed")
+	// ErrQuotaExceeded is returned when creating a sandbox would exceed
+	// MaxSandboxes or MaxPerUser. Reuse of an existing sandbox is never refused.
+	ErrQuotaExceeded = errors.New("sandboxpool: quota exceeded")
+	// ErrRateLimited is returned when a user's fresh creates exceed
+	// CreateLimit. The error is a *RetryAfterError saying when to retry.
+	ErrRateLimited = errors.New("sandboxpool: rate limited")
+	// ErrSandboxNotFound is the definitive "does not exist / not running"
+	// answer of a Provider. Only this error makes the Manager replace a
+	// cached sandbox.
+	ErrSandboxNotFound = errors.New("sandboxpool: sandbox not found")
+	// ErrUnavailable is returned when the Manager will not create a sandbox
+	// because Redis is unreachable and Config.RefuseCreatesWhenDegraded is set.
+	ErrUnavailable = errors.New("sandboxpool: coordination store unavailable")
+)
+
+// RetryAfterError carries how long a caller should wait before retrying.
+// It wraps ErrRateLimited, ErrQuotaExceeded or a provider error.
+type RetryAfterError struct {
+	Err        error
+	RetryAfter time.Duration
+}
+
+func (e *RetryAfterError) Error() string {
+	return fmt.Sprintf("%v (retry after %s)", e.Err, e.RetryAfter)
+}
+
+func (e *RetryAfterError) Unwrap() error { return e.Err }
+
+// RetryAfter returns the retry hint carried anywhere in err's chain, if any.
+func RetryAfter(err error) (time.Duration, bool) {
+	var ra interface{ RetryAfterHint() time.Duration }
+	if errors.As(err, &ra) {
+		return ra.RetryAfterHint(), true
+	}
+	return 0, false
+}
+
+// RetryAfterHint implements the hint interface RetryAfter looks for, so that
+// errors from other packages (such as *e2b.APIError) can carry one too.
+func (e *RetryAfterError) RetryAfterHint() time.Duration { return e.RetryAfter }
+
+func pairErr(op string, k pairKey, err error) error {
+	return fmt.Errorf("sandboxpool: %s %s/%s: %w", op, k.user, k.project, err)
+}

@@ -1,0 +1,41 @@
+package sandboxpool
+
+import (
+	"sync"
+	"time"
+)
+
+// Test hooks, compiled only into this package's tests.
+
+// SetClock makes a Manager built from cfg read time from now.
+func SetClock(cfg *Config, now func() time.Time) { cfg.now = now }
+
+// ReapNow runs one reaper tick synchronously.
+func (m *Manager) ReapNow() { m.reapOnce() }
+
+// Scheduled returns how many slots the reaper tracks.
+func (m *Manager) Scheduled() int { return m.reaper.len() }
+
+// PopDue exposes the reaper's heap pop, to measure what a tick touches.
+func (m *Manager) PopDue(now time.Time) int { return len(m.reaper.popDue(now.UnixNano())) }
+
+// RedisKey exposes the pair → key mapping for the fuzz test.
+func RedisKey(ns, user, project, suffix string) string {
+	return pairKey{user, project}.redisKey(ns, suffix)
+}
+
+// SetDefaultBuilder replaces Default's builder and resets its once.
+func SetDefaultBuilder(b func() (*Manager, error)) (restore func()) {
+	old := buildDefault
+	buildDefault = b
+	defaultOnce, defaultMgr, defaultErr = sync.Once{}, nil, nil
+	return func() {
+		buildDefault = old
+		defaultOnce, defaultMgr, defaultErr = sync.Once{}, nil, nil
+	}
+}
+
+// ConfigFrom exposes the environment parser with an explicit source.
+func ConfigFrom(env map[string]string) (Config, error) {
+	return configFrom(func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+}

@@ -1,0 +1,71 @@
+package sandboxpool_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeClock is a manually advanced clock shared by the Manager and the fake.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{t: time.Unix(1_800_000_000, 0)} }
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// env is a Manager on a fake provider with a fake clock, closed at cleanup.
+type env struct {
+	m     *sandboxpool.Manager
+	p     *fakeprovider.Provider
+	clock *fakeClock
+}
+
+func newEnv(t testing.TB, mutate ...func(*sandboxpool.Config)) *env {
+	t.Helper()
+	clk := newFakeClock()
+	p := fakeprovider.New()
+	p.Now = clk.Now
+	cfg := sandboxpool.Config{
+		Provider:     p,
+		IdleTimeout:  5 * time.Minute,
+		MaxAge:       15 * time.Minute,
+		ReapInterval: time.Hour, // tests drive the reaper with ReapNow
+	}
+	sandboxpool.SetClock(&cfg, clk.Now)
+	for _, f := range mutate {
+		f(&cfg)
+	}
+	m, err := sandboxpool.New(cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, m.Close(context.Background())) })
+	return &env{m: m, p: p, clock: clk}
+}
+
+func (e *env) acquire(t testing.TB, user, project string) *sandboxpool.Lease {
+	t.Helper()
+	l, err := e.m.Acquire(context.Background(), user, project)
+	require.NoError(t, err)
+	return l
+}

@@ -1,0 +1,479 @@
+package sandboxpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Timing constants, each with its reason.
+const (
+	// hotGuard: within this of the provider-side deadline, a hit goes
+	// through the slow path so the deadline is extended before it passes.
+	hotGuard = 2 * time.Second
+	// killTimeout bounds a background kill (after the last release of a
+	// retired sandbox, or an eviction); the provider's own deadline reaps
+	// whatever a failed kill leaves.
+	killTimeout = 30 * time.Second
+	// maxLeaseAttempts bounds how often Acquire retries when the sandbox a
+	// fill produced is evicted or removed before the caller could lease it.
+	maxLeaseAttempts = 3
+)
+
+// Manager gives every (user, project) pair its own sandbox, reused across
+// calls, shared safely between goroutines (and, with Redis, between
+// processes) and destroyed on time. Build one with New; it is safe for
+// concurrent use.
+type Manager struct {
+	cfg      Config
+	provider Provider
+	log      *slog.Logger
+	clock    *clock
+	pool     *pool
+	reaper   *reaper
+	admit    *admission
+	ctr      counters
+
+	probeAfter int64 // ns; <0 = always probe
+	guard      int64 // ns, hotGuard
+	touchAhead int64 // ns: a hit within this of the deadline queues a touch
+
+	baseCtx context.Context // cancelled by Close when its ctx runs out
+	cancel  context.CancelFunc
+	done    chan struct{} // closed by Close: stops the background loops
+
+	bgMu   sync.Mutex // protects closed transitions against bg.Add
+	bg     sync.WaitGroup
+	closed atomic.Bool
+}
+
+// New validates cfg, fills its defaults and starts the Manager's background
+// work (the reaper and the coarse clock), which Close stops.
+func New(cfg Config) (*Manager, error) {
+	realClock := cfg.now == nil
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	m := &Manager{
+		cfg:        cfg,
+		provider:   cfg.Provider,
+		log:        cfg.Logger,
+		clock:      newClock(cfg.now, realClock),
+		pool:       newPool(cfg.Shards),
+		reaper:     newReaper(),
+		admit:      newAdmission(cfg),
+		probeAfter: int64(cfg.HealthCheckAfter),
+		guard:      int64(hotGuard),
+		touchAhead: int64(cfg.IdleTimeout / 2),
+		done:       make(chan struct{}),
+	}
+	if m.guard > int64(cfg.IdleTimeout/4) {
+		m.guard = int64(cfg.IdleTimeout / 4)
+	}
+	m.baseCtx, m.cancel = context.WithCancel(context.Background())
+	m.goBackground(func() { m.clock.run(m.done) })
+	m.goBackground(m.reapLoop)
+	return m, nil
+}
+
+// goBackground runs fn on a goroutine that Close waits for. It reports false,
+// and does not run fn, once the Manager is closed.
+func (m *Manager) goBackground(fn func()) bool {
+	m.bgMu.Lock()
+	defer m.bgMu.Unlock()
+	if m.closed.Load() {
+		return false
+	}
+	m.bg.Add(1)
+	go func() {
+		defer m.bg.Done()
+		fn()
+	}()
+	return true
+}
+
+// Lease is one holder's use of a pair's sandbox. While any lease on a
+// sandbox is held, the sandbox is not reaped, and its deadlines are kept
+// extended. Call Release when done.
+type Lease struct {
+	m        *Manager
+	s        *slot
+	released atomic.Bool
+}
+
+// Sandbox returns the leased sandbox.
+func (l *Lease) Sandbox() Sandbox { return l.s.sb }
+
+// Release ends the lease. It is idempotent and safe after Close.
+func (l *Lease) Release() {
+	if !l.released.CompareAndSwap(false, true) {
+		return
+	}
+	m, s := l.m, l.s
+	s.lastUse.Store(m.clock.coarse())
+	m.pool.shard(s.key).leased.Add(-1)
+	if s.leases.Add(-1) == 0 && s.state.Load() == stateRetired {
+		m.killLater(s, "max age reached")
+	}
+}
+
+// Acquire returns a lease on the pair's sandbox, creating the sandbox if the
+// pair has none. Concurrent Acquires for one pair share one sandbox and cause
+// at most one create. If ctx ends first, Acquire returns its error, but a
+// create already started finishes and is kept for the next Acquire.
+func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, error) {
+	if m.closed.Load() {
+		return nil, ErrClosed
+	}
+	if err := ValidateIDs(user, project); err != nil {
+		return nil, err
+	}
+	k := pairKey{user, project}
+	sh := m.pool.shard(k)
+	sh.acquires.Add(1)
+	now := m.clock.coarse()
+	if s := sh.hit(k, now, m.probeAfter, m.guard); s != nil {
+		sh.memoryHits.Add(1)
+		m.maybeTouch(s, now)
+		return &Lease{m: m, s: s}, nil
+	}
+	return m.acquireSlow(ctx, k, sh)
+}
+
+// acquireSlow waits for (or starts) the pair's flight and leases its result.
+func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*Lease, error) {
+	for attempt := 0; ; attempt++ {
+		f, started := m.pool.join(sh, k)
+		if started && !m.goBackground(func() { m.runFill(sh, k, f) }) {
+			m.pool.finish(sh, k, f, nil, ErrClosed)
+		}
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			m.pool.leave(sh, k, f)
+			return nil, pairErr("acquire", k, context.Cause(ctx))
+		}
+		m.pool.leave(sh, k, f)
+		if f.err != nil {
+			return nil, f.err
+		}
+		if now := m.clock.coarse(); sh.leaseSlot(f.s, now) {
+			m.maybeTouch(f.s, now)
+			return &Lease{m: m, s: f.s}, nil
+		}
+		if attempt+1 >= maxLeaseAttempts {
+			return nil, pairErr("acquire", k, errors.New("sandbox was removed while being acquired"))
+		}
+	}
+}
+
+// runFill runs a fill with its own deadline, detached from every caller, and
+// publishes the result to the flight's waiters.
+func (m *Manager) runFill(sh *shard, k pairKey, f *flight) {
+	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.CreateTimeout)
+	defer cancel()
+	s, err := m.fill(ctx, sh, k)
+	m.pool.finish(sh, k, f, s, err)
+}
+
+// fill makes sure the pair has a usable slot in the pool: it probes or
+// extends a cached one, reconnects to one known to Redis, adopts one found by
+// metadata, or creates one. It runs once per pair at a time.
+func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
+	if s := sh.get(k); s != nil {
+		now := m.clock.precise()
+		if s.state.Load() == stateLive && now < s.expiresAt {
+			ok, err := m.revalidate(ctx, s, now)
+			if ok || err != nil {
+				return s, err
+			}
+			// Definitively gone: replace it below.
+			m.ctr.replaced.Add(1)
+			m.pool.detach(sh, s, stateDead, false)
+			m.forget(ctx, s)
+		} else if m.pool.detach(sh, s, stateRetired, false) && s.leases.Load() == 0 {
+			m.killLater(s, "max age reached")
+		}
+	}
+	if s, err := m.fromCache(ctx, sh, k); s != nil || err != nil {
+		return s, err
+	}
+	return m.create(ctx, sh, k)
+}
+
+// revalidate decides whether a cached slot can be handed out: it extends a
+// deadline about to pass (which also proves the sandbox is alive), or probes
+// it. ok is false with a nil error only on a definitive not-found.
+func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, err error) {
+	if now >= s.deadline.Load()-m.guard {
+		err = m.touch(ctx, s, now)
+	} else if m.probeAfter < 0 || now-s.lastCheck.Load() >= m.probeAfter {
+		m.ctr.healthChecks.Add(1)
+		err = m.provider.Check(ctx, s.sb)
+	}
+	switch {
+	case err == nil:
+		s.lastCheck.Store(now)
+		return true, nil
+	case errors.Is(err, ErrSandboxNotFound):
+		return false, nil
+	default: // ambiguous: fail closed, keep the sandbox, report the error
+		return false, pairErr("check sandbox "+s.sb.ID, s.key, err)
+	}
+}
+
+// create admits, finds or creates the pair's sandbox and parks it.
+func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
+	m.ctr.cacheMisses.Add(1)
+	if err := m.admit.reserve(k.user, m.clock.precise()); err != nil {
+		m.countRefusal(err)
+		return nil, pairErr("create", k, err)
+	}
+	s, err := m.adoptOrCreate(ctx, k)
+	if err != nil {
+		m.admit.release(k.user)
+		return nil, err
+	}
+	s.counted.Store(true)
+	m.park(sh, s)
+	return s, nil
+}
+
+func (m *Manager) countRefusal(err error) {
+	switch {
+	case errors.Is(err, ErrRateLimited):
+		m.ctr.rateLimited.Add(1)
+	case errors.Is(err, ErrQuotaExceeded):
+		m.ctr.quotaRejected.Add(1)
+	}
+}
+
+// pairMetadata is the provider metadata that marks a pair's sandbox.
+func (m *Manager) pairMetadata(k pairKey) map[string]string {
+	return map[string]string{MetaNamespace: m.cfg.Namespace, MetaUser: k.user, MetaProject: k.project}
+}
+
+// adoptOrCreate looks for the pair's sandbox by metadata (left by an earlier
+// process, or by a create whose outcome was unknown) and adopts the newest
+// usable one; only when there is none does it create. A failed lookup is
+// returned: creating blind could duplicate.
+func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
+	found, err := m.provider.List(ctx, m.pairMetadata(k))
+	if err != nil {
+		return nil, pairErr("list sandboxes", k, err)
+	}
+	sort.Slice(found, func(i, j int) bool { return found[i].CreatedAt.After(found[j].CreatedAt) })
+	now := m.clock.precise()
+	for i, sb := range found {
+		if now+m.guard >= sb.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
+			// Past MaxAge: never handed out again. It may still be leased
+			// (here or elsewhere), so it is left to its holder and to its
+			// provider deadline, which is aligned with MaxAge.
+			continue
+		}
+		s, err := m.connect(ctx, k, sb.ID, sb.CreatedAt.UnixNano(), now)
+		if err == nil {
+			m.ctr.adopted.Add(1)
+			for _, dup := range found[i+1:] {
+				if now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
+					_ = m.killID(ctx, dup.ID, "duplicate sandbox of the pair") // counted and logged
+				}
+			}
+			return s, nil
+		}
+		if !errors.Is(err, ErrSandboxNotFound) {
+			return nil, err
+		}
+	}
+	return m.createNew(ctx, k)
+}
+
+// createNew calls Provider.Create with the aligned deadline and metadata.
+func (m *Manager) createNew(ctx context.Context, k pairKey) (*slot, error) {
+	meta := m.pairMetadata(k)
+	for key, v := range m.cfg.Metadata {
+		meta[key] = v
+	}
+	sb, err := m.provider.Create(ctx, CreateRequest{Template: m.cfg.Template, Timeout: m.cfg.IdleTimeout, Metadata: meta})
+	if err != nil {
+		m.ctr.createErrors.Add(1)
+		return nil, pairErr("create sandbox", k, err)
+	}
+	m.ctr.creates.Add(1)
+	now := m.clock.precise()
+	if sb.CreatedAt.IsZero() {
+		sb.CreatedAt = time.Unix(0, now)
+	}
+	return m.newSlot(k, sb, sb.CreatedAt.UnixNano(), now, now+int64(m.cfg.IdleTimeout)), nil
+}
+
+// connect reattaches to an existing sandbox with the pair's aligned deadline.
+func (m *Manager) connect(ctx context.Context, k pairKey, id string, createdAt, now int64) (*slot, error) {
+	deadline := min(now+int64(m.cfg.IdleTimeout), createdAt+int64(m.cfg.MaxAge))
+	sb, err := m.provider.Connect(ctx, id, time.Duration(deadline-now))
+	if err != nil {
+		return nil, pairErr("connect sandbox "+id, k, err)
+	}
+	m.ctr.reconnects.Add(1)
+	sb.CreatedAt = time.Unix(0, createdAt)
+	return m.newSlot(k, sb, createdAt, now, deadline), nil
+}
+
+func (m *Manager) newSlot(k pairKey, sb Sandbox, createdAt, now, deadline int64) *slot {
+	sb.User, sb.Project = k.user, k.project
+	if sb.Template == "" {
+		sb.Template = m.cfg.Template
+	}
+	s := &slot{key: k, sb: sb, createdAt: createdAt, expiresAt: createdAt + int64(m.cfg.MaxAge), heapIdx: -1}
+	s.lastUse.Store(now)
+	s.lastCheck.Store(now)
+	s.deadline.Store(deadline)
+	return s
+}
+
+// park puts s in the pool and hands it to the reaper.
+func (m *Manager) park(sh *shard, s *slot) {
+	if old := m.pool.put(sh, s); old != nil && old.leases.Load() == 0 {
+		m.killLater(old, "replaced")
+	}
+	m.reaper.schedule(s, m.nextVisit(s, m.clock.precise()))
+}
+
+// Remove destroys the pair's sandbox and forgets it everywhere, even if it is
+// leased (later Releases are harmless). It waits for an Acquire of the pair
+// that is in flight. Removing a pair that has no sandbox is not an error.
+func (m *Manager) Remove(ctx context.Context, user, project string) error {
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	if err := ValidateIDs(user, project); err != nil {
+		return err
+	}
+	k := pairKey{user, project}
+	sh := m.pool.shard(k)
+	if f := m.inFlight(sh, k); f != nil {
+		select {
+		case <-f.done:
+			m.pool.leave(sh, k, f)
+		case <-ctx.Done():
+			m.pool.leave(sh, k, f)
+			return pairErr("remove", k, context.Cause(ctx))
+		}
+	}
+	var errs []error
+	if s := sh.get(k); s != nil && m.pool.detach(sh, s, stateDead, false) {
+		m.reaper.unschedule(s)
+		if err := m.kill(ctx, s); err != nil {
+			errs = append(errs, err)
+		}
+		m.forget(ctx, s)
+	}
+	// Sandboxes of the pair this process does not hold (another instance's,
+	// or an earlier process's) are found by metadata.
+	found, err := m.provider.List(ctx, m.pairMetadata(k))
+	if err != nil {
+		errs = append(errs, pairErr("list sandboxes", k, err))
+	}
+	for _, sb := range found {
+		if err := m.killID(ctx, sb.ID, "removed"); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := m.uncache(ctx, k); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// inFlight returns the pair's running flight with a reference held, or nil.
+func (m *Manager) inFlight(sh *shard, k pairKey) *flight {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	f := sh.flights[k]
+	if f == nil || f.finished {
+		return nil
+	}
+	f.refs++
+	return f
+}
+
+// kill destroys s's sandbox once.
+func (m *Manager) kill(ctx context.Context, s *slot) error {
+	if !s.killed.CompareAndSwap(false, true) {
+		return nil
+	}
+	return m.killID(ctx, s.sb.ID, "")
+}
+
+func (m *Manager) killID(ctx context.Context, id, why string) error {
+	if err := m.provider.Kill(ctx, id); err != nil {
+		m.ctr.killErrors.Add(1)
+		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: kill failed", slog.String("sandbox", id), slog.String("reason", why), slog.Any("error", err))
+		return fmt.Errorf("sandboxpool: kill sandbox %s: %w", id, err)
+	}
+	m.ctr.kills.Add(1)
+	return nil
+}
+
+// killLater kills s in the background (from Release or the reaper, which
+// must not block on I/O), and drops its quota reservation and cache entry.
+func (m *Manager) killLater(s *slot, why string) {
+	if s.killed.Load() {
+		return
+	}
+	m.goBackground(func() {
+		ctx, cancel := context.WithTimeout(m.baseCtx, killTimeout)
+		defer cancel()
+		if s.killed.CompareAndSwap(false, true) {
+			m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: killing sandbox", slog.String("sandbox", s.sb.ID), slog.String("reason", why))
+			_ = m.killID(ctx, s.sb.ID, why) // counted and logged; the provider deadline reaps it anyway
+		}
+		m.forget(ctx, s)
+	})
+}
+
+// forget drops what the Manager holds for a slot that left the pool: its
+// quota reservation and its Redis entry (compare-and-delete, so a newer
+// sandbox's entry survives).
+func (m *Manager) forget(ctx context.Context, s *slot) {
+	m.reaper.unschedule(s)
+	if s.counted.CompareAndSwap(true, false) {
+		m.admit.release(s.key.user)
+	}
+	m.uncacheSlot(ctx, s)
+}
+
+// Close stops the Manager: later Acquire and Remove calls return ErrClosed,
+// background work stops, and Close waits for it, including fills in flight,
+// until ctx ends (then they are cancelled, and Close still waits for them to
+// return). Sandboxes are left running: their provider deadlines reap them, or
+// a new Manager reuses them. A second Close returns nil.
+func (m *Manager) Close(ctx context.Context) error {
+	m.bgMu.Lock()
+	if m.closed.Load() {
+		m.bgMu.Unlock()
+		return nil
+	}
+	m.closed.Store(true)
+	m.bgMu.Unlock()
+	close(m.done)
+
+	waited := make(chan struct{})
+	go func() { m.bg.Wait(); close(waited) }()
+	var err error
+	select {
+	case <-waited:
+	case <-ctx.Done():
+		err = fmt.Errorf("sandboxpool: close: background work cancelled: %w", context.Cause(ctx))
+		m.cancel()
+		<-waited
+	}
+	m.cancel()
+	return err
+}

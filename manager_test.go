@@ -1,0 +1,397 @@
+package sandboxpool_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool"
+	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+)
+
+var errUpstream = errors.New("upstream 503")
+
+func TestAcquireReusesSandbox(t *testing.T) {
+	e := newEnv(t)
+	l1 := e.acquire(t, "alice", "p1")
+	l1.Release()
+	l2 := e.acquire(t, "alice", "p1")
+	defer l2.Release()
+	assert.Equal(t, l1.Sandbox().ID, l2.Sandbox().ID)
+	assert.Equal(t, "alice", l2.Sandbox().User)
+	assert.Equal(t, "p1", l2.Sandbox().Project)
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+	st := e.m.Stats()
+	assert.EqualValues(t, 2, st.Acquires)
+	assert.EqualValues(t, 1, st.MemoryHits)
+	assert.EqualValues(t, 1, st.Creates)
+	assert.EqualValues(t, 1, st.Active)
+	assert.EqualValues(t, 1, st.Leased)
+
+	other := e.acquire(t, "alice", "p2")
+	defer other.Release()
+	assert.NotEqual(t, l1.Sandbox().ID, other.Sandbox().ID)
+}
+
+// 1,000 concurrent Acquires for one pair cause exactly one Create.
+func TestSingleFlight1000(t *testing.T) {
+	e := newEnv(t)
+	e.p.SetLatency(fp.OpCreate, 50*time.Millisecond)
+	const n = 1000
+	ids := make([]string, n)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			l, err := e.m.Acquire(context.Background(), "u", "p")
+			if !assert.NoError(t, err) {
+				return
+			}
+			ids[i] = l.Sandbox().ID
+			l.Release()
+		})
+	}
+	close(start)
+	wg.Wait()
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+	for _, id := range ids {
+		require.Equal(t, ids[0], id)
+	}
+	st := e.m.Stats()
+	assert.EqualValues(t, 0, st.KeyLocks)
+	assert.EqualValues(t, 0, st.Leased)
+	assert.EqualValues(t, n, st.Acquires)
+}
+
+// Churning 100k distinct pairs leaves no per-pair lock entry behind, and
+// Active tracks the pairs that are alive.
+func TestChurn100kPairs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("churn test skipped in -short mode")
+	}
+	e := newEnv(t)
+	const pairs, workers = 100_000, 8
+	run := func(fn func(i int)) {
+		var wg sync.WaitGroup
+		for w := range workers {
+			wg.Go(func() {
+				for i := w; i < pairs; i += workers {
+					fn(i)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	run(func(i int) {
+		l, err := e.m.Acquire(context.Background(), fmt.Sprintf("user%d", i), "proj")
+		if assert.NoError(t, err) {
+			l.Release()
+		}
+	})
+	st := e.m.Stats()
+	assert.EqualValues(t, 0, st.KeyLocks)
+	assert.EqualValues(t, pairs, st.Active)
+	assert.Len(t, e.p.Alive(), pairs)
+
+	run(func(i int) {
+		if i%2 == 0 {
+			assert.NoError(t, e.m.Remove(context.Background(), fmt.Sprintf("user%d", i), "proj"))
+		}
+	})
+	st = e.m.Stats()
+	assert.EqualValues(t, 0, st.KeyLocks)
+	assert.EqualValues(t, pairs/2, st.Active)
+	assert.Len(t, e.p.Alive(), pairs/2)
+	assert.Equal(t, pairs/2, e.m.Scheduled())
+
+	// The rest leave by idleness.
+	e.clock.Advance(6 * time.Minute)
+	e.m.ReapNow()
+	assert.Eventually(t, func() bool { return len(e.p.Alive()) == 0 }, 10*time.Second, 10*time.Millisecond)
+	st = e.m.Stats()
+	assert.EqualValues(t, 0, st.Active)
+	assert.EqualValues(t, 0, st.KeyLocks)
+	assert.Equal(t, 0, e.m.Scheduled())
+}
+
+func TestProbeSkippedWithinHealthCheckAfter(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) { c.HealthCheckAfter = 30 * time.Second })
+	e.acquire(t, "u", "p").Release()
+	e.clock.Advance(29 * time.Second)
+	e.acquire(t, "u", "p").Release()
+	assert.EqualValues(t, 0, e.p.Calls(fp.OpCheck))
+	e.clock.Advance(2 * time.Second)
+	e.acquire(t, "u", "p").Release()
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCheck))
+	e.acquire(t, "u", "p").Release() // just probed: skipped again
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCheck))
+	assert.EqualValues(t, 1, e.m.Stats().HealthChecks)
+}
+
+func TestAlwaysProbe(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) { c.HealthCheckAfter = -1 })
+	for range 3 {
+		e.acquire(t, "u", "p").Release()
+	}
+	assert.EqualValues(t, 2, e.p.Calls(fp.OpCheck))
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+}
+
+func TestDefinitiveNotFoundReplaces(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	old := l.Sandbox().ID
+	l.Release()
+	e.p.Vanish(old)
+	e.clock.Advance(time.Minute) // past HealthCheckAfter
+	l = e.acquire(t, "u", "p")
+	defer l.Release()
+	assert.NotEqual(t, old, l.Sandbox().ID)
+	assert.EqualValues(t, 2, e.p.Calls(fp.OpCreate))
+	assert.EqualValues(t, 1, e.m.Stats().Replaced)
+}
+
+// Timeouts, 5xx, 429 and auth errors are returned and never replace.
+func TestAmbiguousErrorsNeverReplace(t *testing.T) {
+	for _, failure := range []error{errUpstream, context.DeadlineExceeded, errors.New("401 unauthorized")} {
+		t.Run(failure.Error(), func(t *testing.T) {
+			e := newEnv(t)
+			l := e.acquire(t, "u", "p")
+			id := l.Sandbox().ID
+			l.Release()
+			e.clock.Advance(time.Minute)
+			e.p.FailNext(fp.OpCheck, failure)
+			_, err := e.m.Acquire(context.Background(), "u", "p")
+			require.ErrorIs(t, err, failure)
+			assert.Contains(t, err.Error(), "u/p")
+			assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+			l = e.acquire(t, "u", "p")
+			defer l.Release()
+			assert.Equal(t, id, l.Sandbox().ID)
+			assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+		})
+	}
+}
+
+// A failed create is returned to every waiter and not cached.
+func TestCreateErrorSharedAndNotCached(t *testing.T) {
+	e := newEnv(t)
+	e.p.FailNext(fp.OpCreate, errUpstream)
+	_, err := e.m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, errUpstream)
+	assert.EqualValues(t, 1, e.m.Stats().CreateErrors)
+	l := e.acquire(t, "u", "p")
+	l.Release()
+	assert.EqualValues(t, 2, e.p.Calls(fp.OpCreate))
+}
+
+// A listing failure before create is returned: creating blind could duplicate.
+func TestListFailureFailsClosed(t *testing.T) {
+	e := newEnv(t)
+	e.p.FailNext(fp.OpList, errUpstream)
+	_, err := e.m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, errUpstream)
+	assert.EqualValues(t, 0, e.p.Calls(fp.OpCreate))
+}
+
+// The caller's cancellation does not abandon a started create: the result is
+// parked and the next Acquire gets it without a second Create.
+func TestCancelledCallerParksCreate(t *testing.T) {
+	e := newEnv(t)
+	e.p.SetLatency(fp.OpCreate, 200*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	_, err := e.m.Acquire(ctx, "u", "p")
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	require.Eventually(t, func() bool { return e.m.Stats().Active == 1 }, 5*time.Second, 5*time.Millisecond)
+	l := e.acquire(t, "u", "p")
+	defer l.Release()
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+	assert.EqualValues(t, 0, e.m.Stats().KeyLocks)
+}
+
+// A new Manager adopts the pair's sandbox left by an earlier process instead
+// of creating a second one (found by metadata).
+func TestAdoptAfterRestart(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	id := l.Sandbox().ID
+	l.Release()
+
+	cfg := sandboxpool.Config{Provider: e.p, ReapInterval: time.Hour}
+	sandboxpool.SetClock(&cfg, e.clock.Now)
+	m2, err := sandboxpool.New(cfg)
+	require.NoError(t, err)
+	defer m2.Close(context.Background())
+	l2, err := m2.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer l2.Release()
+	assert.Equal(t, id, l2.Sandbox().ID)
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+	assert.EqualValues(t, 1, m2.Stats().Adopted)
+
+	// Another namespace does not adopt it.
+	cfg.Namespace = "other"
+	m3, err := sandboxpool.New(cfg)
+	require.NoError(t, err)
+	defer m3.Close(context.Background())
+	l3, err := m3.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer l3.Release()
+	assert.NotEqual(t, id, l3.Sandbox().ID)
+}
+
+func TestRemove(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	id := l.Sandbox().ID
+	require.NoError(t, e.m.Remove(context.Background(), "u", "p"))
+	assert.Contains(t, e.p.Killed(), id)
+	l.Release() // harmless after Remove
+	l.Release()
+	st := e.m.Stats()
+	assert.EqualValues(t, 0, st.Active)
+	assert.EqualValues(t, 0, st.Leased)
+	l2 := e.acquire(t, "u", "p")
+	defer l2.Release()
+	assert.NotEqual(t, id, l2.Sandbox().ID)
+	require.NoError(t, e.m.Remove(context.Background(), "nobody", "p"))
+	require.ErrorIs(t, e.m.Remove(context.Background(), "bad:user", "p"), sandboxpool.ErrInvalidID)
+}
+
+func TestReleaseIdempotent(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	l2 := e.acquire(t, "u", "p")
+	l.Release()
+	l.Release()
+	assert.EqualValues(t, 1, e.m.Stats().Leased)
+	l2.Release()
+	assert.EqualValues(t, 0, e.m.Stats().Leased)
+}
+
+func TestInvalidIDsTouchNothing(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range [][2]string{{"", "p"}, {"u", ""}, {"a:b", "p"}, {"u", "{p}"}, {"u*", "p"}, {"u p", "p"}, {"-u", "p"}} {
+		_, err := e.m.Acquire(context.Background(), tc[0], tc[1])
+		require.ErrorIs(t, err, sandboxpool.ErrInvalidID, "%q", tc)
+		var ve *sandboxpool.ValidationError
+		require.ErrorAs(t, err, &ve)
+	}
+	for _, op := range []fp.Op{fp.OpCreate, fp.OpList, fp.OpCheck, fp.OpConnect, fp.OpKill, fp.OpSetTimeout} {
+		assert.EqualValues(t, 0, e.p.Calls(op), op)
+	}
+	assert.EqualValues(t, 0, e.m.Stats().Acquires)
+}
+
+func TestClose(t *testing.T) {
+	p := fp.New()
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: p})
+	require.NoError(t, err)
+	l, err := m.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	require.NoError(t, m.Close(context.Background()))
+	require.NoError(t, m.Close(context.Background()))
+	_, err = m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrClosed)
+	require.ErrorIs(t, m.Remove(context.Background(), "u", "p"), sandboxpool.ErrClosed)
+	l.Release() // safe after Close
+	assert.Len(t, p.Alive(), 1, "Close leaves sandboxes for the next process")
+}
+
+// Close waits for a create in flight, and cancels it when its ctx ends.
+func TestCloseWaitsForFill(t *testing.T) {
+	p := fp.New()
+	p.SetLatency(fp.OpCreate, time.Hour)
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: p})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	_, err = m.Acquire(ctx, "u", "p")
+	require.Error(t, err)
+	cctx, ccancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer ccancel()
+	require.ErrorIs(t, m.Close(cctx), context.DeadlineExceeded)
+}
+
+func TestDefaultBuiltOnce(t *testing.T) {
+	var builds int
+	var mu sync.Mutex
+	built := &sandboxpool.Manager{}
+	restore := sandboxpool.SetDefaultBuilder(func() (*sandboxpool.Manager, error) {
+		mu.Lock()
+		builds++
+		mu.Unlock()
+		time.Sleep(10 * time.Millisecond) // widen the race window
+		return built, nil
+	})
+	defer restore()
+	var wg sync.WaitGroup
+	got := make([]*sandboxpool.Manager, 100)
+	for i := range got {
+		wg.Go(func() {
+			m, err := sandboxpool.Default()
+			assert.NoError(t, err)
+			got[i] = m
+		})
+	}
+	wg.Wait()
+	assert.Equal(t, 1, builds)
+	for _, m := range got {
+		assert.Same(t, built, m)
+	}
+}
+
+func TestDefaultErrorSharedAndFromEnv(t *testing.T) {
+	restore := sandboxpool.SetDefaultBuilder(func() (*sandboxpool.Manager, error) { return nil, errUpstream })
+	defer restore()
+	var wg sync.WaitGroup
+	for range 100 {
+		wg.Go(func() {
+			_, err := sandboxpool.Default()
+			assert.ErrorIs(t, err, errUpstream)
+		})
+	}
+	wg.Wait()
+}
+
+func TestQuotas(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) { c.MaxSandboxes = 3; c.MaxPerUser = 2 })
+	e.acquire(t, "a", "1").Release()
+	e.acquire(t, "a", "2").Release()
+	_, err := e.m.Acquire(context.Background(), "a", "3")
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded)
+	e.acquire(t, "a", "1").Release() // reuse is never refused
+	e.acquire(t, "b", "1").Release()
+	_, err = e.m.Acquire(context.Background(), "c", "1")
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded)
+	assert.EqualValues(t, 2, e.m.Stats().QuotaRejected)
+	require.NoError(t, e.m.Remove(context.Background(), "a", "1"))
+	e.acquire(t, "c", "1").Release() // a slot was freed
+	assert.EqualValues(t, 4, e.p.Calls(fp.OpCreate))
+}
+
+func TestCreateRateLimit(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) {
+		c.CreateLimit = sandboxpool.RateLimit{Rate: 1, Burst: 2, Per: time.Minute}
+	})
+	e.acquire(t, "a", "1").Release()
+	e.acquire(t, "a", "2").Release()
+	_, err := e.m.Acquire(context.Background(), "a", "3")
+	require.ErrorIs(t, err, sandboxpool.ErrRateLimited)
+	ra, ok := sandboxpool.RetryAfter(err)
+	require.True(t, ok)
+	assert.Equal(t, time.Minute, ra)
+	e.acquire(t, "a", "1").Release() // reuse is not limited
+	e.acquire(t, "b", "1").Release() // other users are not limited
+	e.clock.Advance(time.Minute)
+	e.acquire(t, "a", "3").Release()
+	assert.EqualValues(t, 1, e.m.Stats().RateLimited)
+}

@@ -1,0 +1,217 @@
+package sandboxpool
+
+import (
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
+)
+
+// Slot states. A slot only moves forward: live → retired → dead, or live → dead.
+const (
+	stateLive    int32 = iota // in the pool, may be handed out
+	stateRetired              // past MaxAge or replaced: never handed out again, killed at last release
+	stateDead                 // removed or evicted: gone from the pool
+)
+
+// slot is one pooled sandbox. Fields written after creation are atomics, so
+// the hot path reads them under the shard's read lock only.
+type slot struct {
+	key       pairKey
+	sb        Sandbox
+	createdAt int64 // unix ns
+	expiresAt int64 // createdAt + MaxAge: not handed out from then on
+
+	lastUse   atomic.Int64 // unix ns, coarse
+	lastCheck atomic.Int64 // unix ns of the last successful probe, connect or create
+	deadline  atomic.Int64 // unix ns the provider (and Redis) currently hold as the deadline
+	leases    atomic.Int32
+	state     atomic.Int32
+	counted   atomic.Bool // holds a quota reservation, released once by forget
+	killed    atomic.Bool // a kill was started; at most one per slot
+	touching  atomic.Bool // a touch is queued for the reaper
+
+	// Reaper heap position and due time, guarded by reaper.mu.
+	due     int64
+	heapIdx int
+}
+
+// flight is the per-pair lock entry: at most one fill (probe, reconnect or
+// create) runs per pair in this process, and every Acquire that misses the
+// pool waits on it. It is reference-counted (the fill and each waiter hold a
+// reference) and leaves the shard's map when the count reaches zero.
+type flight struct {
+	done chan struct{} // closed when the fill has finished
+	refs int           // guarded by shard.mu
+	// Set before done is closed.
+	finished bool // guarded by shard.mu
+	s        *slot
+	err      error
+}
+
+// shard is one partition of the pool.
+type shard struct {
+	// mu protects slots and flights. It is never held across I/O: callers
+	// look up or swap pointers under it and do provider and Redis calls
+	// after unlocking.
+	mu      sync.RWMutex
+	slots   map[pairKey]*slot
+	flights map[pairKey]*flight
+
+	// Hot-path counters live beside the data they count, so concurrent
+	// hits on different shards do not share a cache line.
+	acquires   atomic.Int64
+	memoryHits atomic.Int64
+	leased     atomic.Int64
+
+	_ [64]byte // keep neighbouring shards off this shard's cache lines
+}
+
+// pool is the sharded in-memory map of pairs to slots.
+type pool struct {
+	seed   maphash.Seed
+	mask   uint64
+	shards []shard
+
+	active   atomic.Int64 // slots in the pool
+	keyLocks atomic.Int64 // flights in the pool
+}
+
+func newPool(shards int) *pool {
+	p := &pool{seed: maphash.MakeSeed(), mask: uint64(shards - 1), shards: make([]shard, shards)}
+	for i := range p.shards {
+		p.shards[i].slots = make(map[pairKey]*slot)
+		p.shards[i].flights = make(map[pairKey]*flight)
+	}
+	return p
+}
+
+// shard returns k's shard. Hashing the two strings separately avoids
+// building a joined key on the hot path.
+func (p *pool) shard(k pairKey) *shard {
+	h := maphash.String(p.seed, k.user)*31 ^ maphash.String(p.seed, k.project)
+	return &p.shards[h&p.mask]
+}
+
+// hit leases k's slot if it can be handed out with no I/O: live, younger than
+// MaxAge, provider deadline not imminent and probed within probeAfter
+// (probeAfter < 0 disables the skip). It allocates nothing.
+func (sh *shard) hit(k pairKey, now, probeAfter, guard int64) *slot {
+	sh.mu.RLock()
+	s := sh.slots[k]
+	if s == nil || s.state.Load() != stateLive || now >= s.expiresAt ||
+		now >= s.deadline.Load()-guard || probeAfter < 0 || now-s.lastCheck.Load() >= probeAfter {
+		sh.mu.RUnlock()
+		return nil
+	}
+	s.leases.Add(1)
+	sh.mu.RUnlock()
+	sh.leased.Add(1)
+	if s.lastUse.Load() != now { // the coarse clock ticks every 10 ms: skip redundant stores
+		s.lastUse.Store(now)
+	}
+	return s
+}
+
+// leaseSlot leases s if it is still k's live slot (after a fill validated it).
+func (sh *shard) leaseSlot(s *slot, now int64) bool {
+	sh.mu.RLock()
+	ok := sh.slots[s.key] == s && s.state.Load() == stateLive
+	if ok {
+		s.leases.Add(1)
+	}
+	sh.mu.RUnlock()
+	if ok {
+		sh.leased.Add(1)
+		s.lastUse.Store(now)
+	}
+	return ok
+}
+
+// get returns k's slot, if any.
+func (sh *shard) get(k pairKey) *slot {
+	sh.mu.RLock()
+	s := sh.slots[k]
+	sh.mu.RUnlock()
+	return s
+}
+
+// join returns the pair's running flight, or a new one (started == true)
+// whose fill the caller must start. Either way the caller holds a reference.
+func (p *pool) join(sh *shard, k pairKey) (f *flight, started bool) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	f = sh.flights[k]
+	if f == nil || f.finished {
+		if f == nil {
+			p.keyLocks.Add(1)
+		}
+		// A finished flight still referenced by slow waiters is replaced:
+		// its result is history, not an answer for a new arrival.
+		f = &flight{done: make(chan struct{}), refs: 1} // the fill's reference
+		sh.flights[k] = f
+		started = true
+	}
+	f.refs++
+	return f, started
+}
+
+// leave drops one reference to f and frees the entry at zero.
+func (p *pool) leave(sh *shard, k pairKey, f *flight) {
+	sh.mu.Lock()
+	p.unrefLocked(sh, k, f)
+	sh.mu.Unlock()
+}
+
+// finish records the fill's result, drops the fill's reference and wakes the
+// waiters.
+func (p *pool) finish(sh *shard, k pairKey, f *flight, s *slot, err error) {
+	sh.mu.Lock()
+	f.s, f.err, f.finished = s, err, true
+	p.unrefLocked(sh, k, f)
+	sh.mu.Unlock()
+	close(f.done)
+}
+
+// unrefLocked: caller must hold sh.mu.
+func (p *pool) unrefLocked(sh *shard, k pairKey, f *flight) {
+	f.refs--
+	if f.refs == 0 && sh.flights[k] == f {
+		delete(sh.flights, k)
+		p.keyLocks.Add(-1)
+	}
+}
+
+// put makes s the pair's slot and returns the slot it displaced, if any.
+func (p *pool) put(sh *shard, s *slot) (old *slot) {
+	sh.mu.Lock()
+	old = sh.slots[s.key]
+	sh.slots[s.key] = s
+	if old != nil {
+		old.state.CompareAndSwap(stateLive, stateRetired)
+	} else {
+		p.active.Add(1)
+	}
+	sh.mu.Unlock()
+	return old
+}
+
+// detach takes s out of the pool if it is still there and moves it to state
+// to (stateRetired or stateDead). It reports whether this call detached it.
+// With onlyIdle, a leased slot is left alone.
+func (p *pool) detach(sh *shard, s *slot, to int32, onlyIdle bool) bool {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if onlyIdle && s.leases.Load() > 0 {
+		return false
+	}
+	cur := s.state.Load()
+	if cur == stateDead || cur == to {
+		return false
+	}
+	s.state.Store(to)
+	if sh.slots[s.key] == s {
+		delete(sh.slots, s.key)
+		p.active.Add(-1)
+	}
+	return true
+}

@@ -1,0 +1,91 @@
+package sandboxpool
+
+import (
+	"context"
+	"time"
+)
+
+// EnvdPort is the port E2B's in-sandbox daemon (envd) listens on.
+const EnvdPort = 49983
+
+// Provider creates and manages sandboxes. The E2B provider (NewE2BProvider)
+// implements it; tests may pass a fake.
+//
+// Implementations must be safe for concurrent use, must honour ctx, and must
+// return an error wrapping ErrSandboxNotFound only when the provider says
+// definitively that the sandbox does not exist or is not running. Every other
+// failure (timeouts, 5xx, 429, auth) must be returned as something else: the
+// Manager replaces a cached sandbox only on ErrSandboxNotFound.
+type Provider interface {
+	// Create starts a new sandbox with req.Timeout as its provider-side
+	// deadline and req.Metadata attached.
+	Create(ctx context.Context, req CreateRequest) (Sandbox, error)
+	// Connect attaches to an existing sandbox, resuming it if paused, and
+	// sets its provider-side deadline to at least now+timeout.
+	Connect(ctx context.Context, id string, timeout time.Duration) (Sandbox, error)
+	// Check reports whether sb is alive without changing its deadline. It
+	// returns an error wrapping ErrSandboxNotFound when sb is gone.
+	Check(ctx context.Context, sb Sandbox) error
+	// SetTimeout sets the sandbox's provider-side deadline to now+timeout.
+	SetTimeout(ctx context.Context, id string, timeout time.Duration) error
+	// Kill destroys the sandbox. It returns nil when the sandbox is already gone.
+	Kill(ctx context.Context, id string) error
+	// List returns the sandboxes (running or paused) whose metadata contains
+	// every key/value pair of metadata.
+	List(ctx context.Context, metadata map[string]string) ([]Sandbox, error)
+}
+
+// CreateRequest describes a sandbox to create.
+type CreateRequest struct {
+	// Template is the provider's template id or alias.
+	Template string
+	// Timeout is the provider-side lifetime; the provider kills the sandbox
+	// (or pauses it) when it passes without being extended.
+	Timeout time.Duration
+	// Metadata is attached to the sandbox and can be used to List it.
+	Metadata map[string]string
+}
+
+// Sandbox describes one sandbox. It is a plain value: copying it is safe and
+// printing it never reveals AccessToken.
+type Sandbox struct {
+	ID          string
+	User        string
+	Project     string
+	Template    string
+	Domain      string
+	EnvdVersion string
+	// AccessToken authenticates requests to envd (header X-Access-Token).
+	// It is masked in every output form.
+	AccessToken Secret
+	// Metadata is the sandbox's provider metadata, when the provider reports it.
+	Metadata  map[string]string
+	CreatedAt time.Time
+}
+
+// EnvdURL is the base URL of the sandbox's envd daemon:
+// https://49983-<id>.<domain>.
+func (s Sandbox) EnvdURL() string {
+	return "https://" + itoa(EnvdPort) + "-" + s.ID + "." + s.Domain
+}
+
+func itoa(n int) string {
+	var b [20]byte
+	i := len(b)
+	for {
+		i--
+		b[i] = byte('0' + n%10)
+		n /= 10
+		if n == 0 {
+			return string(b[i:])
+		}
+	}
+}
+
+// Metadata keys the Manager sets on every sandbox it creates, so that a pair's
+// sandbox can be found (adopted) after Redis data loss and orphans can be swept.
+const (
+	MetaNamespace = "sandboxpool.ns"
+	MetaUser      = "sandboxpool.user"
+	MetaProject   = "sandboxpool.project"
+)

@@ -1,0 +1,162 @@
+package sandboxpool_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool"
+	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+)
+
+// Guarantee 3: the provider deadline of a new sandbox is its idle deadline.
+func TestCreateAlignsProviderDeadline(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	l.Release()
+	dl, ok := e.p.Deadline(l.Sandbox().ID)
+	require.True(t, ok)
+	assert.Equal(t, e.clock.Now().Add(5*time.Minute), dl)
+}
+
+func TestReaperEvictsIdle(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	id := l.Sandbox().ID
+	l.Release()
+	e.clock.Advance(4 * time.Minute)
+	e.m.ReapNow()
+	assert.EqualValues(t, 1, e.m.Stats().Active, "not idle long enough")
+	e.clock.Advance(time.Minute)
+	e.m.ReapNow()
+	assert.EqualValues(t, 0, e.m.Stats().Active)
+	assert.EqualValues(t, 1, e.m.Stats().Evictions)
+	require.Eventually(t, func() bool { return e.p.Calls(fp.OpKill) == 1 }, 5*time.Second, time.Millisecond)
+	_, alive := e.p.Deadline(id)
+	assert.False(t, alive)
+	assert.Equal(t, 0, e.m.Scheduled())
+}
+
+// Use keeps a sandbox alive: the reaper pushes the provider deadline before
+// it passes, and does not evict.
+func TestUseExtendsDeadline(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	id := l.Sandbox().ID
+	l.Release()
+	for range 4 { // 4 × 3 min = 12 min > IdleTimeout, with use every 3 min
+		e.clock.Advance(3 * time.Minute)
+		l := e.acquire(t, "u", "p")
+		require.Equal(t, id, l.Sandbox().ID)
+		l.Release()
+		e.m.ReapNow()
+		dl, ok := e.p.Deadline(id)
+		require.True(t, ok, "provider must not reap a sandbox in use")
+		assert.True(t, dl.After(e.clock.Now().Add(time.Minute)), "deadline %v too close to %v", dl, e.clock.Now())
+	}
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+	assert.Positive(t, e.m.Stats().Touches)
+	assert.EqualValues(t, 0, e.p.Calls(fp.OpConnect), "touches are SetTimeout only")
+	assert.EqualValues(t, 4, e.p.Calls(fp.OpCheck), "one probe per use older than HealthCheckAfter")
+}
+
+// Guarantee 4: a leased sandbox is never reaped for idleness, and its
+// provider deadline is kept extended (keepalive).
+func TestReaperNeverReapsLeased(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	id := l.Sandbox().ID
+	for range 7 { // 7 × 2 min = 14 min, past IdleTimeout twice, inside MaxAge
+		e.clock.Advance(2 * time.Minute)
+		e.m.ReapNow()
+		_, ok := e.p.Deadline(id)
+		require.True(t, ok, "leased sandbox must stay alive")
+	}
+	assert.EqualValues(t, 0, e.m.Stats().Evictions)
+	assert.EqualValues(t, 1, e.m.Stats().Active)
+	l.Release()
+	e.clock.Advance(time.Minute) // at MaxAge: retired and killed now that it is released
+	e.m.ReapNow()
+	require.Eventually(t, func() bool { return len(e.p.Killed()) == 1 }, 5*time.Second, time.Millisecond)
+	assert.Equal(t, id, e.p.Killed()[0])
+}
+
+// A sandbox past MaxAge is not handed out again; it is killed at its last
+// release, and the pair gets a fresh one.
+func TestMaxAgeRetiresAndKillsAtLastRelease(t *testing.T) {
+	e := newEnv(t)
+	held := e.acquire(t, "u", "p")
+	old := held.Sandbox().ID
+	for range 8 { // keep it in use (keepalive) up to 16 min
+		e.clock.Advance(2 * time.Minute)
+		e.m.ReapNow()
+	}
+	l := e.acquire(t, "u", "p")
+	assert.NotEqual(t, old, l.Sandbox().ID, "past MaxAge: never handed out again")
+	l.Release()
+	_, ok := e.p.Deadline(old)
+	require.True(t, ok, "still leased: not killed yet")
+	held.Release()
+	require.Eventually(t, func() bool { _, ok := e.p.Deadline(old); return !ok }, 5*time.Second, time.Millisecond)
+	assert.Contains(t, e.p.Killed(), old)
+	assert.EqualValues(t, 1, e.m.Stats().Active)
+}
+
+// The reaper retires an unleased sandbox at MaxAge even if it is used
+// continuously.
+func TestMaxAgeWithContinuousUse(t *testing.T) {
+	e := newEnv(t)
+	first := e.acquire(t, "u", "p")
+	id := first.Sandbox().ID
+	first.Release()
+	for range 15 {
+		e.clock.Advance(time.Minute)
+		e.acquire(t, "u", "p").Release()
+		e.m.ReapNow()
+	}
+	require.Eventually(t, func() bool { _, ok := e.p.Deadline(id); return !ok }, 5*time.Second, time.Millisecond)
+	l := e.acquire(t, "u", "p")
+	defer l.Release()
+	assert.NotEqual(t, id, l.Sandbox().ID)
+	assert.EqualValues(t, 2, e.p.Calls(fp.OpCreate))
+}
+
+// A tick pops only what is due: with 10,000 sandboxes of which 10 expire,
+// the reaper visits 10 and kills 10.
+func TestReaperCostProportionalToExpiries(t *testing.T) {
+	e := newEnv(t)
+	for i := range 10 {
+		e.acquire(t, fmt.Sprintf("early%d", i), "p").Release()
+	}
+	e.clock.Advance(2 * time.Minute)
+	for i := range 10_000 {
+		e.acquire(t, fmt.Sprintf("late%d", i), "p").Release()
+	}
+	e.clock.Advance(3 * time.Minute)
+	assert.Equal(t, 10, e.m.PopDue(e.clock.Now()), "only the 10 early sandboxes are due")
+	// PopDue took them out of the heap; put the system back through a real tick.
+	for i := range 10 {
+		require.NoError(t, e.m.Remove(context.Background(), fmt.Sprintf("early%d", i), "p"))
+	}
+	before := e.p.Calls(fp.OpSetTimeout) + e.p.Calls(fp.OpKill)
+	e.m.ReapNow()
+	assert.Equal(t, before, e.p.Calls(fp.OpSetTimeout)+e.p.Calls(fp.OpKill), "nothing else due: no I/O")
+	assert.EqualValues(t, 10_000, e.m.Stats().Active)
+}
+
+// A sandbox that vanished at the provider is dropped when the reaper
+// touches it, and its quota reservation is released.
+func TestReaperDropsVanished(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) { c.MaxSandboxes = 1 })
+	l := e.acquire(t, "u", "p")
+	e.p.Vanish(l.Sandbox().ID)
+	e.clock.Advance(4 * time.Minute) // inside the touch window
+	e.m.ReapNow()
+	assert.EqualValues(t, 0, e.m.Stats().Active)
+	l.Release()
+	e.acquire(t, "v", "p").Release() // quota was released
+}

@@ -1,0 +1,87 @@
+package sandboxpool
+
+import "sync/atomic"
+
+// Stats is a snapshot of a Manager's counters and gauges. Counters only
+// grow; gauges are current values.
+type Stats struct {
+	// Counters.
+	Acquires         int64 // Acquire calls that passed validation
+	MemoryHits       int64 // served from memory with no I/O
+	CacheHits        int64 // memory miss, found in Redis (or adopted from the provider), reconnected
+	CacheMisses      int64 // memory miss that had to create
+	Creates          int64 // sandboxes created
+	CreateErrors     int64 // failed creates
+	Adopted          int64 // existing sandboxes found by metadata and adopted instead of created
+	Reconnects       int64 // successful Provider.Connect calls
+	HealthChecks     int64 // Provider.Check calls
+	HealthCheckSkips int64 // memory hits that skipped the probe (same as MemoryHits)
+	Replaced         int64 // cached sandboxes replaced after a definitive not-found
+	Touches          int64 // deadline extensions pushed to the provider (and Redis)
+	Evictions        int64 // sandboxes reaped for idleness or age
+	Kills            int64 // Provider.Kill calls that succeeded
+	KillErrors       int64 // Provider.Kill calls that failed
+	RateLimited      int64 // creates refused by CreateLimit
+	QuotaRejected    int64 // creates refused by MaxSandboxes or MaxPerUser
+	RedisErrors      int64 // failed Redis calls
+	DegradedCreates  int64 // creates made without the Redis lock while Redis was down
+	LockLost         int64 // creates whose Redis lock was lost before publishing (sandbox killed)
+
+	// Gauges.
+	Active        int64 // sandboxes in this process's pool
+	Leased        int64 // leases held and not released
+	KeyLocks      int64 // per-pair lock entries (in-flight acquires) in memory
+	RedisDegraded bool  // the Redis circuit breaker is open
+
+	// Redis is the Redis client's own connection-pool statistics (zero
+	// without Redis).
+	Redis RedisPoolStats
+}
+
+// RedisPoolStats mirrors go-redis's pool statistics.
+type RedisPoolStats struct {
+	Hits, Misses, Timeouts              uint32
+	TotalConns, IdleConns, StaleConns uint32
+}
+
+// counters are the Manager's counters. Only atomics: any goroutine may bump
+// them and Stats reads them without a lock.
+type counters struct {
+	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects     atomic.Int64
+	healthChecks, replaced, touches, evictions, kills, killErrors          atomic.Int64
+	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost     atomic.Int64
+}
+
+// Stats returns a snapshot of the Manager's counters and gauges.
+func (m *Manager) Stats() Stats {
+	st := Stats{
+		CacheHits:       m.ctr.cacheHits.Load(),
+		CacheMisses:     m.ctr.cacheMisses.Load(),
+		Creates:         m.ctr.creates.Load(),
+		CreateErrors:    m.ctr.createErrors.Load(),
+		Adopted:         m.ctr.adopted.Load(),
+		Reconnects:      m.ctr.reconnects.Load(),
+		HealthChecks:    m.ctr.healthChecks.Load(),
+		Replaced:        m.ctr.replaced.Load(),
+		Touches:         m.ctr.touches.Load(),
+		Evictions:       m.ctr.evictions.Load(),
+		Kills:           m.ctr.kills.Load(),
+		KillErrors:      m.ctr.killErrors.Load(),
+		RateLimited:     m.ctr.rateLimited.Load(),
+		QuotaRejected:   m.ctr.quotaRejected.Load(),
+		RedisErrors:     m.ctr.redisErrors.Load(),
+		DegradedCreates: m.ctr.degradedCreates.Load(),
+		LockLost:        m.ctr.lockLost.Load(),
+		Active:          m.pool.active.Load(),
+		KeyLocks:        m.pool.keyLocks.Load(),
+	}
+	for i := range m.pool.shards {
+		sh := &m.pool.shards[i]
+		st.Acquires += sh.acquires.Load()
+		st.MemoryHits += sh.memoryHits.Load()
+		st.Leased += sh.leased.Load()
+	}
+	st.HealthCheckSkips = st.MemoryHits
+	m.redisStats(&st)
+	return st
+}
