@@ -54,12 +54,12 @@ func TestNewReportsEveryProblem(t *testing.T) {
 
 func TestConfigFromEnv(t *testing.T) {
 	cfg, err := sandboxpool.ConfigFrom(map[string]string{
-		"SANDBOXPOOL_NAMESPACE":    "prod",
-		"SANDBOXPOOL_IDLE_TIMEOUT": "90s",
-		"SANDBOXPOOL_MAX_AGE":      "1h",
-		"SANDBOXPOOL_MAX_PER_USER": "3",
-		"SANDBOXPOOL_CREATE_RATE":  "10",
-		"SANDBOXPOOL_CREATE_PER":   "1m",
+		"SANDBOXPOOL_NAMESPACE":                    "prod",
+		"SANDBOXPOOL_IDLE_TIMEOUT":                 "90s",
+		"SANDBOXPOOL_MAX_AGE":                      "1h",
+		"SANDBOXPOOL_MAX_PER_USER":                 "3",
+		"SANDBOXPOOL_CREATE_RATE":                  "10",
+		"SANDBOXPOOL_CREATE_PER":                   "1m",
 		"SANDBOXPOOL_REFUSE_CREATES_WHEN_DEGRADED": "true",
 	})
 	require.NoError(t, err)

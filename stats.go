@@ -40,16 +40,16 @@ type Stats struct {
 
 // RedisPoolStats mirrors go-redis's pool statistics.
 type RedisPoolStats struct {
-	Hits, Misses, Timeouts              uint32
+	Hits, Misses, Timeouts            uint32
 	TotalConns, IdleConns, StaleConns uint32
 }
 
 // counters are the Manager's counters. Only atomics: any goroutine may bump
 // them and Stats reads them without a lock.
 type counters struct {
-	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects     atomic.Int64
-	healthChecks, replaced, touches, evictions, kills, killErrors          atomic.Int64
-	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost     atomic.Int64
+	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects atomic.Int64
+	healthChecks, replaced, touches, evictions, kills, killErrors      atomic.Int64
+	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost atomic.Int64
 }
 
 // Stats returns a snapshot of the Manager's counters and gauges.
