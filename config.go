@@ -176,7 +176,7 @@ func (c *Config) validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 	if c.Provider == nil {
-		bad("Provider is required")
+		bad("Provider is required (use NewE2BProvider, or set E2B_API_KEY for ConfigFromEnv)")
 	}
 	if err := validateID("namespace", c.Namespace, maxNamespaceLen); err != nil {
 		bad("Namespace: %w", err)

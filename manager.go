@@ -268,6 +268,27 @@ func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
 	if err != nil {
 		return nil, pairErr("list sandboxes", k, err)
 	}
+	if s, err := m.adoptFound(ctx, k, found); s != nil || err != nil {
+		return s, err
+	}
+	s, err := m.createNew(ctx, k)
+	if err != nil && outcomeUnknown(err) {
+		// The create may have happened: reconcile by metadata before
+		// anything creates again, and adopt what it made.
+		if again, lerr := m.provider.List(ctx, m.pairMetadata(k)); lerr == nil && len(again) > 0 {
+			m.ctr.reconciled.Add(1)
+			if s, aerr := m.adoptFound(ctx, k, again); s != nil {
+				return s, aerr
+			}
+		}
+	}
+	return s, err
+}
+
+// adoptFound connects to the newest of the pair's sandboxes that is younger
+// than MaxAge and kills younger duplicates. It returns nil, nil when none
+// can be adopted.
+func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*slot, error) {
 	sort.Slice(found, func(i, j int) bool { return found[i].CreatedAt.After(found[j].CreatedAt) })
 	now := m.clock.precise()
 	for i, sb := range found {
@@ -291,7 +312,7 @@ func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
 			return nil, err
 		}
 	}
-	return m.createNew(ctx, k)
+	return nil, nil
 }
 
 // createNew calls Provider.Create with the aligned deadline and metadata.

@@ -61,11 +61,21 @@ type Sandbox struct {
 	// Metadata is the sandbox's provider metadata, when the provider reports it.
 	Metadata  map[string]string
 	CreatedAt time.Time
+
+	envdURL string // set by a provider whose envd is elsewhere (E2B_SANDBOX_URL)
 }
 
 // EnvdURL is the base URL of the sandbox's envd daemon:
-// https://49983-<id>.<domain>.
+// https://49983-<id>.<domain>, unless the provider routes envd elsewhere
+// (e2b.Options.SandboxURL).
 func (s Sandbox) EnvdURL() string {
+	if s.envdURL != "" {
+		return s.envdURL
+	}
+	return s.defaultEnvdURL()
+}
+
+func (s Sandbox) defaultEnvdURL() string {
 	return "https://" + itoa(EnvdPort) + "-" + s.ID + "." + s.Domain
 }
 

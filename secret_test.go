@@ -51,5 +51,5 @@ func TestSecretMaskedEverywhere(t *testing.T) {
 	}
 	assert.Contains(t, string(j), "[REDACTED]")
 	assert.Equal(t, canary, s.Reveal())
-	assert.Equal(t, "", sandboxpool.Secret{}.String(), "an empty secret shows as empty")
+	assert.Equal(t, "", sandboxpool.NewSecret("").String(), "an empty secret shows as empty")
 }

@@ -26,6 +26,7 @@ type Stats struct {
 	RedisErrors      int64 // failed Redis calls
 	DegradedCreates  int64 // creates made without the Redis lock while Redis was down
 	LockLost         int64 // creates whose Redis lock was lost before publishing (sandbox killed)
+	Reconciled       int64 // creates with an unknown outcome whose sandbox was then found by metadata
 
 	// Gauges.
 	Active        int64 // sandboxes in this process's pool
@@ -47,9 +48,9 @@ type RedisPoolStats struct {
 // counters are the Manager's counters. Only atomics: any goroutine may bump
 // them and Stats reads them without a lock.
 type counters struct {
-	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects atomic.Int64
-	healthChecks, replaced, touches, evictions, kills, killErrors      atomic.Int64
-	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost atomic.Int64
+	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects             atomic.Int64
+	healthChecks, replaced, touches, evictions, kills, killErrors                  atomic.Int64
+	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost, reconciled atomic.Int64
 }
 
 // Stats returns a snapshot of the Manager's counters and gauges.
@@ -72,6 +73,7 @@ func (m *Manager) Stats() Stats {
 		RedisErrors:     m.ctr.redisErrors.Load(),
 		DegradedCreates: m.ctr.degradedCreates.Load(),
 		LockLost:        m.ctr.lockLost.Load(),
+		Reconciled:      m.ctr.reconciled.Load(),
 		Active:          m.pool.active.Load(),
 		KeyLocks:        m.pool.keyLocks.Load(),
 	}

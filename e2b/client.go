@@ -1,0 +1,313 @@
+// Package e2b is a small, idiomatic client for E2B's sandbox lifecycle REST
+// API (create, connect, describe, list by metadata, set timeout, pause,
+// kill) and envd's health endpoint. It knows nothing of pools; E2B has no
+// official Go SDK, and this package is usable on its own.
+//
+// The client authenticates with X-API-Key, always sends an explicit sandbox
+// timeout (E2B's own default is 15 s), retries rate limits and transient
+// failures with exponential backoff and jitter (honouring Retry-After and the
+// context), never retries a create whose outcome is unknown (it returns
+// ErrOutcomeUnknown instead), and never shows the API key or envd tokens in
+// errors or fmt output.
+package e2b
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v5"
+
+	"github.com/sandboxpool/sandboxpool/internal/e2bapi"
+	"github.com/sandboxpool/sandboxpool/internal/secret"
+)
+
+// Version is this client's version, sent in the User-Agent.
+const Version = "0.1.0"
+
+// Defaults, documented on the Options fields they fill.
+const (
+	DefaultDomain         = "e2b.app"
+	DefaultSandboxTimeout = 300 * time.Second // the official SDKs' default
+	DefaultRequestTimeout = 60 * time.Second  // the official SDKs' default
+	DefaultMaxRetries     = 3
+	DefaultMinBackoff     = 200 * time.Millisecond
+	DefaultMaxBackoff     = 5 * time.Second
+	// EnvdPort is the port of envd, the daemon inside every sandbox.
+	EnvdPort = 49983
+)
+
+// maxErrorBody bounds how much of an error response is read.
+const maxErrorBody = 64 << 10
+
+// Secret is a masked credential; it is the same type as sandboxpool.Secret.
+type Secret = secret.Secret
+
+// NewSecret wraps a credential.
+func NewSecret(v string) Secret { return secret.New(v) }
+
+// Options configures a Client.
+type Options struct {
+	// APIKey authenticates every API call (header X-API-Key). Required.
+	// sandboxpool.ConfigFromEnv reads it from E2B_API_KEY.
+	APIKey Secret
+	// Domain is E2B's base domain. default: "e2b.app" (E2B_DOMAIN).
+	Domain string
+	// BaseURL is the API's URL. default: "https://api." + Domain (E2B_API_URL).
+	BaseURL string
+	// SandboxURL, when set, is the envd base URL of every sandbox, as with
+	// the SDKs' E2B_SANDBOX_URL; requests then carry E2b-Sandbox-Id so a
+	// proxy (or a fake) can route them. default: https://49983-<id>.<domain>.
+	SandboxURL string
+	// HTTPClient sends every request. default: a client with a 60 s timeout.
+	HTTPClient *http.Client
+	// DefaultTimeout is the sandbox lifetime sent on create when the caller
+	// gives none. default: 300 s.
+	DefaultTimeout time.Duration
+	// MaxRetries bounds retries of one call (429, 502, 503, 504, transport
+	// errors). default: 3; -1 disables retries.
+	MaxRetries int
+	// MinBackoff and MaxBackoff bound the exponential backoff between
+	// retries (with jitter). defaults: 200 ms and 5 s.
+	MinBackoff, MaxBackoff time.Duration
+	// UserAgent is appended to the client's User-Agent.
+	UserAgent string
+}
+
+// Client talks to E2B. It is safe for concurrent use.
+type Client struct {
+	api        *e2bapi.Client
+	apiKey     Secret
+	http       *http.Client
+	domain     string
+	baseURL    string
+	sandboxURL string
+	userAgent  string
+	defTimeout time.Duration
+	maxRetries int
+	minBackoff time.Duration
+	maxBackoff time.Duration
+}
+
+// New validates opts and returns a Client.
+func New(opts Options) (*Client, error) {
+	if opts.APIKey.IsZero() {
+		return nil, errors.New("e2b: Options.APIKey is required")
+	}
+	if opts.Domain == "" {
+		opts.Domain = DefaultDomain
+	}
+	if opts.BaseURL == "" {
+		opts.BaseURL = "https://api." + opts.Domain
+	}
+	for name, u := range map[string]string{"BaseURL": opts.BaseURL, "SandboxURL": opts.SandboxURL} {
+		if u == "" {
+			continue
+		}
+		pu, err := url.Parse(u)
+		if err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+			return nil, fmt.Errorf("e2b: Options.%s %q is not an http(s) URL", name, u)
+		}
+	}
+	if opts.HTTPClient == nil {
+		opts.HTTPClient = &http.Client{Timeout: DefaultRequestTimeout}
+	}
+	if opts.DefaultTimeout == 0 {
+		opts.DefaultTimeout = DefaultSandboxTimeout
+	}
+	switch {
+	case opts.MaxRetries == 0:
+		opts.MaxRetries = DefaultMaxRetries
+	case opts.MaxRetries < 0:
+		opts.MaxRetries = 0
+	}
+	if opts.MinBackoff <= 0 {
+		opts.MinBackoff = DefaultMinBackoff
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = DefaultMaxBackoff
+	}
+	if opts.DefaultTimeout < 0 || opts.MaxBackoff < opts.MinBackoff {
+		return nil, errors.New("e2b: DefaultTimeout must not be negative and MaxBackoff must be >= MinBackoff")
+	}
+	c := &Client{
+		apiKey: opts.APIKey, http: opts.HTTPClient, domain: opts.Domain,
+		baseURL: strings.TrimRight(opts.BaseURL, "/"), sandboxURL: strings.TrimRight(opts.SandboxURL, "/"),
+		userAgent:  strings.TrimSpace("sandboxpool-e2b/" + Version + " " + opts.UserAgent),
+		defTimeout: opts.DefaultTimeout, maxRetries: opts.MaxRetries,
+		minBackoff: opts.MinBackoff, maxBackoff: opts.MaxBackoff,
+	}
+	api, err := e2bapi.NewClient(c.baseURL, e2bapi.WithHTTPClient(opts.HTTPClient),
+		e2bapi.WithRequestEditorFn(func(_ context.Context, req *http.Request) error {
+			req.Header.Set("X-API-Key", c.apiKey.Reveal())
+			req.Header.Set("User-Agent", c.userAgent)
+			return nil
+		}))
+	if err != nil {
+		return nil, fmt.Errorf("e2b: %w", err)
+	}
+	c.api = api
+	return c, nil
+}
+
+// String describes the client without its credentials.
+func (c *Client) String() string { return "e2b.Client{" + c.baseURL + "}" }
+
+// Format prints the client without its credentials, whatever the verb.
+func (c *Client) Format(f fmt.State, _ rune) { _, _ = io.WriteString(f, c.String()) }
+
+// Domain is the client's E2B domain.
+func (c *Client) Domain() string { return c.domain }
+
+// call is one logical API operation.
+type call struct {
+	op        string
+	sandboxID string
+	// idempotent calls are retried after any transient failure; others
+	// (create) only when the request certainly did not take effect.
+	idempotent bool
+	ok         []int // success statuses
+}
+
+// do runs send with retries and returns the successful response, body read.
+func (c *Client) do(ctx context.Context, cl call, send func() (*http.Response, error)) (*http.Response, []byte, error) {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval, bo.MaxInterval = c.minBackoff, c.maxBackoff
+	bo.Reset()
+	for attempt := 0; ; attempt++ {
+		resp, body, err := c.once(cl, send)
+		if err == nil {
+			return resp, body, nil
+		}
+		retry, wait := c.classify(cl, err, bo)
+		if !retry || attempt >= c.maxRetries {
+			return nil, nil, c.final(cl, err)
+		}
+		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
+			return nil, nil, c.final(cl, err) // waiting would outlive the caller
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, nil, fmt.Errorf("%w (gave up waiting to retry: %w)", c.final(cl, err), context.Cause(ctx))
+		}
+	}
+}
+
+// once sends one request and turns a non-success answer into an *APIError.
+func (c *Client) once(cl call, send func() (*http.Response, error)) (*http.Response, []byte, error) {
+	resp, err := send()
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	body, rerr := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody<<4))
+	for _, code := range cl.ok {
+		if resp.StatusCode == code {
+			if rerr != nil {
+				return nil, nil, fmt.Errorf("reading response: %w", rerr)
+			}
+			return resp, body, nil
+		}
+	}
+	return nil, nil, c.apiError(cl, resp, body)
+}
+
+// classify says whether err is worth retrying and after how long.
+func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (bool, time.Duration) {
+	var ae *APIError
+	switch {
+	case errors.As(err, &ae):
+		if !ae.Temporary() {
+			return false, 0
+		}
+		// A 429 is a refusal: nothing happened, so even a create may be
+		// retried. Other 5xx on a create leave its outcome unknown.
+		if !cl.idempotent && ae.StatusCode != http.StatusTooManyRequests {
+			return false, 0
+		}
+		if ae.RetryAfter > 0 {
+			return true, ae.RetryAfter
+		}
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return false, 0
+	case notSent(err):
+		// The connection was never made: safe for any call.
+	case !cl.idempotent:
+		return false, 0
+	}
+	return true, bo.NextBackOff()
+}
+
+// notSent reports a transport error that happened before the request could
+// reach the server (dial failures), so retrying cannot duplicate it.
+func notSent(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// final wraps the last error of a call with its operation, marking a create
+// whose outcome is unknown.
+func (c *Client) final(cl call, err error) error {
+	var ae *APIError
+	if !errors.As(err, &ae) {
+		err = fmt.Errorf("e2b: %s %s: %w", cl.op, cl.sandboxID, err)
+	}
+	if !cl.idempotent && !notSent(err) {
+		if ae == nil || (ae.StatusCode >= 500 && ae.StatusCode != http.StatusNotImplemented) {
+			return &unknownOutcome{err: err}
+		}
+	}
+	return err
+}
+
+func (c *Client) apiError(cl call, resp *http.Response, body []byte) *APIError {
+	ae := &APIError{Op: cl.op, SandboxID: cl.sandboxID, StatusCode: resp.StatusCode, RetryAfter: parseRetryAfter(resp.Header.Get("Retry-After"))}
+	var eb e2bapi.Error
+	if jsonUnmarshal(body, &eb) == nil {
+		ae.Code, ae.Message = int(eb.Code), eb.Message
+		if eb.ErrorCode != nil {
+			ae.ErrorCode = *eb.ErrorCode
+		}
+	} else if len(body) > 0 { // the edge's 429 is not JSON
+		ae.Message = strings.TrimSpace(string(body[:min(len(body), 512)]))
+	}
+	if k := c.apiKey.Reveal(); k != "" {
+		ae.Message = strings.ReplaceAll(ae.Message, k, "[REDACTED]")
+	}
+	return ae
+}
+
+// parseRetryAfter reads delay-seconds or an HTTP date.
+func parseRetryAfter(v string) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && s >= 0 {
+		return time.Duration(s) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return max(0, time.Until(t))
+	}
+	return 0
+}
+
+// seconds converts a duration to E2B's whole seconds, rounding up so a
+// deadline is never earlier than asked.
+func seconds(d time.Duration) int32 {
+	if d <= 0 {
+		return 0
+	}
+	s := math.Ceil(d.Seconds())
+	return int32(min(s, math.MaxInt32))
+}
