@@ -7,8 +7,8 @@ BENCHTIME ?= 1s
 ### all: lint, then the full test command
 all: lint test
 
-### test: THE test command (CI runs it): vet + gofmt, race tests, a short fuzz pass
-test: lint race fuzz
+### test: THE test command (CI runs it): vet + gofmt, generated code fresh, race tests, a short fuzz pass
+test: lint check-generated race fuzz
 
 ### race: every package's tests under the race detector
 race:
@@ -27,6 +27,15 @@ lint:
 ### fuzz: every fuzz target for FUZZTIME each
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzPairKey$$' -fuzztime $(FUZZTIME) .
+	$(GO) test -run '^$$' -fuzz '^FuzzMetadataQuery$$' -fuzztime $(FUZZTIME) ./e2b
+
+### generate: regenerate the E2B client from internal/e2bapi/openapi.yml
+generate:
+	$(GO) generate ./...
+
+### check-generated: fail when the generated code is stale
+check-generated: generate
+	@git diff --exit-code -- internal/e2bapi || { echo "generated code is stale: run make generate and commit"; exit 1; }
 
 ### bench: benchmarks
 bench:

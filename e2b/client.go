@@ -41,6 +41,7 @@ const (
 	DefaultMaxRetries     = 3
 	DefaultMinBackoff     = 200 * time.Millisecond
 	DefaultMaxBackoff     = 5 * time.Second
+	DefaultMaxRetryWait   = 30 * time.Second
 	// EnvdPort is the port of envd, the daemon inside every sandbox.
 	EnvdPort = 49983
 )
@@ -78,6 +79,10 @@ type Options struct {
 	// MinBackoff and MaxBackoff bound the exponential backoff between
 	// retries (with jitter). defaults: 200 ms and 5 s.
 	MinBackoff, MaxBackoff time.Duration
+	// MaxRetryWait is the longest Retry-After the client waits out; a
+	// longer one is returned to the caller (APIError.RetryAfter) at once.
+	// The caller's context deadline also bounds every wait. default: 30 s.
+	MaxRetryWait time.Duration
 	// UserAgent is appended to the client's User-Agent.
 	UserAgent string
 }
@@ -95,6 +100,7 @@ type Client struct {
 	maxRetries int
 	minBackoff time.Duration
 	maxBackoff time.Duration
+	maxWait    time.Duration
 }
 
 // New validates opts and returns a Client.
@@ -135,6 +141,9 @@ func New(opts Options) (*Client, error) {
 	if opts.MaxBackoff <= 0 {
 		opts.MaxBackoff = DefaultMaxBackoff
 	}
+	if opts.MaxRetryWait <= 0 {
+		opts.MaxRetryWait = DefaultMaxRetryWait
+	}
 	if opts.DefaultTimeout < 0 || opts.MaxBackoff < opts.MinBackoff {
 		return nil, errors.New("e2b: DefaultTimeout must not be negative and MaxBackoff must be >= MinBackoff")
 	}
@@ -143,7 +152,7 @@ func New(opts Options) (*Client, error) {
 		baseURL: strings.TrimRight(opts.BaseURL, "/"), sandboxURL: strings.TrimRight(opts.SandboxURL, "/"),
 		userAgent:  strings.TrimSpace("sandboxpool-e2b/" + Version + " " + opts.UserAgent),
 		defTimeout: opts.DefaultTimeout, maxRetries: opts.MaxRetries,
-		minBackoff: opts.MinBackoff, maxBackoff: opts.MaxBackoff,
+		minBackoff: opts.MinBackoff, maxBackoff: opts.MaxBackoff, maxWait: opts.MaxRetryWait,
 	}
 	api, err := e2bapi.NewClient(c.baseURL, e2bapi.WithHTTPClient(opts.HTTPClient),
 		e2bapi.WithRequestEditorFn(func(_ context.Context, req *http.Request) error {
@@ -188,7 +197,7 @@ func (c *Client) do(ctx context.Context, cl call, send func() (*http.Response, e
 			return resp, body, nil
 		}
 		retry, wait := c.classify(cl, err, bo)
-		if !retry || attempt >= c.maxRetries {
+		if !retry || attempt >= c.maxRetries || wait > c.maxWait {
 			return nil, nil, c.final(cl, err)
 		}
 		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {

@@ -1,0 +1,357 @@
+package e2b_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool/e2b"
+	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
+)
+
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// setup starts a fake (with a manual clock) and a client for it.
+func setup(t *testing.T, cfg e2btest.Config) (*e2b.Client, *e2btest.Server, *clock) {
+	t.Helper()
+	clk := &clock{t: time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)}
+	if cfg.Now == nil {
+		cfg.Now = clk.Now
+	}
+	srv := e2btest.Start(cfg)
+	t.Cleanup(srv.Close)
+	c, err := e2b.New(srv.ClientOptions())
+	require.NoError(t, err)
+	t.Cleanup(c.CloseIdleConnections)
+	return c, srv, clk
+}
+
+var ctx = context.Background()
+
+func TestNewValidates(t *testing.T) {
+	_, err := e2b.New(e2b.Options{})
+	require.ErrorContains(t, err, "APIKey is required")
+	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: "ftp://x"})
+	require.ErrorContains(t, err, "BaseURL")
+	c, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("k")})
+	require.NoError(t, err)
+	assert.Equal(t, "e2b.Client{https://api.e2b.app}", c.String())
+	assert.Equal(t, "https://49983-i1.e2b.app", c.EnvdURL(e2b.Sandbox{ID: "i1"}))
+}
+
+// The API's own default timeout is 15 s: create must always send one.
+func TestCreateAlwaysSendsTimeout(t *testing.T) {
+	c, srv, clk := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+	end, ok := srv.EndAt(sb.ID)
+	require.True(t, ok)
+	assert.Equal(t, clk.Now().Add(e2b.DefaultSandboxTimeout), end, "default 300 s, not the server's 15 s")
+
+	sb, err = c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: 1500 * time.Millisecond})
+	require.NoError(t, err)
+	end, _ = srv.EndAt(sb.ID)
+	assert.Equal(t, clk.Now().Add(2*time.Second), end, "rounded up to whole seconds")
+	assert.False(t, sb.EnvdAccessToken.IsZero(), "created secure: envd needs a token")
+	assert.Equal(t, "base", sb.TemplateID)
+}
+
+func TestAuthHeaderAndUserAgent(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	_, err := c.List(ctx, nil)
+	require.NoError(t, err)
+	h := srv.LastHeader()
+	assert.Equal(t, e2btest.APIKey, h.Get("X-API-Key"))
+	assert.Regexp(t, `^sandboxpool-e2b/\d+\.\d+\.\d+`, h.Get("User-Agent"))
+
+	bad, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("e2b_wrong"), BaseURL: srv.URL})
+	require.NoError(t, err)
+	_, err = bad.List(ctx, nil)
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, http.StatusUnauthorized, ae.StatusCode)
+	assert.EqualValues(t, 2, srv.Calls(e2btest.OpList), "401 is not retried")
+}
+
+func TestKillTreats404AsSuccess(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+	require.NoError(t, c.Kill(ctx, sb.ID))
+	require.NoError(t, c.Kill(ctx, sb.ID))
+	assert.Empty(t, srv.Running())
+}
+
+func TestNotFoundOnlyWhenDefinitive(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	_, err := c.Get(ctx, "inosuchsandbox")
+	require.ErrorIs(t, err, e2b.ErrNotFound)
+	assert.Contains(t, err.Error(), "doesn't exist")
+	_, err = c.Connect(ctx, "inosuchsandbox", time.Minute)
+	require.ErrorIs(t, err, e2b.ErrNotFound)
+	require.ErrorIs(t, c.SetTimeout(ctx, "inosuchsandbox", time.Minute), e2b.ErrNotFound)
+
+	srv.Inject(e2btest.OpCreate, e2btest.Fault{Status: http.StatusNotFound, Message: "template not found"})
+	_, err = c.Create(ctx, e2b.CreateParams{Template: "nope"})
+	require.Error(t, err)
+	assert.NotErrorIs(t, err, e2b.ErrNotFound, "a 404 on create names a template, not a sandbox")
+	assert.NotErrorIs(t, err, e2b.ErrOutcomeUnknown, "a 4xx create certainly did nothing")
+
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: http.StatusInternalServerError})
+	_, err = c.Get(ctx, "inosuchsandbox")
+	require.Error(t, err)
+	assert.NotErrorIs(t, err, e2b.ErrNotFound)
+}
+
+func TestRetriesHonourRetryAfter(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+	srv.Inject(e2btest.OpConnect, e2btest.Fault{Status: http.StatusTooManyRequests, RetryAfter: time.Second})
+	start := time.Now()
+	_, err = c.Connect(ctx, sb.ID, time.Minute)
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, time.Since(start), time.Second, "waited as Retry-After said")
+	assert.EqualValues(t, 2, srv.Calls(e2btest.OpConnect))
+}
+
+func TestRetryGivesUpWhenContextCannotWait(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	srv.Inject(e2btest.OpList, e2btest.Fault{Status: http.StatusTooManyRequests, RetryAfter: 30 * time.Second})
+	cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := c.List(cctx, nil)
+	require.Error(t, err)
+	assert.Less(t, time.Since(start), 150*time.Millisecond, "does not sleep past the caller's deadline")
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, 30*time.Second, ae.RetryAfter)
+	assert.Equal(t, 30*time.Second, ae.RetryAfterHint())
+}
+
+func TestIdempotentCallsRetryTransientFailures(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 502}, e2btest.Fault{Drop: true}, e2btest.Fault{Status: 503})
+	got, err := c.Get(ctx, sb.ID)
+	require.NoError(t, err)
+	assert.Equal(t, e2b.StateRunning, got.State)
+	assert.EqualValues(t, 4, srv.Calls(e2btest.OpGet))
+
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
+	_, err = c.Get(ctx, sb.ID)
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae, "gives up after MaxRetries")
+	assert.Equal(t, 503, ae.StatusCode)
+}
+
+func TestCreateRetriedOnlyWhenNothingHappened(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	srv.Inject(e2btest.OpCreate, e2btest.Fault{Status: http.StatusTooManyRequests})
+	_, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err, "a 429 is a refusal: retried")
+	assert.Len(t, srv.Running(), 1)
+
+	for _, f := range []e2btest.Fault{{Status: 504, AfterEffect: true}, {Drop: true, AfterEffect: true}, {Status: 502, AfterEffect: true}} {
+		before := srv.Calls(e2btest.OpCreate)
+		srv.Inject(e2btest.OpCreate, f)
+		_, err = c.Create(ctx, e2b.CreateParams{Template: "base", Metadata: map[string]string{"f": fmt.Sprint(f)}})
+		require.ErrorIs(t, err, e2b.ErrOutcomeUnknown, "%+v", f)
+		assert.Equal(t, before+1, srv.Calls(e2btest.OpCreate), "never retried blind: %+v", f)
+	}
+	assert.Len(t, srv.Running(), 4, "the failed-looking creates did happen")
+}
+
+func TestConcurrencyCap429(t *testing.T) {
+	c, _, _ := setup(t, e2btest.Config{MaxConcurrent: 1})
+	_, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+	_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, 429, ae.StatusCode)
+	assert.Contains(t, ae.Message, "maximum number of concurrent E2B sandboxes (1)")
+	assert.NotErrorIs(t, err, e2b.ErrOutcomeUnknown)
+}
+
+func TestListMetadataEncodingAndPaging(t *testing.T) {
+	c, srv, clk := setup(t, e2btest.Config{})
+	want := map[string]string{"sandboxpool.user": "a+b=c&d@x", "sandboxpool.project": "p q/%25;,?#"}
+	ids := map[string]bool{}
+	for range 250 {
+		sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Metadata: want})
+		require.NoError(t, err)
+		ids[sb.ID] = true
+		clk.Advance(time.Millisecond)
+	}
+	for range 30 { // decoys differ by one character, or lack a key
+		_, err := c.Create(ctx, e2b.CreateParams{Template: "base", Metadata: map[string]string{"sandboxpool.user": "a+b=c&d@y", "sandboxpool.project": want["sandboxpool.project"]}})
+		require.NoError(t, err)
+		_, err = c.Create(ctx, e2b.CreateParams{Template: "base", Metadata: map[string]string{"sandboxpool.user": want["sandboxpool.user"]}})
+		require.NoError(t, err)
+	}
+	before := srv.Calls(e2btest.OpList)
+	got, err := c.List(ctx, want)
+	require.NoError(t, err)
+	assert.Len(t, got, 250)
+	for _, sb := range got {
+		assert.True(t, ids[sb.ID], sb.ID)
+		assert.Equal(t, want, sb.Metadata)
+	}
+	assert.EqualValues(t, 3, srv.Calls(e2btest.OpList)-before, "three pages of ≤100, following X-Next-Token")
+	for i := 1; i < len(got); i++ {
+		assert.False(t, got[i].StartedAt.After(got[i-1].StartedAt), "newest first")
+	}
+
+	all, err := c.List(ctx, nil)
+	require.NoError(t, err)
+	assert.Len(t, all, 310)
+}
+
+func TestMetadataQueryRoundTrip(t *testing.T) {
+	md := map[string]string{"a&b": "c=d", "e f": "g+h", "%": "/?#", "ü": "\x01"}
+	back, err := e2b.DecodeMetadataQuery(mustUnescape(t, e2b.EncodeMetadataQuery(md)))
+	require.NoError(t, err)
+	assert.Equal(t, md, back)
+}
+
+func TestConnectResumesAndOnlyExtends(t *testing.T) {
+	c, srv, clk := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: 10 * time.Minute})
+	require.NoError(t, err)
+	_, err = c.Connect(ctx, sb.ID, time.Minute)
+	require.NoError(t, err)
+	end, _ := srv.EndAt(sb.ID)
+	assert.Equal(t, clk.Now().Add(10*time.Minute), end, "connect never shortens")
+
+	paused, err := c.Pause(ctx, sb.ID)
+	require.NoError(t, err)
+	assert.True(t, paused)
+	paused, err = c.Pause(ctx, sb.ID)
+	require.NoError(t, err)
+	assert.False(t, paused, "409 already paused")
+	assert.Equal(t, []string{sb.ID}, srv.Paused())
+	require.ErrorIs(t, c.SetTimeout(ctx, sb.ID, time.Minute), e2b.ErrNotFound, "a paused sandbox is not live")
+
+	got, err := c.Connect(ctx, sb.ID, 2*time.Minute)
+	require.NoError(t, err)
+	assert.Equal(t, e2b.StateRunning, got.State)
+	assert.Equal(t, []string{sb.ID}, srv.Running())
+	end, _ = srv.EndAt(sb.ID)
+	assert.Equal(t, clk.Now().Add(2*time.Minute), end, "resumed with the configured timeout")
+}
+
+func TestSetTimeoutMayShorten(t *testing.T) {
+	c, srv, clk := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: 10 * time.Minute})
+	require.NoError(t, err)
+	require.NoError(t, c.SetTimeout(ctx, sb.ID, time.Minute))
+	end, _ := srv.EndAt(sb.ID)
+	assert.Equal(t, clk.Now().Add(time.Minute), end)
+}
+
+func TestHealthHasNoSideEffects(t *testing.T) {
+	c, srv, clk := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: time.Minute})
+	require.NoError(t, err)
+	before, _ := srv.EndAt(sb.ID)
+	clk.Advance(30 * time.Second)
+	ok, err := c.Healthy(ctx, sb)
+	require.NoError(t, err)
+	assert.True(t, ok)
+	h := srv.LastHeader()
+	assert.Equal(t, sb.ID, h.Get("E2b-Sandbox-Id"))
+	assert.Equal(t, sb.EnvdAccessToken.Reveal(), h.Get("X-Access-Token"))
+	after, _ := srv.EndAt(sb.ID)
+	assert.Equal(t, before, after, "a probe never extends the deadline")
+
+	srv.PauseNow(sb.ID)
+	ok, err = c.Healthy(ctx, sb)
+	require.NoError(t, err)
+	assert.False(t, ok)
+	ok, err = c.Healthy(ctx, e2b.Sandbox{ID: "igone"})
+	require.NoError(t, err)
+	assert.False(t, ok)
+}
+
+func TestFakeExpiresAtDeadline(t *testing.T) {
+	c, srv, clk := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: 10 * time.Second})
+	require.NoError(t, err)
+	ap, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: 10 * time.Second, AutoPause: true})
+	require.NoError(t, err)
+	clk.Advance(9 * time.Second)
+	_, err = c.Get(ctx, sb.ID)
+	require.NoError(t, err)
+	clk.Advance(time.Second)
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorIs(t, err, e2b.ErrNotFound)
+	got, err := c.Get(ctx, ap.ID)
+	require.NoError(t, err)
+	assert.Equal(t, e2b.StatePaused, got.State, "autoPause pauses at the deadline")
+	assert.Equal(t, []string{ap.ID}, srv.Paused())
+}
+
+func TestFakeRejectsBadInput(t *testing.T) {
+	c, _, _ := setup(t, e2btest.Config{})
+	_, err := c.Get(ctx, "Bad_ID")
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, 400, ae.StatusCode)
+	assert.Equal(t, "Invalid sandbox ID", ae.Message)
+	_, err = c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: 2 * time.Hour})
+	require.ErrorAs(t, err, &ae)
+	assert.Contains(t, ae.Message, "Timeout cannot be greater than 1 hours")
+}
+
+func TestLatencyFaultHonoursContext(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	srv.Inject(e2btest.OpList, e2btest.Fault{Latency: time.Hour})
+	cctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	_, err := c.List(cctx, nil)
+	require.Error(t, err)
+	assert.True(t, errors.Is(err, context.DeadlineExceeded), err)
+}
+
+func mustUnescape(t *testing.T, s string) string {
+	t.Helper()
+	// The HTTP layer escapes the parameter once more, and the server's
+	// query parser undoes exactly that.
+	v, err := url.QueryUnescape(url.QueryEscape(s))
+	require.NoError(t, err)
+	return v
+}
+
+// FuzzMetadataQuery: whatever keys and values a caller uses, the filter our
+// client sends decodes, on E2B's side, to exactly the same pairs.
+func FuzzMetadataQuery(f *testing.F) {
+	f.Add("sandboxpool.user", "a+b=c&d", "k", "%zz")
+	f.Add("", "", "=", "&")
+	f.Fuzz(func(t *testing.T, k1, v1, k2, v2 string) {
+		md := map[string]string{k1: v1, k2: v2}
+		back, err := e2b.DecodeMetadataQuery(mustUnescape(t, e2b.EncodeMetadataQuery(md)))
+		require.NoError(t, err)
+		require.Equal(t, md, back)
+	})
+}

@@ -1,0 +1,211 @@
+package sandboxpool_test
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/e2b"
+	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
+)
+
+// e2bEnv is a Manager on the real E2B client talking HTTP to the fake.
+type e2bEnv struct {
+	m     *sandboxpool.Manager
+	srv   *e2btest.Server
+	cfg   sandboxpool.Config
+	clock *fakeClock
+}
+
+func newE2BEnv(t *testing.T, fake e2btest.Config, mutate ...func(*sandboxpool.Config)) *e2bEnv {
+	t.Helper()
+	clk := newFakeClock()
+	if fake.Now == nil {
+		fake.Now = clk.Now
+	}
+	srv := e2btest.Start(fake)
+	t.Cleanup(srv.Close)
+	client, err := e2b.New(srv.ClientOptions())
+	require.NoError(t, err)
+	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(client), ReapInterval: time.Hour}
+	sandboxpool.SetClock(&cfg, clk.Now)
+	for _, f := range mutate {
+		f(&cfg)
+	}
+	e := &e2bEnv{srv: srv, cfg: cfg, clock: clk}
+	e.m = e.newManager(t)
+	return e
+}
+
+func (e *e2bEnv) newManager(t *testing.T) *sandboxpool.Manager {
+	t.Helper()
+	m, err := sandboxpool.New(e.cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.Close(context.Background()) })
+	return m
+}
+
+func acquireID(t *testing.T, m *sandboxpool.Manager, user, project string) string {
+	t.Helper()
+	l, err := m.Acquire(context.Background(), user, project)
+	require.NoError(t, err)
+	defer l.Release()
+	return l.Sandbox().ID
+}
+
+func TestE2BSingleFlightOverHTTP(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{})
+	e.srv.Inject(e2btest.OpCreate, e2btest.Fault{Latency: 50 * time.Millisecond})
+	var wg sync.WaitGroup
+	ids := make([]string, 1000)
+	for i := range ids {
+		wg.Go(func() {
+			l, err := e.m.Acquire(context.Background(), "alice", "proj")
+			if assert.NoError(t, err) {
+				ids[i] = l.Sandbox().ID
+				l.Release()
+			}
+		})
+	}
+	wg.Wait()
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
+	assert.Len(t, e.srv.Running(), 1)
+	for _, id := range ids {
+		require.Equal(t, ids[0], id)
+	}
+	md := e.srv.Metadata(ids[0])
+	assert.Equal(t, map[string]string{"sandboxpool.ns": "sandboxpool", "sandboxpool.user": "alice", "sandboxpool.project": "proj"}, md)
+	end, _ := e.srv.EndAt(ids[0])
+	assert.Equal(t, e.clock.Now().Add(sandboxpool.DefaultIdleTimeout), end, "E2B deadline aligned with IdleTimeout")
+}
+
+// A new process (Manager) finds the pair's sandbox by metadata and
+// reconnects instead of creating.
+func TestE2BReconnectAfterRestart(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{}, func(c *sandboxpool.Config) { c.Metadata = map[string]string{"app": "demo"} })
+	id := acquireID(t, e.m, "u", "p")
+	require.NoError(t, e.m.Close(context.Background()))
+	m2 := e.newManager(t)
+	assert.Equal(t, id, acquireID(t, m2, "u", "p"))
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpConnect))
+	assert.Equal(t, "demo", e.srv.Metadata(id)["app"])
+}
+
+func TestE2BNotFoundReplaces(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{})
+	id := acquireID(t, e.m, "u", "p")
+	e.srv.Vanish(id)
+	e.clock.Advance(time.Minute)
+	id2 := acquireID(t, e.m, "u", "p")
+	assert.NotEqual(t, id, id2)
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpHealth), "probed through envd")
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpGet), "the API confirmed not-found")
+	assert.Equal(t, []string{id2}, e.srv.Running())
+}
+
+// A paused sandbox is not running: it is found by metadata and resumed,
+// not duplicated.
+func TestE2BPausedIsResumed(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{})
+	id := acquireID(t, e.m, "u", "p")
+	e.srv.PauseNow(id)
+	e.clock.Advance(time.Minute)
+	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+	assert.Equal(t, []string{id}, e.srv.Running())
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
+}
+
+// Ambiguous failures (envd 500, API 503) are returned and never replace.
+func TestE2BAmbiguousNeverReplaces(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{})
+	id := acquireID(t, e.m, "u", "p")
+	e.clock.Advance(time.Minute)
+	e.srv.Inject(e2btest.OpHealth, e2btest.Fault{Status: 500}) // not retryable: one answer decides
+	_, err := e.m.Acquire(context.Background(), "u", "p")
+	require.Error(t, err)
+	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
+}
+
+func TestE2B429BackOff(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{})
+	e.srv.Inject(e2btest.OpCreate, e2btest.Fault{Status: http.StatusTooManyRequests, RetryAfter: time.Second})
+	start := time.Now()
+	acquireID(t, e.m, "u", "p")
+	assert.GreaterOrEqual(t, time.Since(start), time.Second)
+	assert.EqualValues(t, 2, e.srv.Calls(e2btest.OpCreate))
+	assert.Len(t, e.srv.Running(), 1)
+}
+
+// E2B's concurrency cap surfaces as an error carrying the 429, not as a
+// replacement or a duplicate.
+func TestE2BConcurrencyCap(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{MaxConcurrent: 1})
+	acquireID(t, e.m, "u", "p1")
+	_, err := e.m.Acquire(context.Background(), "u", "p2")
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, 429, ae.StatusCode)
+	assert.Contains(t, err.Error(), "u/p2")
+	assert.Len(t, e.srv.Running(), 1)
+}
+
+// A create whose outcome is unknown (E2B created it, the answer was lost)
+// is reconciled by listing the pair's metadata: no duplicate.
+func TestE2BUnknownCreateNeverDuplicates(t *testing.T) {
+	for name, f := range map[string]e2btest.Fault{
+		"504 after create":     {Status: http.StatusGatewayTimeout, AfterEffect: true},
+		"dropped after create": {Drop: true, AfterEffect: true},
+		"500 after create":     {Status: http.StatusInternalServerError, AfterEffect: true},
+	} {
+		t.Run(name, func(t *testing.T) {
+			e := newE2BEnv(t, e2btest.Config{})
+			e.srv.Inject(e2btest.OpCreate, f)
+			id := acquireID(t, e.m, "u", "p")
+			assert.Equal(t, []string{id}, e.srv.Running(), "exactly one sandbox")
+			assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate), "never created blind")
+			assert.EqualValues(t, 1, e.m.Stats().Reconciled)
+			assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+		})
+	}
+	t.Run("failed create then retry", func(t *testing.T) {
+		e := newE2BEnv(t, e2btest.Config{})
+		e.srv.Inject(e2btest.OpCreate, e2btest.Fault{Status: http.StatusServiceUnavailable}) // nothing created
+		_, err := e.m.Acquire(context.Background(), "u", "p")
+		require.ErrorIs(t, err, e2b.ErrOutcomeUnknown)
+		id := acquireID(t, e.m, "u", "p")
+		assert.Equal(t, []string{id}, e.srv.Running())
+	})
+}
+
+func TestE2BFromEnv(t *testing.T) {
+	srv := e2btest.NewServer(t)
+	cfg, err := sandboxpool.ConfigFrom(map[string]string{
+		"E2B_API_KEY": e2btest.APIKey, "E2B_API_URL": srv.URL, "E2B_SANDBOX_URL": srv.EnvdURL,
+		"SANDBOXPOOL_HEALTH_CHECK_AFTER": "-1ns",
+	})
+	require.NoError(t, err)
+	m, err := sandboxpool.New(cfg)
+	require.NoError(t, err)
+	defer m.Close(context.Background())
+	l, err := m.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	assert.Equal(t, srv.EnvdURL, l.Sandbox().EnvdURL(), "E2B_SANDBOX_URL routes envd")
+	l.Release()
+	acquireID(t, m, "u", "p") // probes envd through the override
+	assert.EqualValues(t, 1, srv.Calls(e2btest.OpHealth))
+
+	_, err = sandboxpool.ConfigFrom(map[string]string{"E2B_DOMAIN": "example.com"})
+	require.ErrorContains(t, err, "E2B_DOMAIN is set but E2B_API_KEY is not")
+	_, err = sandboxpool.ConfigFrom(map[string]string{"E2B_API_KEY": "k", "E2B_API_URL": "not a url"})
+	require.ErrorContains(t, err, "BaseURL")
+	assert.NotContains(t, err.Error(), "k\"")
+}
