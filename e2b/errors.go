@@ -69,7 +69,9 @@ func retryableStatus(code int) bool {
 // unknownOutcome wraps an error of a create that may have happened.
 type unknownOutcome struct{ err error }
 
-func (u *unknownOutcome) Error() string { return u.err.Error() + " (the sandbox may have been created)" }
+func (u *unknownOutcome) Error() string {
+	return u.err.Error() + " (the sandbox may have been created)"
+}
 func (u *unknownOutcome) Unwrap() []error {
 	return []error{u.err, ErrOutcomeUnknown}
 }

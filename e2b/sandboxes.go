@@ -247,7 +247,9 @@ func (c *Client) SetTimeout(ctx context.Context, id string, timeout time.Duratio
 // sandbox was already paused.
 func (c *Client) Pause(ctx context.Context, id string) (bool, error) {
 	_, _, err := c.do(ctx, call{op: "pause", sandboxID: id, idempotent: true, ok: []int{http.StatusNoContent}},
-		func() (*http.Response, error) { return c.api.PostSandboxesSandboxIDPause(ctx, id, e2bapi.SandboxPauseRequest{}) })
+		func() (*http.Response, error) {
+			return c.api.PostSandboxesSandboxIDPause(ctx, id, e2bapi.SandboxPauseRequest{})
+		})
 	var ae *APIError
 	if errAs(err, &ae) && ae.StatusCode == http.StatusConflict {
 		return false, nil
