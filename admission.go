@@ -1,9 +1,13 @@
 package sandboxpool
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/go-redis/redis_rate/v10"
+	"github.com/redis/go-redis/v9"
 )
 
 // admission decides whether a fresh create may proceed: the MaxSandboxes
@@ -39,7 +43,8 @@ func newAdmission(cfg Config) *admission {
 }
 
 // reserve takes one create slot for user at time now, or says why not.
-func (a *admission) reserve(user string, now int64) error {
+// withRate applies CreateLimit here (memory-only, or Redis down).
+func (a *admission) reserve(user string, now int64, withRate bool) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.maxTotal > 0 && a.total >= a.maxTotal {
@@ -48,7 +53,7 @@ func (a *admission) reserve(user string, now int64) error {
 	if a.maxPerUser > 0 && a.perUser[user] >= a.maxPerUser {
 		return fmt.Errorf("%w: user has %d sandboxes (MaxPerUser %d)", ErrQuotaExceeded, a.perUser[user], a.maxPerUser)
 	}
-	if a.interval > 0 {
+	if withRate && a.interval > 0 {
 		// GCRA: allow when the theoretical arrival time is within the
 		// burst tolerance of now.
 		tat := max(a.tat[user], now)
@@ -89,4 +94,121 @@ func (a *admission) release(user string) {
 	} else {
 		delete(a.perUser, user)
 	}
+}
+
+// Cluster-wide admission in Redis. Live sandboxes are counted in sorted
+// sets scored by their deadline, so entries of instances that died expire
+// on their own:
+//
+//	<ns>:live          every pair with a sandbox (MaxSandboxes)
+//	<ns>:{<user>}:live the user's pairs (MaxPerUser)
+//	rate:<ns>:{<user>}:rate  GCRA state of the user's create limit (redis_rate)
+//
+// Each set is reserved by one atomic script; the two sets live in different
+// slots (Redis Cluster), so a reservation takes the user's set, then the
+// global one, and gives the first back if the second refuses: never more
+// than the limits, at worst a refusal while a concurrent rollback runs.
+
+var (
+	// luaReserve: KEYS: set; ARGV: now (ms), member, limit, score (ms).
+	// Returns 1 when reserved, else -count.
+	luaReserve = redis.NewScript(`
+redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[1])
+local limit = tonumber(ARGV[3])
+if not redis.call("zscore", KEYS[1], ARGV[2]) then
+  local n = redis.call("zcard", KEYS[1])
+  if limit > 0 and n >= limit then return -n end
+end
+redis.call("zadd", KEYS[1], ARGV[4], ARGV[2])
+local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
+redis.call("pexpireat", KEYS[1], top[2])
+return 1
+`)
+	// luaBump moves a member's score (expiry) forward, and the set's.
+	// KEYS: set; ARGV: member, score (ms).
+	luaBump = redis.NewScript(`
+redis.call("zadd", KEYS[1], "XX", "GT", ARGV[2], ARGV[1])
+local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
+if top[2] then redis.call("pexpireat", KEYS[1], top[2]) end
+return 0
+`)
+)
+
+func (st *store) liveKey() string                { return st.ns + ":live" }
+func (st *store) userLiveKey(user string) string { return st.ns + ":{" + user + "}:live" }
+func (st *store) rateKey(user string) string     { return st.ns + ":{" + user + "}:rate" }
+func pairMember(k pairKey) string                { return k.user + ":" + k.project }
+
+// quotaSets lists the sets that limits apply to, with their limits.
+func (m *Manager) quotaSets(k pairKey) (keys []string, limits []int) {
+	if m.cfg.MaxPerUser > 0 {
+		keys, limits = append(keys, m.store.userLiveKey(k.user)), append(limits, m.cfg.MaxPerUser)
+	}
+	if m.cfg.MaxSandboxes > 0 {
+		keys, limits = append(keys, m.store.liveKey()), append(limits, m.cfg.MaxSandboxes)
+	}
+	return keys, limits
+}
+
+// reserveRemote applies CreateLimit and the quotas cluster-wide. A refusal
+// wraps ErrRateLimited or ErrQuotaExceeded; a Redis failure wraps
+// errRedisUnavailable.
+func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64) error {
+	if r := m.cfg.CreateLimit; r.enabled() {
+		var res *redis_rate.Result
+		err := m.store.do(ctx, func(ctx context.Context) (err error) {
+			res, err = m.store.limiter.Allow(ctx, m.store.rateKey(k.user), redis_rate.Limit{Rate: r.Rate, Burst: r.Burst, Period: r.Per})
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if res.Allowed == 0 {
+			return &RetryAfterError{Err: ErrRateLimited, RetryAfter: res.RetryAfter}
+		}
+	}
+	keys, limits := m.quotaSets(k)
+	score := nsToMs(now + int64(m.cfg.CreateTimeout)) // provisional, until published
+	for i, key := range keys {
+		var n int64
+		err := m.store.do(ctx, func(ctx context.Context) (err error) {
+			n, err = luaReserve.Run(ctx, m.store.rdb, []string{key}, nsToMs(now), pairMember(k), limits[i], score).Int64()
+			return err
+		})
+		if err == nil && n < 0 {
+			err = fmt.Errorf("%w: %d sandboxes alive (limit %d)", ErrQuotaExceeded, -n, limits[i])
+		}
+		if err != nil {
+			for _, taken := range keys[:i] {
+				_ = m.store.do(ctx, func(ctx context.Context) error { return m.store.rdb.ZRem(ctx, taken, pairMember(k)).Err() })
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// unreserve drops the pair from the quota sets.
+func (st *store) unreserve(ctx context.Context, k pairKey) error {
+	return st.do(ctx, func(ctx context.Context) error {
+		_, err := st.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			p.ZRem(ctx, st.liveKey(), pairMember(k))
+			p.ZRem(ctx, st.userLiveKey(k.user), pairMember(k))
+			return nil
+		})
+		return err
+	})
+}
+
+// refreshReservation moves the pair's quota entries to its new deadline.
+func (st *store) refreshReservation(ctx context.Context, k pairKey, deadline int64) error {
+	return st.do(ctx, func(ctx context.Context) error {
+		_, err := st.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			// Eval, not EvalSha: a pipeline cannot fall back on NOSCRIPT.
+			luaBump.Eval(ctx, p, []string{st.liveKey()}, pairMember(k), nsToMs(deadline))
+			luaBump.Eval(ctx, p, []string{st.userLiveKey(k.user)}, pairMember(k), nsToMs(deadline))
+			return nil
+		})
+		return err
+	})
 }

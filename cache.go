@@ -1,23 +1,256 @@
 package sandboxpool
 
-import "context"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"time"
 
-// fromCache finds the pair's sandbox in Redis and reconnects to it.
-// Memory-only managers have no cache.
+	"github.com/redis/go-redis/v9"
+)
+
+// The Redis side of the pool: one hash per pair,
+//
+//	<ns>:{<user>:<project>}:sbx  id, tpl, created (unix ms), deadline (unix ms)
+//
+// expiring (PEXPIREAT) at the pair's deadline, so no key outlives its
+// sandbox, and carrying the idle clock (deadline) that every instance
+// extends and reads before evicting. Every call has its own RedisTimeout
+// and runs through the circuit breaker (breaker.go), never under a pool
+// lock.
+
+// record is a pair's entry in Redis.
+type record struct {
+	id       string
+	template string
+	created  int64 // unix ns
+	deadline int64 // unix ns
+}
+
+const (
+	fieldID       = "id"
+	fieldTemplate = "tpl"
+	fieldCreated  = "created"
+	fieldDeadline = "deadline"
+)
+
+var (
+	// luaPublish writes the record only while our lock token holds, so a
+	// creator whose lock expired (stalled past LockTTL) cannot publish.
+	// KEYS: sbx, lock (one hash tag: one slot); ARGV: token, id, tpl, created, deadline.
+	luaPublish = redis.NewScript(`
+if redis.call("get", KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call("del", KEYS[1])
+redis.call("hset", KEYS[1], "id", ARGV[2], "tpl", ARGV[3], "created", ARGV[4], "deadline", ARGV[5])
+redis.call("pexpireat", KEYS[1], ARGV[5])
+return 1
+`)
+	// luaAdopt writes the record if the pair has none (reconciling a create
+	// made while Redis was down). It returns the id that is now canonical.
+	// KEYS: sbx; ARGV: id, tpl, created, deadline.
+	luaAdopt = redis.NewScript(`
+local cur = redis.call("hget", KEYS[1], "id")
+if cur then return cur end
+redis.call("hset", KEYS[1], "id", ARGV[1], "tpl", ARGV[2], "created", ARGV[3], "deadline", ARGV[4])
+redis.call("pexpireat", KEYS[1], ARGV[4])
+return ARGV[1]
+`)
+	// luaTouch extends the deadline (never shortens it) if the record still
+	// names our sandbox, and returns the deadline now in force (0: not ours).
+	// KEYS: sbx; ARGV: id, deadline.
+	luaTouch = redis.NewScript(`
+if redis.call("hget", KEYS[1], "id") ~= ARGV[1] then return 0 end
+local cur = tonumber(redis.call("hget", KEYS[1], "deadline") or "0")
+local want = tonumber(ARGV[2])
+if want > cur then
+  redis.call("hset", KEYS[1], "deadline", ARGV[2])
+  redis.call("pexpireat", KEYS[1], ARGV[2])
+  return want
+end
+return cur
+`)
+	// luaCompareDelete deletes the record only if it names our sandbox, so a
+	// stale remover never deletes a newer sandbox's key. KEYS: sbx; ARGV: id.
+	luaCompareDelete = redis.NewScript(`
+if redis.call("hget", KEYS[1], "id") == ARGV[1] then return redis.call("del", KEYS[1]) end
+return 0
+`)
+)
+
+func msToNs(ms int64) int64 { return ms * int64(time.Millisecond) }
+func nsToMs(ns int64) int64 { return ns / int64(time.Millisecond) }
+
+// sbxKey is the pair's record key.
+func (st *store) sbxKey(k pairKey) string  { return k.redisKey(st.ns, "sbx") }
+func (st *store) lockKey(k pairKey) string { return k.redisKey(st.ns, "lock") }
+
+// get reads the pair's record; ok is false when there is none.
+func (st *store) get(ctx context.Context, k pairKey) (rec record, ok bool, err error) {
+	err = st.do(ctx, func(ctx context.Context) error {
+		vals, err := st.rdb.HGetAll(ctx, st.sbxKey(k)).Result()
+		if err != nil || len(vals) == 0 || vals[fieldID] == "" {
+			return err
+		}
+		rec.id, rec.template, ok = vals[fieldID], vals[fieldTemplate], true
+		c, err1 := strconv.ParseInt(vals[fieldCreated], 10, 64)
+		d, err2 := strconv.ParseInt(vals[fieldDeadline], 10, 64)
+		if err := errors.Join(err1, err2); err != nil {
+			return fmt.Errorf("corrupt record %s: %w", st.sbxKey(k), err)
+		}
+		rec.created, rec.deadline = msToNs(c), msToNs(d)
+		return nil
+	})
+	return rec, ok, err
+}
+
+// publish writes s as the pair's record if token still holds the lock.
+func (st *store) publish(ctx context.Context, s *slot, token string) (bool, error) {
+	var n int64
+	err := st.do(ctx, func(ctx context.Context) (err error) {
+		n, err = luaPublish.Run(ctx, st.rdb, []string{st.sbxKey(s.key), st.lockKey(s.key)},
+			token, s.sb.ID, s.sb.Template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Int64()
+		return err
+	})
+	return n == 1, err
+}
+
+// adopt writes s as the pair's record unless one exists; it returns the
+// canonical id.
+func (st *store) adopt(ctx context.Context, s *slot) (string, error) {
+	var id string
+	err := st.do(ctx, func(ctx context.Context) (err error) {
+		id, err = luaAdopt.Run(ctx, st.rdb, []string{st.sbxKey(s.key)},
+			s.sb.ID, s.sb.Template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Text()
+		return err
+	})
+	return id, err
+}
+
+// touch extends the record's deadline; it returns the deadline in force
+// (0 when the record no longer names s's sandbox).
+func (st *store) touch(ctx context.Context, s *slot, deadline int64) (int64, error) {
+	var ms int64
+	err := st.do(ctx, func(ctx context.Context) (err error) {
+		ms, err = luaTouch.Run(ctx, st.rdb, []string{st.sbxKey(s.key)}, s.sb.ID, nsToMs(deadline)).Int64()
+		return err
+	})
+	return msToNs(ms), err
+}
+
+// compareDelete removes the record if it names id.
+func (st *store) compareDelete(ctx context.Context, k pairKey, id string) error {
+	return st.do(ctx, func(ctx context.Context) error {
+		return luaCompareDelete.Run(ctx, st.rdb, []string{st.sbxKey(k)}, id).Err()
+	})
+}
+
+// del removes the pair's record whatever it names (Remove).
+func (st *store) del(ctx context.Context, k pairKey) error {
+	return st.do(ctx, func(ctx context.Context) error { return st.rdb.Del(ctx, st.sbxKey(k)).Err() })
+}
+
+// fromCache finds the pair's sandbox in Redis and reconnects to it with the
+// pair's aligned deadline. It returns nil, nil on a miss (or when Redis is
+// unavailable: the create path decides what that means). A definitive
+// not-found deletes the record (compare-and-delete) and is a miss.
 func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
-	return nil, nil
+	if m.store == nil {
+		return nil, nil
+	}
+	rec, ok, err := m.store.get(ctx, k)
+	if err != nil || !ok {
+		return nil, nil
+	}
+	now := m.clock.precise()
+	if now+m.guard >= rec.created+int64(m.cfg.MaxAge) {
+		// Past MaxAge: not handed out again. Its holders retire it; the
+		// record makes way for a new sandbox.
+		_ = m.store.compareDelete(ctx, k, rec.id)
+		return nil, nil
+	}
+	s, err := m.connect(ctx, k, rec.id, rec.created, now)
+	if errors.Is(err, ErrSandboxNotFound) {
+		m.ctr.replaced.Add(1)
+		_ = m.store.compareDelete(ctx, k, rec.id)
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	m.ctr.cacheHits.Add(1)
+	if _, err := m.store.touch(ctx, s, s.deadline.Load()); err != nil {
+		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
+	}
+	m.park(sh, s)
+	return s, nil
 }
 
 // uncache deletes the pair's Redis entry whatever sandbox it names.
-func (m *Manager) uncache(ctx context.Context, k pairKey) error { return nil }
+func (m *Manager) uncache(ctx context.Context, k pairKey) error {
+	if m.store == nil {
+		return nil
+	}
+	if err := m.store.del(ctx, k); err != nil {
+		return pairErr("delete Redis record", k, err)
+	}
+	return m.store.unreserve(ctx, k)
+}
 
-// uncacheSlot deletes the pair's Redis entry if it still names s's sandbox.
-func (m *Manager) uncacheSlot(ctx context.Context, s *slot) {}
+// uncacheSlot deletes the pair's Redis entry if it still names s's sandbox,
+// and drops s from the cluster-wide quota sets.
+func (m *Manager) uncacheSlot(ctx context.Context, s *slot) {
+	if m.store == nil {
+		return
+	}
+	if err := m.store.compareDelete(ctx, s.key, s.sb.ID); err != nil {
+		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: deleting Redis record failed", attrErr(err))
+	}
+	_ = m.store.unreserve(ctx, s.key)
+}
 
 // cacheTouch extends the pair's Redis expiry and idle clock to deadline.
-func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) {}
+func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) {
+	if m.store == nil {
+		return
+	}
+	if _, err := m.store.touch(ctx, s, deadline); err != nil {
+		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
+		return
+	}
+	_ = m.store.refreshReservation(ctx, s.key, deadline)
+}
 
-// remoteDeadline returns the deadline another instance set in Redis, or 0.
-func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 { return 0 }
+// remoteDeadline returns the deadline in Redis when it is later than ours:
+// another instance used the sandbox. On a Redis error it returns -1: the
+// caller must not kill what another instance might be using.
+func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 {
+	if m.store == nil {
+		return 0
+	}
+	rec, ok, err := m.store.get(ctx, s.key)
+	switch {
+	case err != nil:
+		return -1
+	case !ok || rec.id != s.sb.ID:
+		return 0
+	}
+	return rec.deadline
+}
 
-func (m *Manager) redisStats(st *Stats) {}
+func (m *Manager) redisStats(st *Stats) {
+	if m.store == nil {
+		return
+	}
+	st.RedisDegraded = m.store.degraded()
+	if ps := m.store.rdb.PoolStats(); ps != nil {
+		st.Redis = RedisPoolStats{Hits: ps.Hits, Misses: ps.Misses, Timeouts: ps.Timeouts,
+			TotalConns: ps.TotalConns, IdleConns: ps.IdleConns, StaleConns: ps.StaleConns}
+	}
+}
+
+// Logging helpers for the Redis paths.
+const slogWarn = slog.LevelWarn
+
+func attrErr(err error) slog.Attr { return slog.Any("error", err) }

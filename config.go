@@ -133,6 +133,8 @@ type Config struct {
 
 	// now replaces time.Now in tests.
 	now func() time.Time
+	// breakerCooldown and probeInterval shorten Redis recovery in tests.
+	breakerCooldown, probeInterval time.Duration
 }
 
 // withDefaults returns a copy of c with zero fields set to their defaults.
@@ -161,6 +163,8 @@ func (c Config) withDefaults() Config {
 	if c.now == nil {
 		c.now = time.Now
 	}
+	setDefault(&c.breakerCooldown, breakerCooldown)
+	setDefault(&c.probeInterval, redisProbeInterval)
 	return c
 }
 

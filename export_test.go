@@ -39,3 +39,6 @@ func SetDefaultBuilder(b func() (*Manager, error)) (restore func()) {
 func ConfigFrom(env map[string]string) (Config, error) {
 	return configFrom(func(k string) (string, bool) { v, ok := env[k]; return v, ok })
 }
+
+// FastRedisRecovery shortens the breaker cooldown and probe interval.
+func FastRedisRecovery(cfg *Config, d time.Duration) { cfg.breakerCooldown, cfg.probeInterval = d, d }

@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
@@ -13,7 +14,14 @@ import (
 	"github.com/sandboxpool/sandboxpool/internal/fakeprovider"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) {
+	redis.SetLogger(quietRedis{}) // outage tests make go-redis log every failed dial
+	goleak.VerifyTestMain(m)
+}
+
+type quietRedis struct{}
+
+func (quietRedis) Printf(context.Context, string, ...any) {}
 
 // fakeClock is a manually advanced clock shared by the Manager and the fake.
 type fakeClock struct {

@@ -37,7 +37,11 @@ type Manager struct {
 	pool     *pool
 	reaper   *reaper
 	admit    *admission
+	store    *store // nil without Redis
 	ctr      counters
+
+	unpubMu     sync.Mutex
+	unpublished map[*slot]struct{} // created while Redis was down; published on recovery
 
 	probeAfter int64 // ns; <0 = always probe
 	guard      int64 // ns, hotGuard
@@ -72,6 +76,8 @@ func New(cfg Config) (*Manager, error) {
 		guard:      int64(hotGuard),
 		touchAhead: int64(cfg.IdleTimeout / 2),
 		done:       make(chan struct{}),
+
+		unpublished: make(map[*slot]struct{}),
 	}
 	if m.guard > int64(cfg.IdleTimeout/4) {
 		m.guard = int64(cfg.IdleTimeout / 4)
@@ -79,6 +85,10 @@ func New(cfg Config) (*Manager, error) {
 	m.baseCtx, m.cancel = context.WithCancel(context.Background())
 	m.goBackground(func() { m.clock.run(m.done) })
 	m.goBackground(m.reapLoop)
+	if cfg.Redis != nil {
+		m.store = newStore(cfg, m.log, &m.ctr.redisErrors)
+		m.goBackground(func() { m.probeLoop(cfg.probeInterval) })
+	}
 	return m, nil
 }
 
@@ -228,10 +238,37 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 	}
 }
 
-// create admits, finds or creates the pair's sandbox and parks it.
+// create admits, finds or creates the pair's sandbox and parks it. With a
+// healthy Redis it coordinates across instances; when Redis is unavailable
+// it creates without the lock (counted), or refuses if so configured.
 func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
 	m.ctr.cacheMisses.Add(1)
-	if err := m.admit.reserve(k.user, m.clock.precise()); err != nil {
+	if m.store != nil && !m.store.degraded() {
+		s, err := m.createCoordinated(ctx, sh, k)
+		if !errors.Is(err, errRedisUnavailable) {
+			return s, err
+		}
+		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis unavailable on the create path", slog.Any("error", err))
+	}
+	if m.store != nil && m.cfg.RefuseCreatesWhenDegraded {
+		return nil, pairErr("create", k, ErrUnavailable)
+	}
+	s, err := m.createLocal(ctx, k, true)
+	if err != nil {
+		return nil, err
+	}
+	if m.store != nil {
+		m.ctr.degradedCreates.Add(1)
+		m.markUnpublished(s)
+	}
+	m.park(sh, s)
+	return s, nil
+}
+
+// createLocal reserves in-process quota (and rate, if withRate), then adopts
+// or creates. The caller parks the result.
+func (m *Manager) createLocal(ctx context.Context, k pairKey, withRate bool) (*slot, error) {
+	if err := m.admit.reserve(k.user, m.clock.precise(), withRate); err != nil {
 		m.countRefusal(err)
 		return nil, pairErr("create", k, err)
 	}
@@ -241,7 +278,58 @@ func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, erro
 		return nil, err
 	}
 	s.counted.Store(true)
+	return s, nil
+}
+
+// createCoordinated is the cold path across instances: cluster-wide
+// admission, the pair's Redis lock, a second read of Redis (another
+// instance may have just published), adopt-or-create, and a publish that
+// succeeds only while our lock holds. A creator that lost its lock kills
+// what it made and adopts the winner's sandbox.
+func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
+	if err := m.reserveRemote(ctx, k, m.clock.precise()); err != nil {
+		m.countRefusal(err)
+		if errors.Is(err, errRedisUnavailable) {
+			return nil, err
+		}
+		return nil, pairErr("create", k, err)
+	}
+	lock, err := m.obtainLock(ctx, k)
+	if err != nil {
+		_ = m.store.unreserve(ctx, k)
+		if errors.Is(err, errRedisUnavailable) {
+			return nil, err
+		}
+		return nil, pairErr("create", k, err)
+	}
+	defer m.releaseLock(lock)
+	if s, err := m.fromCache(ctx, sh, k); s != nil || err != nil {
+		return s, err // published by another instance while we waited
+	}
+	s, err := m.createLocal(ctx, k, false)
+	if err != nil {
+		_ = m.store.unreserve(ctx, k)
+		return nil, err
+	}
+	ok, err := m.store.publish(ctx, s, lock.lock.Token())
+	switch {
+	case err != nil: // Redis failed after the create: keep it, publish on recovery
+		m.markUnpublished(s)
+	case !ok: // our lock expired: someone else may have published
+		m.ctr.lockLost.Add(1)
+		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: create lock lost before publish; killing our sandbox", slog.String("sandbox", s.sb.ID))
+		if s.counted.CompareAndSwap(true, false) {
+			m.admit.release(k.user)
+		}
+		s.killed.Store(true)
+		_ = m.killID(ctx, s.sb.ID, "lost the create lock")
+		if w, err := m.fromCache(ctx, sh, k); w != nil || err != nil {
+			return w, err
+		}
+		return nil, pairErr("create", k, errors.New("create lock lost and no winner published"))
+	}
 	m.park(sh, s)
+	_ = m.store.refreshReservation(ctx, k, s.deadline.Load())
 	return s, nil
 }
 
@@ -463,11 +551,20 @@ func (m *Manager) killLater(s *slot, why string) {
 // quota reservation and its Redis entry (compare-and-delete, so a newer
 // sandbox's entry survives).
 func (m *Manager) forget(ctx context.Context, s *slot) {
+	m.forgetLocal(s)
+	m.uncacheSlot(ctx, s)
+}
+
+// forgetLocal drops what this process holds for s: its reaper entry, its
+// quota reservation and its place among unpublished slots.
+func (m *Manager) forgetLocal(s *slot) {
 	m.reaper.unschedule(s)
 	if s.counted.CompareAndSwap(true, false) {
 		m.admit.release(s.key.user)
 	}
-	m.uncacheSlot(ctx, s)
+	m.unpubMu.Lock()
+	delete(m.unpublished, s)
+	m.unpubMu.Unlock()
 }
 
 // Close stops the Manager: later Acquire and Remove calls return ErrClosed,

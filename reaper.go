@@ -204,10 +204,19 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 	if !leased {
 		target = m.idleDeadline(s)
 		if target <= now {
-			if rd := m.remoteDeadline(ctx, s); rd > now { // used on another instance
+			switch rd := m.remoteDeadline(ctx, s); {
+			case rd > now: // used on another instance: its idle clock wins
 				s.lastUse.Store(rd - int64(m.cfg.IdleTimeout))
 				s.deadline.Store(rd)
 				m.reaper.schedule(s, m.nextVisit(s, now))
+				return
+			case rd < 0: // Redis unreachable: another instance may be using it, so
+				// drop it from memory without killing; its provider deadline reaps it.
+				if m.pool.detach(sh, s, stateDead, true) {
+					m.ctr.evictions.Add(1)
+					s.killed.Store(true)
+					m.forgetLocal(s)
+				}
 				return
 			}
 			if m.pool.detach(sh, s, stateDead, true) {

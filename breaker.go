@@ -1,0 +1,158 @@
+package sandboxpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+	"time"
+
+	"github.com/bsm/redislock"
+	"github.com/go-redis/redis_rate/v10"
+	"github.com/redis/go-redis/v9"
+	"github.com/sony/gobreaker/v2"
+)
+
+const (
+	// breakerTrips consecutive Redis failures open the breaker: one failure
+	// may be a blip, three in a row is an outage worth not waiting on.
+	breakerTrips = 3
+	// breakerCooldown is how long the breaker stays open before letting one
+	// probe through.
+	breakerCooldown = 5 * time.Second
+	// redisProbeInterval is how often a degraded Manager pings Redis even
+	// with no traffic; with breakerCooldown it bounds recovery to ~10 s,
+	// inside the 15 s DESIGN promises.
+	redisProbeInterval = 5 * time.Second
+)
+
+// errRedisUnavailable marks a failure of Redis itself (as opposed to a
+// refusal such as a quota), after which the create path may degrade.
+var errRedisUnavailable = errors.New("redis unavailable")
+
+// store is the Manager's Redis: client, breaker, lock and rate limiter.
+type store struct {
+	rdb     redis.UniversalClient
+	ns      string
+	timeout time.Duration
+	cb      *gobreaker.CircuitBreaker[struct{}]
+	locker  *redislock.Client
+	limiter *redis_rate.Limiter
+	log     *slog.Logger
+	errs    *atomic.Int64 // Stats().RedisErrors
+}
+
+func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
+	cooldown := cfg.breakerCooldown
+	st := &store{rdb: cfg.Redis, ns: cfg.Namespace, timeout: cfg.RedisTimeout, log: log, errs: errs,
+		locker: redislock.New(cfg.Redis), limiter: redis_rate.NewLimiter(cfg.Redis)}
+	st.cb = gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
+		Name:        "sandboxpool-redis",
+		MaxRequests: 1,
+		Timeout:     cooldown,
+		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrips },
+		// A missing key is an answer, not a failure.
+		IsSuccessful: func(err error) bool { return err == nil || errors.Is(err, redis.Nil) },
+		// The caller giving up says nothing about Redis.
+		IsExcluded: func(err error) bool { return errors.Is(err, context.Canceled) },
+		OnStateChange: func(_ string, from, to gobreaker.State) {
+			log.LogAttrs(context.Background(), slog.LevelWarn, "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
+		},
+	})
+	return st
+}
+
+// do runs one Redis call with its own timeout, through the breaker. Errors
+// other than redis.Nil wrap errRedisUnavailable.
+func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
+	return st.run(ctx, st.timeout, fn)
+}
+
+// run is do with an explicit per-call timeout (0: ctx alone bounds it).
+func (st *store) run(ctx context.Context, timeout time.Duration, fn func(context.Context) error) error {
+	_, err := st.cb.Execute(func() (struct{}, error) {
+		if timeout > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, timeout)
+			defer cancel()
+		}
+		return struct{}{}, fn(ctx)
+	})
+	if err == nil || errors.Is(err, redis.Nil) {
+		return nil
+	}
+	st.errs.Add(1)
+	return fmt.Errorf("%w: %w", errRedisUnavailable, err)
+}
+
+// degraded reports whether the breaker is not closed.
+func (st *store) degraded() bool { return st.cb.State() != gobreaker.StateClosed }
+
+// ping probes Redis through the breaker.
+func (st *store) ping(ctx context.Context) error {
+	return st.do(ctx, func(ctx context.Context) error { return st.rdb.Ping(ctx).Err() })
+}
+
+// probeLoop, while Redis is degraded, pings it every interval (so recovery
+// is noticed with no traffic) and reconciles once it answers.
+func (m *Manager) probeLoop(interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.done:
+			return
+		case <-t.C:
+		}
+		if !m.store.degraded() && !m.hasUnpublished() {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(m.baseCtx, visitTimeout)
+		if m.store.ping(ctx) == nil && !m.store.degraded() {
+			m.reconcile(ctx)
+		}
+		cancel()
+	}
+}
+
+func (m *Manager) hasUnpublished() bool {
+	m.unpubMu.Lock()
+	defer m.unpubMu.Unlock()
+	return len(m.unpublished) > 0
+}
+
+// reconcile publishes the sandboxes created while Redis was down. Where
+// another instance published a different sandbox for the pair meanwhile,
+// that one is canonical: ours is retired (killed at its last release).
+func (m *Manager) reconcile(ctx context.Context) {
+	m.unpubMu.Lock()
+	pending := make([]*slot, 0, len(m.unpublished))
+	for s := range m.unpublished {
+		pending = append(pending, s)
+	}
+	m.unpubMu.Unlock()
+	for _, s := range pending {
+		if s.state.Load() == stateLive {
+			id, err := m.store.adopt(ctx, s)
+			if err != nil {
+				return // Redis failed again: retry on the next probe
+			}
+			if id != s.sb.ID {
+				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.sb.ID), slog.String("kept", id))
+				if m.pool.detach(m.pool.shard(s.key), s, stateRetired, false) && s.leases.Load() == 0 {
+					m.killLater(s, "duplicate created during Redis outage")
+				}
+			}
+		}
+		m.unpubMu.Lock()
+		delete(m.unpublished, s)
+		m.unpubMu.Unlock()
+	}
+}
+
+func (m *Manager) markUnpublished(s *slot) {
+	m.unpubMu.Lock()
+	m.unpublished[s] = struct{}{}
+	m.unpubMu.Unlock()
+}

@@ -1,0 +1,81 @@
+package sandboxpool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/bsm/redislock"
+)
+
+// lockRetry is the pause between attempts to take a pair's create lock
+// while another instance holds it: short next to a sandbox create (~1 s),
+// so a waiter adopts the winner's sandbox promptly.
+const lockRetry = 25 * time.Millisecond
+
+// pairLock is a held per-pair create lock in Redis (redislock), refreshed
+// every LockTTL/3 until released, so a holder that dies frees the pair
+// within LockTTL and a live one never loses it to expiry.
+type pairLock struct {
+	lock *redislock.Lock
+	stop chan struct{}
+	wg   sync.WaitGroup
+}
+
+// obtainLock waits for the pair's lock, as long as ctx allows.
+func (m *Manager) obtainLock(ctx context.Context, k pairKey) (*pairLock, error) {
+	var l *redislock.Lock
+	err := m.store.run(ctx, 0, func(ctx context.Context) error {
+		// One breaker call for the whole wait: each attempt is bounded by
+		// ctx; a busy lock is not a Redis failure.
+		var err error
+		l, err = m.store.locker.Obtain(ctx, m.store.lockKey(k), m.cfg.LockTTL,
+			&redislock.Options{RetryStrategy: redislock.LinearBackoff(lockRetry)})
+		if errors.Is(err, redislock.ErrNotObtained) || errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
+			return nil // reported below, not counted by the breaker
+		}
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	if l == nil {
+		return nil, fmt.Errorf("waiting for the create lock of %s/%s: %w", k.user, k.project, context.Cause(ctx))
+	}
+	pl := &pairLock{lock: l, stop: make(chan struct{})}
+	pl.wg.Add(1)
+	go pl.refresh(m, m.cfg.LockTTL)
+	return pl, nil
+}
+
+func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
+	defer pl.wg.Done()
+	t := time.NewTicker(ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-pl.stop:
+			return
+		case <-t.C:
+			ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+			err := pl.lock.Refresh(ctx, ttl, nil)
+			cancel()
+			if err != nil {
+				// Lost or unreachable: publish will find out (it checks the token).
+				m.ctr.redisErrors.Add(1)
+				return
+			}
+		}
+	}
+}
+
+// release stops refreshing and releases the lock (if still ours).
+func (m *Manager) releaseLock(pl *pairLock) {
+	close(pl.stop)
+	pl.wg.Wait()
+	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+	defer cancel()
+	_ = pl.lock.Release(ctx) // ErrLockNotHeld: it expired, publish already knew
+}

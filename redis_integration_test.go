@@ -1,0 +1,219 @@
+package sandboxpool_test
+
+// Multi-instance tests against real redis-server processes on free loopback
+// ports (internal/redistest): skipped locally without redis-server, a
+// failure in CI.
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool"
+	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+	"github.com/sandboxpool/sandboxpool/internal/redistest"
+)
+
+// instances builds n Managers, each with its own Redis client from newClient.
+func instances(t *testing.T, n int, p *fp.Provider, newClient func() redis.UniversalClient, mutate ...func(*sandboxpool.Config)) []*sandboxpool.Manager {
+	t.Helper()
+	ms := make([]*sandboxpool.Manager, n)
+	for i := range ms {
+		cfg := sandboxpool.Config{Provider: p, Redis: newClient()}
+		sandboxpool.FastRedisRecovery(&cfg, 100*time.Millisecond)
+		for _, f := range mutate {
+			f(&cfg)
+		}
+		m, err := sandboxpool.New(cfg)
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = m.Close(context.Background()) })
+		ms[i] = m
+	}
+	return ms
+}
+
+func sumStats(ms []*sandboxpool.Manager) (total sandboxpool.Stats) {
+	for _, m := range ms {
+		st := m.Stats()
+		total.Creates += st.Creates
+		total.CacheHits += st.CacheHits
+		total.MemoryHits += st.MemoryHits
+		total.DegradedCreates += st.DegradedCreates
+		total.Acquires += st.Acquires
+		total.Adopted += st.Adopted
+	}
+	return total
+}
+
+// stampede runs acquires concurrent Acquires spread over pairs pairs and
+// managers; it returns the errors.
+func stampede(t *testing.T, ms []*sandboxpool.Manager, acquires, pairs int, timeout time.Duration) []error {
+	t.Helper()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+		ids  sync.Map
+	)
+	start := make(chan struct{})
+	for i := range acquires {
+		wg.Go(func() {
+			<-start
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			pair := i % pairs
+			l, err := ms[i%len(ms)].Acquire(ctx, fmt.Sprint("user", pair%10), fmt.Sprint("proj", pair))
+			if err != nil {
+				mu.Lock()
+				errs = append(errs, err)
+				mu.Unlock()
+				return
+			}
+			if prev, loaded := ids.LoadOrStore(pair, l.Sandbox().ID); loaded && prev != l.Sandbox().ID {
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("pair %d got %s and %s", pair, prev, l.Sandbox().ID))
+				mu.Unlock()
+			}
+			l.Release()
+		})
+	}
+	close(start)
+	wg.Wait()
+	return errs
+}
+
+// 8 instances with their own clients, 2,000 concurrent Acquires over 100
+// pairs: exactly 100 creates.
+func TestRealRedisEightInstancesOneSandboxPerPair(t *testing.T) {
+	srv := redistest.Start(t)
+	p := fp.New()
+	p.SetLatency(fp.OpCreate, 20*time.Millisecond)
+	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) })
+	errs := stampede(t, ms, 2000, 100, 30*time.Second)
+	require.Empty(t, errs)
+	st := sumStats(ms)
+	assert.EqualValues(t, 100, p.Calls(fp.OpCreate), "creates per pair: exactly one")
+	assert.EqualValues(t, 100, st.Creates)
+	assert.Len(t, p.Alive(), 100)
+	t.Logf("2000 acquires over 100 pairs on 8 instances: %d creates, %d Redis hits, %d memory hits", st.Creates, st.CacheHits, st.MemoryHits)
+
+	// A restarted instance (closed without killing, built anew) reuses all.
+	require.NoError(t, ms[0].Close(context.Background()))
+	fresh := instances(t, 1, p, func() redis.UniversalClient { return srv.Client(t) })
+	require.Empty(t, stampede(t, fresh, 100, 100, 10*time.Second))
+	assert.EqualValues(t, 0, fresh[0].Stats().Creates, "same sandboxes, zero creates")
+	assert.EqualValues(t, 100, fresh[0].Stats().CacheHits)
+}
+
+// Quotas hold exactly across instances under concurrency on a real Redis.
+func TestRealRedisQuotasExact(t *testing.T) {
+	srv := redistest.Start(t)
+	p := fp.New()
+	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) },
+		func(c *sandboxpool.Config) { c.MaxSandboxes = 25; c.MaxPerUser = 4 })
+	errs := stampede(t, ms, 400, 200, 30*time.Second)
+	refused := 0
+	for _, err := range errs {
+		require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded)
+		refused++
+	}
+	assert.Len(t, p.Alive(), 25, "exactly MaxSandboxes alive")
+	assert.EqualValues(t, 25, p.Calls(fp.OpCreate))
+	assert.Positive(t, refused)
+}
+
+// Redis killed mid-run and restarted: requests keep succeeding within their
+// timeouts, and every instance's breaker closes again.
+func TestRealRedisOutageAndRecovery(t *testing.T) {
+	srv := redistest.Start(t)
+	p := fp.New()
+	ms := instances(t, 4, p, func() redis.UniversalClient {
+		c := redis.NewClient(&redis.Options{Addr: srv.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
+			ReadTimeout: 200 * time.Millisecond, WriteTimeout: 200 * time.Millisecond})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	})
+	require.Empty(t, stampede(t, ms, 200, 20, 5*time.Second)) // warm: 20 pairs
+
+	var failed, served atomic.Int64
+	var wg sync.WaitGroup
+	stop := make(chan struct{})
+	srv.Stop() // Redis dies before the new pairs arrive
+	for w := range 8 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				pair := (w*7 + i) % 40 // 20 warm pairs, 20 new ones born during the outage
+				l, err := ms[(w+i)%len(ms)].Acquire(ctx, fmt.Sprint("user", pair%10), fmt.Sprint("proj", pair))
+				cancel()
+				if err != nil {
+					failed.Add(1)
+					t.Logf("acquire failed: %v", err)
+					continue
+				}
+				served.Add(1)
+				l.Release()
+				time.Sleep(2 * time.Millisecond)
+			}
+		})
+	}
+	time.Sleep(time.Second)
+	degraded := 0
+	for _, m := range ms {
+		if m.Stats().RedisDegraded {
+			degraded++
+		}
+	}
+	srv.Start() // and comes back, empty
+	require.Eventually(t, func() bool {
+		for _, m := range ms {
+			if m.Stats().RedisDegraded {
+				return false
+			}
+		}
+		return true
+	}, 15*time.Second, 20*time.Millisecond, "every breaker closes again")
+	time.Sleep(300 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	st := sumStats(ms)
+	t.Logf("outage: %d served, %d failed, %d/%d instances degraded, %d degraded creates, %d creates for 40 pairs (%d duplicates during the outage)",
+		served.Load(), failed.Load(), degraded, len(ms), st.DegradedCreates, p.Calls(fp.OpCreate), p.Calls(fp.OpCreate)-40)
+	assert.Zero(t, failed.Load(), "requests keep succeeding within their timeouts")
+	assert.Positive(t, degraded, "instances on the cold path noticed the outage")
+	assert.Positive(t, served.Load())
+	// After recovery every pair is published once: the outage's duplicates
+	// were retired by reconciliation, so new acquires agree on one sandbox.
+	require.Eventually(t, func() bool { return len(p.Alive()) <= 40 }, 10*time.Second, 20*time.Millisecond, "duplicates retired: %d alive", len(p.Alive()))
+	require.Empty(t, stampede(t, ms, 400, 40, 5*time.Second))
+}
+
+// The multi-instance test on a real 3-master Redis Cluster.
+func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
+	cl := redistest.StartCluster(t, 3)
+	p := fp.New()
+	p.SetLatency(fp.OpCreate, 20*time.Millisecond)
+	ms := instances(t, 8, p, func() redis.UniversalClient { return cl.Client(t) },
+		func(c *sandboxpool.Config) {
+			c.MaxSandboxes = 1000
+			c.MaxPerUser = 100
+			c.CreateLimit = sandboxpool.RateLimit{Rate: 1000, Per: time.Second}
+		})
+	require.Empty(t, stampede(t, ms, 2000, 100, 30*time.Second))
+	assert.EqualValues(t, 100, p.Calls(fp.OpCreate))
+	assert.Len(t, p.Alive(), 100)
+	st := sumStats(ms)
+	t.Logf("cluster: 2000 acquires over 100 pairs on 8 instances: %d creates", st.Creates)
+}
