@@ -254,3 +254,24 @@ func (m *Manager) redisStats(st *Stats) {
 const slogWarn = slog.LevelWarn
 
 func attrErr(err error) slog.Attr { return slog.Any("error", err) }
+
+// EnvRedisURL names the Redis to share, as redis://[user:password@]host:port/db
+// (rediss:// for TLS). ConfigFromEnv builds Config.Redis from it.
+const EnvRedisURL = "REDIS_URL"
+
+// redisFromEnv builds the Redis client when REDIS_URL is set. The URL may
+// carry a password, so errors name the variable, never its value.
+func redisFromEnv(env envSource, c *Config) error {
+	u, ok := env(EnvRedisURL)
+	if !ok || u == "" {
+		return nil
+	}
+	opts, err := redis.ParseURL(u)
+	if err != nil {
+		return fmt.Errorf("%s is not a valid redis:// or rediss:// URL", EnvRedisURL)
+	}
+	c.Redis = redis.NewClient(opts)
+	return nil
+}
+
+func init() { envHooks = append(envHooks, redisFromEnv) }

@@ -131,6 +131,12 @@ type Config struct {
 	// application's logs unless asked to; pass slog.Default() to opt in.
 	Logger *slog.Logger
 
+	// OnAcquire, when set, is called after every Acquire that passed
+	// validation with how it was served and how long it took (metrics; see
+	// package metrics). It runs on the caller's goroutine and must be fast.
+	// default: nil (no timing cost on the hot path).
+	OnAcquire func(Outcome, time.Duration)
+
 	// now replaces time.Now in tests.
 	now func() time.Time
 	// breakerCooldown and probeInterval shorten Redis recovery in tests.

@@ -96,3 +96,13 @@ func TestConfigFromEnvErrors(t *testing.T) {
 	assert.Contains(t, err.Error(), "SANDBOXPOOL_MAX_AGE")
 	assert.Contains(t, err.Error(), "SANDBOXPOOL_LOCK_TTL")
 }
+
+func TestConfigFromEnvRedisURL(t *testing.T) {
+	cfg, err := sandboxpool.ConfigFrom(map[string]string{"REDIS_URL": "redis://:s3cret@127.0.0.1:6399/2"})
+	require.NoError(t, err)
+	require.NotNil(t, cfg.Redis)
+	_ = cfg.Redis.Close()
+	_, err = sandboxpool.ConfigFrom(map[string]string{"REDIS_URL": "http://:s3cret@host"})
+	require.ErrorContains(t, err, "REDIS_URL")
+	assert.NotContains(t, err.Error(), "s3cret")
+}

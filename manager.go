@@ -114,11 +114,30 @@ func (m *Manager) goBackground(fn func()) bool {
 type Lease struct {
 	m        *Manager
 	s        *slot
+	outcome  Outcome
 	released atomic.Bool
 }
 
 // Sandbox returns the leased sandbox.
 func (l *Lease) Sandbox() Sandbox { return l.s.sb }
+
+// Outcome says how Acquire got the sandbox.
+func (l *Lease) Outcome() Outcome { return l.outcome }
+
+// Reused reports whether the sandbox existed before this Acquire (it was
+// not created for it).
+func (l *Lease) Reused() bool { return l.outcome != OutcomeCreated }
+
+// Outcome is how an Acquire was served, for metrics and logs.
+type Outcome string
+
+// The outcomes of Acquire.
+const (
+	OutcomeMemoryHit Outcome = "memory_hit" // in this process's pool (probed if due)
+	OutcomeCacheHit  Outcome = "cache_hit"  // reconnected: found in Redis or adopted by metadata
+	OutcomeCreated   Outcome = "created"    // a new sandbox
+	OutcomeError     Outcome = "error"      // Acquire failed
+)
 
 // Release ends the lease. It is idempotent and safe after Close.
 func (l *Lease) Release() {
@@ -144,6 +163,10 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 	if err := ValidateIDs(user, project); err != nil {
 		return nil, err
 	}
+	var start time.Time
+	if m.cfg.OnAcquire != nil {
+		start = time.Now()
+	}
 	k := pairKey{user, project}
 	sh := m.pool.shard(k)
 	sh.acquires.Add(1)
@@ -151,9 +174,20 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 	if s := sh.hit(k, now, m.probeAfter, m.guard); s != nil {
 		sh.memoryHits.Add(1)
 		m.maybeTouch(s, now)
-		return &Lease{m: m, s: s}, nil
+		if m.cfg.OnAcquire != nil {
+			m.cfg.OnAcquire(OutcomeMemoryHit, time.Since(start))
+		}
+		return &Lease{m: m, s: s, outcome: OutcomeMemoryHit}, nil
 	}
-	return m.acquireSlow(ctx, k, sh)
+	l, err := m.acquireSlow(ctx, k, sh)
+	if m.cfg.OnAcquire != nil {
+		o := OutcomeError
+		if l != nil {
+			o = l.outcome
+		}
+		m.cfg.OnAcquire(o, time.Since(start))
+	}
+	return l, err
 }
 
 // acquireSlow waits for (or starts) the pair's flight and leases its result.
@@ -161,7 +195,7 @@ func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*Lease
 	for attempt := 0; ; attempt++ {
 		f, started := m.pool.join(sh, k)
 		if started && !m.goBackground(func() { m.runFill(sh, k, f) }) {
-			m.pool.finish(sh, k, f, nil, ErrClosed)
+			m.pool.finish(sh, k, f, nil, OutcomeError, ErrClosed)
 		}
 		select {
 		case <-f.done:
@@ -175,7 +209,7 @@ func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*Lease
 		}
 		if now := m.clock.coarse(); sh.leaseSlot(f.s, now) {
 			m.maybeTouch(f.s, now)
-			return &Lease{m: m, s: f.s}, nil
+			return &Lease{m: m, s: f.s, outcome: f.outcome}, nil
 		}
 		if attempt+1 >= maxLeaseAttempts {
 			return nil, pairErr("acquire", k, errors.New("sandbox was removed while being acquired"))
@@ -189,7 +223,11 @@ func (m *Manager) runFill(sh *shard, k pairKey, f *flight) {
 	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.CreateTimeout)
 	defer cancel()
 	s, err := m.fill(ctx, sh, k)
-	m.pool.finish(sh, k, f, s, err)
+	o := OutcomeError
+	if s != nil {
+		o = s.origin
+	}
+	m.pool.finish(sh, k, f, s, o, err)
 }
 
 // fill makes sure the pair has a usable slot in the pool: it probes or
@@ -201,6 +239,7 @@ func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, error)
 		if s.state.Load() == stateLive && now < s.expiresAt {
 			ok, err := m.revalidate(ctx, s, now)
 			if ok || err != nil {
+				s.origin = OutcomeMemoryHit // reached through the pool; only read after the flight ends
 				return s, err
 			}
 			// Definitively gone: replace it below.
@@ -419,7 +458,9 @@ func (m *Manager) createNew(ctx context.Context, k pairKey) (*slot, error) {
 	if sb.CreatedAt.IsZero() {
 		sb.CreatedAt = time.Unix(0, now)
 	}
-	return m.newSlot(k, sb, sb.CreatedAt.UnixNano(), now, now+int64(m.cfg.IdleTimeout)), nil
+	s := m.newSlot(k, sb, sb.CreatedAt.UnixNano(), now, now+int64(m.cfg.IdleTimeout))
+	s.origin = OutcomeCreated
+	return s, nil
 }
 
 // connect reattaches to an existing sandbox with the pair's aligned deadline.
@@ -439,7 +480,7 @@ func (m *Manager) newSlot(k pairKey, sb Sandbox, createdAt, now, deadline int64)
 	if sb.Template == "" {
 		sb.Template = m.cfg.Template
 	}
-	s := &slot{key: k, sb: sb, createdAt: createdAt, expiresAt: createdAt + int64(m.cfg.MaxAge), heapIdx: -1}
+	s := &slot{key: k, sb: sb, createdAt: createdAt, expiresAt: createdAt + int64(m.cfg.MaxAge), heapIdx: -1, origin: OutcomeCacheHit}
 	s.lastUse.Store(now)
 	s.lastCheck.Store(now)
 	s.deadline.Store(deadline)

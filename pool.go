@@ -30,6 +30,10 @@ type slot struct {
 	killed    atomic.Bool // a kill was started; at most one per slot
 	touching  atomic.Bool // a touch is queued for the reaper
 
+	// origin is how the slot's last fill got it; written by the fill before
+	// the flight completes, read by the flight's waiters after.
+	origin Outcome
+
 	// Reaper heap position and due time, guarded by reaper.mu.
 	due     int64
 	heapIdx int
@@ -45,6 +49,7 @@ type flight struct {
 	// Set before done is closed.
 	finished bool // guarded by shard.mu
 	s        *slot
+	outcome  Outcome
 	err      error
 }
 
@@ -164,9 +169,9 @@ func (p *pool) leave(sh *shard, k pairKey, f *flight) {
 
 // finish records the fill's result, drops the fill's reference and wakes the
 // waiters.
-func (p *pool) finish(sh *shard, k pairKey, f *flight, s *slot, err error) {
+func (p *pool) finish(sh *shard, k pairKey, f *flight, s *slot, o Outcome, err error) {
 	sh.mu.Lock()
-	f.s, f.err, f.finished = s, err, true
+	f.s, f.outcome, f.err, f.finished = s, o, err, true
 	p.unrefLocked(sh, k, f)
 	sh.mu.Unlock()
 	close(f.done)

@@ -1,0 +1,121 @@
+// Package metrics exports a sandboxpool.Manager's statistics and Acquire
+// latencies to Prometheus. It is a separate package so that the pool itself
+// does not depend on Prometheus.
+//
+//	met := metrics.New("myservice")
+//	cfg.OnAcquire = met.ObserveAcquire
+//	m, _ := sandboxpool.New(cfg)
+//	registry.MustRegister(met.Collector(m))
+package metrics
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/sandboxpool/sandboxpool"
+)
+
+// Metrics holds the Acquire latency histograms; build one with New.
+type Metrics struct {
+	namespace string
+	latency   *prometheus.HistogramVec
+}
+
+// latencyBuckets span a memory hit (sub-microsecond) to a cold create
+// (seconds).
+var latencyBuckets = []float64{1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
+
+// New returns Metrics whose names start with namespace ("" for none).
+func New(namespace string) *Metrics {
+	return &Metrics{namespace: namespace, latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Subsystem: "sandboxpool", Name: "acquire_duration_seconds",
+		Help:    "Latency of Manager.Acquire by outcome (memory_hit, cache_hit, created, error).",
+		Buckets: latencyBuckets,
+	}, []string{"outcome"})}
+}
+
+// ObserveAcquire records one Acquire; pass it as sandboxpool.Config.OnAcquire.
+func (x *Metrics) ObserveAcquire(o sandboxpool.Outcome, d time.Duration) {
+	x.latency.WithLabelValues(string(o)).Observe(d.Seconds())
+}
+
+// Collector returns a prometheus.Collector for m's Stats and the latency
+// histograms. Register it once per Manager.
+func (x *Metrics) Collector(m *sandboxpool.Manager) prometheus.Collector {
+	return &collector{m: m, x: x}
+}
+
+type stat struct {
+	desc  *prometheus.Desc
+	kind  prometheus.ValueType
+	value func(sandboxpool.Stats) float64
+}
+
+type collector struct {
+	m     *sandboxpool.Manager
+	x     *Metrics
+	stats []stat
+}
+
+func (c *collector) descs() []stat {
+	if c.stats != nil {
+		return c.stats
+	}
+	ns := c.x.namespace
+	counter := func(name, help string, v func(sandboxpool.Stats) int64) stat {
+		return stat{prometheus.NewDesc(prometheus.BuildFQName(ns, "sandboxpool", name+"_total"), help, nil, nil), prometheus.CounterValue,
+			func(s sandboxpool.Stats) float64 { return float64(v(s)) }}
+	}
+	gauge := func(name, help string, v func(sandboxpool.Stats) float64) stat {
+		return stat{prometheus.NewDesc(prometheus.BuildFQName(ns, "sandboxpool", name), help, nil, nil), prometheus.GaugeValue, v}
+	}
+	c.stats = []stat{
+		counter("acquires", "Acquire calls that passed validation.", func(s sandboxpool.Stats) int64 { return s.Acquires }),
+		counter("memory_hits", "Acquires served from memory with no I/O.", func(s sandboxpool.Stats) int64 { return s.MemoryHits }),
+		counter("cache_hits", "Acquires that reconnected to a sandbox found in Redis or by metadata.", func(s sandboxpool.Stats) int64 { return s.CacheHits }),
+		counter("cache_misses", "Acquires that had to create.", func(s sandboxpool.Stats) int64 { return s.CacheMisses }),
+		counter("creates", "Sandboxes created.", func(s sandboxpool.Stats) int64 { return s.Creates }),
+		counter("create_errors", "Failed creates.", func(s sandboxpool.Stats) int64 { return s.CreateErrors }),
+		counter("adopted", "Sandboxes adopted by metadata.", func(s sandboxpool.Stats) int64 { return s.Adopted }),
+		counter("reconnects", "Successful reconnects.", func(s sandboxpool.Stats) int64 { return s.Reconnects }),
+		counter("health_checks", "Liveness probes.", func(s sandboxpool.Stats) int64 { return s.HealthChecks }),
+		counter("replaced", "Sandboxes replaced after a definitive not-found.", func(s sandboxpool.Stats) int64 { return s.Replaced }),
+		counter("touches", "Deadline extensions.", func(s sandboxpool.Stats) int64 { return s.Touches }),
+		counter("evictions", "Sandboxes reaped for idleness or age.", func(s sandboxpool.Stats) int64 { return s.Evictions }),
+		counter("kills", "Sandboxes killed.", func(s sandboxpool.Stats) int64 { return s.Kills }),
+		counter("kill_errors", "Failed kills.", func(s sandboxpool.Stats) int64 { return s.KillErrors }),
+		counter("rate_limited", "Creates refused by the rate limit.", func(s sandboxpool.Stats) int64 { return s.RateLimited }),
+		counter("quota_rejected", "Creates refused by a quota.", func(s sandboxpool.Stats) int64 { return s.QuotaRejected }),
+		counter("redis_errors", "Failed Redis calls.", func(s sandboxpool.Stats) int64 { return s.RedisErrors }),
+		counter("degraded_creates", "Creates made while Redis was unavailable.", func(s sandboxpool.Stats) int64 { return s.DegradedCreates }),
+		counter("lock_lost", "Creates that lost their Redis lock before publishing.", func(s sandboxpool.Stats) int64 { return s.LockLost }),
+		gauge("active", "Sandboxes in this process's pool.", func(s sandboxpool.Stats) float64 { return float64(s.Active) }),
+		gauge("leased", "Leases held.", func(s sandboxpool.Stats) float64 { return float64(s.Leased) }),
+		gauge("key_locks", "Per-pair lock entries in memory.", func(s sandboxpool.Stats) float64 { return float64(s.KeyLocks) }),
+		gauge("redis_degraded", "1 while the Redis circuit breaker is open.", func(s sandboxpool.Stats) float64 {
+			if s.RedisDegraded {
+				return 1
+			}
+			return 0
+		}),
+		gauge("redis_pool_total_conns", "Redis connections in the pool.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.TotalConns) }),
+		gauge("redis_pool_idle_conns", "Idle Redis connections.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.IdleConns) }),
+	}
+	return c.stats
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, s := range c.descs() {
+		ch <- s.desc
+	}
+	c.x.latency.Describe(ch)
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	st := c.m.Stats()
+	for _, s := range c.descs() {
+		ch <- prometheus.MustNewConstMetric(s.desc, s.kind, s.value(st))
+	}
+	c.x.latency.Collect(ch)
+}
