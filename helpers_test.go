@@ -2,6 +2,8 @@ package sandboxpool_test
 
 import (
 	"context"
+	"fmt"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -16,7 +18,42 @@ import (
 
 func TestMain(m *testing.M) {
 	redis.SetLogger(quietRedis{}) // outage tests make go-redis log every failed dial
-	goleak.VerifyTestMain(m)
+	code := m.Run()
+	closeFixtures() // benchmark fixtures outlive single benchmark runs
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintf(os.Stderr, "goleak: %v\n", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+var (
+	fixturesMu sync.Mutex
+	fixtures   = map[string]any{}
+	closers    []func()
+)
+
+// fixture builds a value once per test binary (benchmarks run their body
+// several times; an expensive setup such as 100k pooled pairs is kept) and
+// closes it after all tests and benchmarks.
+func fixture[T any](key string, build func() (T, func())) T {
+	fixturesMu.Lock()
+	defer fixturesMu.Unlock()
+	if v, ok := fixtures[key]; ok {
+		return v.(T)
+	}
+	v, closer := build()
+	fixtures[key] = v
+	closers = append(closers, closer)
+	return v
+}
+
+func closeFixtures() {
+	for i := len(closers) - 1; i >= 0; i-- {
+		closers[i]()
+	}
 }
 
 type quietRedis struct{}

@@ -129,24 +129,39 @@ func (l *Lease) Outcome() Outcome { return l.outcome }
 func (l *Lease) Reused() bool { return l.outcome != OutcomeCreated }
 
 // Outcome is how an Acquire was served, for metrics and logs.
-type Outcome string
+type Outcome uint8
 
 // The outcomes of Acquire.
 const (
-	OutcomeMemoryHit Outcome = "memory_hit" // in this process's pool (probed if due)
-	OutcomeCacheHit  Outcome = "cache_hit"  // reconnected: found in Redis or adopted by metadata
-	OutcomeCreated   Outcome = "created"    // a new sandbox
-	OutcomeError     Outcome = "error"      // Acquire failed
+	OutcomeError     Outcome = iota // Acquire failed
+	OutcomeMemoryHit                // in this process's pool (probed if due)
+	OutcomeCacheHit                 // reconnected: found in Redis or adopted by metadata
+	OutcomeCreated                  // a new sandbox
 )
+
+// String names the outcome: "error", "memory_hit", "cache_hit", "created".
+func (o Outcome) String() string {
+	switch o {
+	case OutcomeMemoryHit:
+		return "memory_hit"
+	case OutcomeCacheHit:
+		return "cache_hit"
+	case OutcomeCreated:
+		return "created"
+	}
+	return "error"
+}
 
 // Release ends the lease. It is idempotent and safe after Close.
 func (l *Lease) Release() {
-	if !l.released.CompareAndSwap(false, true) {
-		return
+	if l.released.CompareAndSwap(false, true) {
+		l.m.release(l.s)
 	}
-	m, s := l.m, l.s
+}
+
+// release ends one lease on s.
+func (m *Manager) release(s *slot) {
 	s.lastUse.Store(m.clock.coarse())
-	m.pool.shard(s.key).leased.Add(-1)
 	if s.leases.Add(-1) == 0 && s.state.Load() == stateRetired {
 		m.killLater(s, "max age reached")
 	}
@@ -169,7 +184,6 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 	}
 	k := pairKey{user, project}
 	sh := m.pool.shard(k)
-	sh.acquires.Add(1)
 	now := m.clock.coarse()
 	if s := sh.hit(k, now, m.probeAfter, m.guard); s != nil {
 		sh.memoryHits.Add(1)
@@ -179,6 +193,7 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 		}
 		return &Lease{m: m, s: s, outcome: OutcomeMemoryHit}, nil
 	}
+	sh.slowAcquires.Add(1)
 	l, err := m.acquireSlow(ctx, k, sh)
 	if m.cfg.OnAcquire != nil {
 		o := OutcomeError
@@ -188,6 +203,35 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 		m.cfg.OnAcquire(o, time.Since(start))
 	}
 	return l, err
+}
+
+// Use runs fn with the pair's sandbox leased for the duration of the call,
+// and returns fn's error (or Acquire's). It is Acquire plus Release without
+// the Lease allocation: a memory hit through Use allocates nothing.
+func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox) error) error {
+	if m.closed.Load() {
+		return ErrClosed
+	}
+	if err := ValidateIDs(user, project); err != nil {
+		return err
+	}
+	k := pairKey{user, project}
+	sh := m.pool.shard(k)
+	now := m.clock.coarse()
+	if m.cfg.OnAcquire == nil {
+		if s := sh.hit(k, now, m.probeAfter, m.guard); s != nil {
+			sh.memoryHits.Add(1)
+			m.maybeTouch(s, now)
+			defer m.release(s)
+			return fn(s.sb)
+		}
+	}
+	l, err := m.Acquire(ctx, user, project)
+	if err != nil {
+		return err
+	}
+	defer l.Release()
+	return fn(l.s.sb)
 }
 
 // acquireSlow waits for (or starts) the pair's flight and leases its result.
@@ -368,7 +412,9 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 		return nil, pairErr("create", k, errors.New("create lock lost and no winner published"))
 	}
 	m.park(sh, s)
-	_ = m.store.refreshReservation(ctx, k, s.deadline.Load())
+	if len(m.quotaKeys(k)) > 0 { // move the provisional reservation to the real deadline
+		_ = m.store.refreshReservation(ctx, k, s.deadline.Load())
+	}
 	return s, nil
 }
 
@@ -480,7 +526,8 @@ func (m *Manager) newSlot(k pairKey, sb Sandbox, createdAt, now, deadline int64)
 	if sb.Template == "" {
 		sb.Template = m.cfg.Template
 	}
-	s := &slot{key: k, sb: sb, createdAt: createdAt, expiresAt: createdAt + int64(m.cfg.MaxAge), heapIdx: -1, origin: OutcomeCacheHit}
+	s := &slot{sh: m.pool.shard(k), expiresAt: createdAt + int64(m.cfg.MaxAge),
+		slotInfo: &slotInfo{key: k, sb: sb, createdAt: createdAt, heapIdx: -1, origin: OutcomeCacheHit}}
 	s.lastUse.Store(now)
 	s.lastCheck.Store(now)
 	s.deadline.Store(deadline)

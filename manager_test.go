@@ -395,3 +395,47 @@ func TestCreateRateLimit(t *testing.T) {
 	e.acquire(t, "a", "3").Release()
 	assert.EqualValues(t, 1, e.m.Stats().RateLimited)
 }
+
+func TestUseLeasesForTheCall(t *testing.T) {
+	e := newEnv(t)
+	var first string
+	require.NoError(t, e.m.Use(context.Background(), "u", "p", func(sb sandboxpool.Sandbox) error {
+		first = sb.ID
+		assert.EqualValues(t, 1, e.m.Stats().Leased)
+		return nil
+	}))
+	assert.EqualValues(t, 0, e.m.Stats().Leased)
+	err := e.m.Use(context.Background(), "u", "p", func(sb sandboxpool.Sandbox) error {
+		assert.Equal(t, first, sb.ID, "memory hit")
+		return errUpstream
+	})
+	require.ErrorIs(t, err, errUpstream)
+	st := e.m.Stats()
+	assert.EqualValues(t, 0, st.Leased)
+	assert.EqualValues(t, 2, st.Acquires)
+	assert.EqualValues(t, 1, st.MemoryHits)
+	require.ErrorIs(t, e.m.Use(context.Background(), "u:", "p", func(sandboxpool.Sandbox) error { return nil }), sandboxpool.ErrInvalidID)
+}
+
+func TestLeaseOutcome(t *testing.T) {
+	e := newEnv(t)
+	var seen []string
+	e2 := newEnv(t, func(c *sandboxpool.Config) {
+		c.OnAcquire = func(o sandboxpool.Outcome, d time.Duration) { seen = append(seen, o.String()) }
+	})
+	_ = e
+	l := e2.acquire(t, "u", "p")
+	assert.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
+	assert.False(t, l.Reused())
+	l.Release()
+	l = e2.acquire(t, "u", "p")
+	assert.Equal(t, sandboxpool.OutcomeMemoryHit, l.Outcome())
+	assert.True(t, l.Reused())
+	l.Release()
+	_, err := e2.m.Acquire(context.Background(), "u", "p:")
+	require.Error(t, err)
+	e2.p.FailNext(fp.OpList, errUpstream)
+	_, err = e2.m.Acquire(context.Background(), "v", "p")
+	require.Error(t, err)
+	assert.Equal(t, []string{"created", "memory_hit", "error"}, seen, "invalid ids are not observed")
+}

@@ -14,21 +14,28 @@ const (
 )
 
 // slot is one pooled sandbox. Fields written after creation are atomics, so
-// the hot path reads them under the shard's read lock only.
+// the hot path reads them under the shard's read lock only. A lookup over a
+// large pool is bound by cache misses, so what a memory hit touches fits in
+// one 64-byte cache line; everything else hangs off slotInfo.
 type slot struct {
+	state     atomic.Int32
+	leases    atomic.Int32
+	expiresAt int64        // createdAt + MaxAge: not handed out from then on
+	deadline  atomic.Int64 // unix ns the provider (and Redis) currently hold as the deadline
+	lastCheck atomic.Int64 // unix ns of the last successful probe, connect or create
+	lastUse   atomic.Int64 // unix ns, coarse
+	touching  atomic.Bool  // a touch is queued for the reaper
+	sh        *shard       // the shard holding key, so Release need not hash
+	*slotInfo
+}
+
+// slotInfo is the part of a slot the hot path does not touch.
+type slotInfo struct {
 	key       pairKey
 	sb        Sandbox
-	createdAt int64 // unix ns
-	expiresAt int64 // createdAt + MaxAge: not handed out from then on
-
-	lastUse   atomic.Int64 // unix ns, coarse
-	lastCheck atomic.Int64 // unix ns of the last successful probe, connect or create
-	deadline  atomic.Int64 // unix ns the provider (and Redis) currently hold as the deadline
-	leases    atomic.Int32
-	state     atomic.Int32
+	createdAt int64       // unix ns
 	counted   atomic.Bool // holds a quota reservation, released once by forget
 	killed    atomic.Bool // a kill was started; at most one per slot
-	touching  atomic.Bool // a touch is queued for the reaper
 
 	// origin is how the slot's last fill got it; written by the fill before
 	// the flight completes, read by the flight's waiters after.
@@ -62,11 +69,11 @@ type shard struct {
 	slots   map[pairKey]*slot
 	flights map[pairKey]*flight
 
-	// Hot-path counters live beside the data they count, so concurrent
-	// hits on different shards do not share a cache line.
-	acquires   atomic.Int64
-	memoryHits atomic.Int64
-	leased     atomic.Int64
+	// Counters live beside the lock the hot path already writes, so
+	// concurrent hits on different shards do not share a cache line.
+	// Acquires = memoryHits + slowAcquires; Leased is summed by Stats.
+	memoryHits   atomic.Int64
+	slowAcquires atomic.Int64
 
 	_ [64]byte // keep neighbouring shards off this shard's cache lines
 }
@@ -110,7 +117,6 @@ func (sh *shard) hit(k pairKey, now, probeAfter, guard int64) *slot {
 	}
 	s.leases.Add(1)
 	sh.mu.RUnlock()
-	sh.leased.Add(1)
 	if s.lastUse.Load() != now { // the coarse clock ticks every 10 ms: skip redundant stores
 		s.lastUse.Store(now)
 	}
@@ -126,7 +132,6 @@ func (sh *shard) leaseSlot(s *slot, now int64) bool {
 	}
 	sh.mu.RUnlock()
 	if ok {
-		sh.leased.Add(1)
 		s.lastUse.Store(now)
 	}
 	return ok

@@ -30,7 +30,7 @@ type Stats struct {
 
 	// Gauges.
 	Active        int64 // sandboxes in this process's pool
-	Leased        int64 // leases held and not released
+	Leased        int64 // leases held on sandboxes in the pool
 	KeyLocks      int64 // per-pair lock entries (in-flight acquires) in memory
 	RedisDegraded bool  // the Redis circuit breaker is open
 
@@ -53,7 +53,9 @@ type counters struct {
 	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost, reconciled atomic.Int64
 }
 
-// Stats returns a snapshot of the Manager's counters and gauges.
+// Stats returns a snapshot of the Manager's counters and gauges. It costs
+// O(pooled pairs) (the Leased gauge is summed from the pool, which keeps it
+// off the hot path): call it for metrics, not per request.
 func (m *Manager) Stats() Stats {
 	st := Stats{
 		CacheHits:       m.ctr.cacheHits.Load(),
@@ -79,10 +81,15 @@ func (m *Manager) Stats() Stats {
 	}
 	for i := range m.pool.shards {
 		sh := &m.pool.shards[i]
-		st.Acquires += sh.acquires.Load()
 		st.MemoryHits += sh.memoryHits.Load()
-		st.Leased += sh.leased.Load()
+		st.Acquires += sh.slowAcquires.Load()
+		sh.mu.RLock()
+		for _, s := range sh.slots {
+			st.Leased += int64(s.leases.Load())
+		}
+		sh.mu.RUnlock()
 	}
+	st.Acquires += st.MemoryHits
 	st.HealthCheckSkips = st.MemoryHits
 	m.redisStats(&st)
 	return st

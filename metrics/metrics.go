@@ -37,7 +37,7 @@ func New(namespace string) *Metrics {
 
 // ObserveAcquire records one Acquire; pass it as sandboxpool.Config.OnAcquire.
 func (x *Metrics) ObserveAcquire(o sandboxpool.Outcome, d time.Duration) {
-	x.latency.WithLabelValues(string(o)).Observe(d.Seconds())
+	x.latency.WithLabelValues(o.String()).Observe(d.Seconds())
 }
 
 // Collector returns a prometheus.Collector for m's Stats and the latency

@@ -1,0 +1,517 @@
+package sandboxpool_test
+
+// Benchmarks. Each figure is meant to be read as a ratio to a baseline
+// measured in the same run (make bench prints the table):
+//
+//	BenchmarkHotPath/*        Acquire+Release on a memory hit vs a bare 64-shard
+//	                          maphash map + atomic store, puddle/v2, and the old
+//	                          single-mutex design that read Redis every request
+//	BenchmarkRedisPaths/*     warm (Redis hit) and cold (create) paths: Redis
+//	                          round trips per call (go-redis hook) and latency
+//	                          vs one plain GET on the same client
+//	BenchmarkContention/*     1,000 goroutines on one pair; 8 managers on 100 pairs
+//	BenchmarkMemoryPerPair    bytes per pooled pair at 1,000,000 pairs, and after churn
+//	BenchmarkReaperTickIdle   one reaper tick with 1,000,000 live pairs, nothing due
+
+import (
+	"context"
+	"fmt"
+	"hash/maphash"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/jackc/puddle/v2"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/sandboxpool/sandboxpool"
+	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+)
+
+var benchPairs = envInt("SANDBOXPOOL_BENCH_PAIRS", 100_000)
+
+var benchUsers, benchProjects = func() ([]string, []string) {
+	u, p := make([]string, benchPairs), make([]string, benchPairs)
+	for i := range u {
+		u[i], p[i] = "user"+strconv.Itoa(i), "proj"+strconv.Itoa(i%97)
+	}
+	return u, p
+}()
+
+// nullProvider creates sandboxes that cost nothing to keep: the benchmarks
+// measure the pool, not a fake's bookkeeping.
+type nullProvider struct{ n atomic.Int64 }
+
+func (p *nullProvider) Create(context.Context, sandboxpool.CreateRequest) (sandboxpool.Sandbox, error) {
+	return sandboxpool.Sandbox{ID: "i" + strconv.FormatInt(p.n.Add(1), 36), Domain: "e2b.app"}, nil
+}
+func (p *nullProvider) Connect(_ context.Context, id string, _ time.Duration) (sandboxpool.Sandbox, error) {
+	return sandboxpool.Sandbox{ID: id, Domain: "e2b.app"}, nil
+}
+func (*nullProvider) Check(context.Context, sandboxpool.Sandbox) error        { return nil }
+func (*nullProvider) SetTimeout(context.Context, string, time.Duration) error { return nil }
+func (*nullProvider) Kill(context.Context, string) error                      { return nil }
+func (*nullProvider) List(context.Context, map[string]string) ([]sandboxpool.Sandbox, error) {
+	return nil, nil
+}
+
+func newBenchManager(p sandboxpool.Provider, rdb redis.UniversalClient) *sandboxpool.Manager {
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: p, Redis: rdb, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour,
+		HealthCheckAfter: time.Hour, CreateTimeout: time.Minute, RedisTimeout: 5 * time.Second})
+	if err != nil {
+		panic(err)
+	}
+	return m
+}
+
+func benchManager(b *testing.B, p sandboxpool.Provider, rdb redis.UniversalClient) *sandboxpool.Manager {
+	m := newBenchManager(p, rdb)
+	b.Cleanup(func() { _ = m.Close(context.Background()) })
+	return m
+}
+
+// filledManager is a Manager holding n pooled pairs, built once.
+func filledManager(key string, n int, rdb func() (redis.UniversalClient, func())) *sandboxpool.Manager {
+	return fixture(key, func() (*sandboxpool.Manager, func()) {
+		var client redis.UniversalClient
+		closeRedis := func() {}
+		if rdb != nil {
+			client, closeRedis = rdb()
+		}
+		m := newBenchManager(&nullProvider{}, client)
+		fill(nil, m, n)
+		return m, func() { _ = m.Close(context.Background()); closeRedis() }
+	})
+}
+
+// fill acquires pairs [0,n) once, in parallel.
+func fill(b *testing.B, m *sandboxpool.Manager, n int) {
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := w; i < n; i += 8 {
+				l, err := m.Acquire(context.Background(), benchUsers[i%benchPairs]+pairSuffix(i), benchProjects[i%benchPairs])
+				if err != nil {
+					panic(err)
+				}
+				l.Release()
+			}
+		})
+	}
+	wg.Wait()
+}
+
+func pairSuffix(i int) string {
+	if i < benchPairs {
+		return ""
+	}
+	return "-" + strconv.Itoa(i/benchPairs)
+}
+
+// baseline is the floor of any pool lookup: a 64-shard map keyed by the two
+// strings, hashed with maphash, read-locked, plus one atomic store.
+type baseline struct {
+	seed   maphash.Seed
+	shards [64]struct {
+		mu sync.RWMutex
+		m  map[[2]string]*atomic.Int64
+		_  [40]byte
+	}
+}
+
+func newBaseline() *baseline {
+	bl := &baseline{seed: maphash.MakeSeed()}
+	for i := range bl.shards {
+		bl.shards[i].m = map[[2]string]*atomic.Int64{}
+	}
+	for i := range benchPairs {
+		sh := &bl.shards[bl.hash(benchUsers[i], benchProjects[i])&63]
+		sh.m[[2]string{benchUsers[i], benchProjects[i]}] = new(atomic.Int64)
+	}
+	return bl
+}
+
+func (bl *baseline) hash(u, p string) uint64 {
+	return maphash.String(bl.seed, u)*31 ^ maphash.String(bl.seed, p)
+}
+
+func (bl *baseline) touch(u, p string, now int64) {
+	sh := &bl.shards[bl.hash(u, p)&63]
+	sh.mu.RLock()
+	e := sh.m[[2]string{u, p}]
+	sh.mu.RUnlock()
+	e.Store(now)
+}
+
+// naiveManager is the old design: one global mutex, a joined string key,
+// and a Redis read on every request.
+type naiveManager struct {
+	mu  sync.Mutex
+	m   map[string]string
+	rdb redis.UniversalClient
+}
+
+func (n *naiveManager) acquire(ctx context.Context, u, p string) string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	key := "sandboxpool:" + u + ":" + p
+	id, _ := n.rdb.Get(ctx, key).Result()
+	if id == "" {
+		id = n.m[key]
+	}
+	return id
+}
+
+// openRedis returns a client for a real redis-server when
+// SANDBOXPOOL_BENCH_REDIS names one (host:port; make bench starts one),
+// else for an in-process miniredis, and a func that closes it.
+func openRedis() (redis.UniversalClient, func()) {
+	if addr := os.Getenv("SANDBOXPOOL_BENCH_REDIS"); addr != "" {
+		c := redis.NewClient(&redis.Options{Addr: addr, PoolSize: 64})
+		_ = c.FlushDB(context.Background()).Err()
+		return c, func() { _ = c.Close() }
+	}
+	mr, err := miniredis.Run()
+	if err != nil {
+		panic(err)
+	}
+	c := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	return c, func() { _ = c.Close(); mr.Close() }
+}
+
+func benchRedis(b *testing.B) (redis.UniversalClient, string) {
+	c, closer := openRedis()
+	b.Cleanup(closer)
+	return c, "redis"
+}
+
+func parallelPairs(b *testing.B, body func(i int)) {
+	b.RunParallel(func(pb *testing.PB) {
+		i := rand.IntN(benchPairs)
+		for pb.Next() {
+			body(i)
+			if i++; i == benchPairs {
+				i = 0
+			}
+		}
+	})
+}
+
+func BenchmarkHotPath(b *testing.B) {
+	b.Run("baseline-maphash64", func(b *testing.B) {
+		bl := newBaseline()
+		now := time.Now().UnixNano()
+		b.ReportAllocs()
+		b.ResetTimer()
+		parallelPairs(b, func(i int) { bl.touch(benchUsers[i], benchProjects[i], now) })
+	})
+	b.Run("sandboxpool-Acquire+Release", func(b *testing.B) {
+		m := filledManager("hot", benchPairs, nil)
+		before := m.Stats()
+		ctx := context.Background()
+		b.ReportAllocs()
+		b.ResetTimer()
+		parallelPairs(b, func(i int) {
+			l, err := m.Acquire(ctx, benchUsers[i], benchProjects[i])
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			l.Release()
+		})
+		b.StopTimer()
+		st := m.Stats()
+		if st.Creates != before.Creates || st.HealthChecks != before.HealthChecks || st.MemoryHits-before.MemoryHits != int64(b.N) {
+			b.Fatalf("not a pure memory-hit run: %+v", st)
+		}
+	})
+	b.Run("sandboxpool-Use", func(b *testing.B) {
+		m := filledManager("hot", benchPairs, nil)
+		ctx := context.Background()
+		use := func(sandboxpool.Sandbox) error { return nil }
+		b.ReportAllocs()
+		b.ResetTimer()
+		parallelPairs(b, func(i int) {
+			if err := m.Use(ctx, benchUsers[i], benchProjects[i], use); err != nil {
+				b.Error(err)
+			}
+		})
+	})
+	b.Run("sandboxpool-with-redis-Acquire+Release", func(b *testing.B) {
+		calls := fixture("hot-redis-calls", func() (*atomic.Int64, func()) { return new(atomic.Int64), func() {} })
+		m := filledManager("hot-redis", benchPairs, func() (redis.UniversalClient, func()) {
+			c, closer := openRedis()
+			c.AddHook(countingHook{calls})
+			return c, closer
+		})
+		calls.Store(0)
+		ctx := context.Background()
+		b.ReportAllocs()
+		b.ResetTimer()
+		parallelPairs(b, func(i int) {
+			l, err := m.Acquire(ctx, benchUsers[i], benchProjects[i])
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			l.Release()
+		})
+		b.StopTimer()
+		b.ReportMetric(float64(calls.Load())/float64(b.N), "redis-rt/op")
+	})
+	b.Run("puddle-Acquire+Release", func(b *testing.B) {
+		pool, err := puddle.NewPool(&puddle.Config[int]{
+			Constructor: func(context.Context) (int, error) { return 1, nil },
+			Destructor:  func(int) {},
+			MaxSize:     int32(4 * runtime.GOMAXPROCS(0)),
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer pool.Close()
+		ctx := context.Background()
+		b.ReportAllocs()
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				r, err := pool.Acquire(ctx)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				r.Release()
+			}
+		})
+	})
+	b.Run("naive-global-mutex+redis-GET", func(b *testing.B) {
+		rdb, _ := benchRedis(b)
+		n := &naiveManager{m: map[string]string{}, rdb: rdb}
+		ctx := context.Background()
+		b.ReportAllocs()
+		b.ResetTimer()
+		parallelPairs(b, func(i int) { n.acquire(ctx, benchUsers[i], benchProjects[i]) })
+	})
+}
+
+// countingHook counts Redis round trips: one per command, one per pipeline.
+type countingHook struct{ n *atomic.Int64 }
+
+func (countingHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { h.n.Add(1); return next(ctx, cmd) }
+}
+func (h countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(1); return next(ctx, cmds) }
+}
+
+func BenchmarkRedisPaths(b *testing.B) {
+	ctx := context.Background()
+	b.Run("baseline-GET", func(b *testing.B) {
+		rdb, _ := benchRedis(b)
+		_ = rdb.Set(ctx, "k", "v", 0).Err()
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			_ = rdb.Get(ctx, "k").Err()
+		}
+	})
+	b.Run("warm-redis-hit", func(b *testing.B) {
+		const n = 20_000
+		type warm struct {
+			rdb   redis.UniversalClient
+			calls *atomic.Int64
+		}
+		w := fixture("warm", func() (warm, func()) {
+			c, closer := openRedis()
+			owner := newBenchManager(&nullProvider{}, c)
+			fill(nil, owner, n)
+			calls := new(atomic.Int64)
+			c.AddHook(countingHook{calls})
+			return warm{c, calls}, func() { _ = owner.Close(context.Background()); closer() }
+		})
+		var reader *sandboxpool.Manager
+		w.calls.Store(0)
+		b.ReportAllocs()
+		b.ResetTimer()
+		for i := range b.N {
+			if i%n == 0 { // a fresh instance: every pair is a memory miss and a Redis hit
+				b.StopTimer()
+				reader = benchManager(b, &nullProvider{}, w.rdb)
+				b.StartTimer()
+			}
+			l, err := reader.Acquire(ctx, benchUsers[i%n], benchProjects[i%n])
+			if err != nil {
+				b.Fatal(err)
+			}
+			l.Release()
+		}
+		b.StopTimer()
+		b.ReportMetric(float64(w.calls.Load())/float64(b.N), "redis-rt/op")
+	})
+	b.Run("cold-create", func(b *testing.B) {
+		rdb, _ := benchRedis(b)
+		var calls atomic.Int64
+		rdb.AddHook(countingHook{&calls})
+		m := benchManager(b, &nullProvider{}, rdb)
+		calls.Store(0)
+		b.ReportAllocs()
+		b.ResetTimer()
+		for i := range b.N {
+			l, err := m.Acquire(ctx, benchUsers[i%benchPairs]+pairSuffix(i), benchProjects[i%benchPairs])
+			if err != nil {
+				b.Fatal(err)
+			}
+			l.Release()
+		}
+		b.StopTimer()
+		b.ReportMetric(float64(calls.Load())/float64(b.N), "redis-rt/op")
+	})
+}
+
+func percentiles(d []time.Duration) (p50, p99 time.Duration) {
+	slices.Sort(d)
+	return d[len(d)/2], d[len(d)*99/100]
+}
+
+func BenchmarkContention(b *testing.B) {
+	ctx := context.Background()
+	b.Run("1000-goroutines-one-pair", func(b *testing.B) {
+		p := fp.New()
+		p.SetLatency(fp.OpCreate, time.Millisecond)
+		m := benchManager(b, p, nil)
+		var lat []time.Duration
+		var mu sync.Mutex
+		b.ResetTimer()
+		for it := range b.N {
+			var wg sync.WaitGroup
+			for range 1000 {
+				wg.Go(func() {
+					start := time.Now()
+					l, err := m.Acquire(ctx, "u", "pair"+strconv.Itoa(it))
+					d := time.Since(start)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					l.Release()
+					mu.Lock()
+					lat = append(lat, d)
+					mu.Unlock()
+				})
+			}
+			wg.Wait()
+		}
+		b.StopTimer()
+		p50, p99 := percentiles(lat)
+		b.ReportMetric(float64(p.Calls(fp.OpCreate))/float64(b.N), "creates/pair")
+		b.ReportMetric(float64(p50.Microseconds()), "p50-µs")
+		b.ReportMetric(float64(p99.Microseconds()), "p99-µs")
+	})
+	b.Run("8-managers-100-pairs", func(b *testing.B) {
+		rdb, _ := benchRedis(b)
+		p := fp.New()
+		p.SetLatency(fp.OpCreate, time.Millisecond)
+		ms := make([]*sandboxpool.Manager, 8)
+		for i := range ms {
+			ms[i] = benchManager(b, p, rdb)
+		}
+		var lat []time.Duration
+		var mu sync.Mutex
+		b.ResetTimer()
+		for it := range b.N {
+			var wg sync.WaitGroup
+			for i := range 2000 {
+				wg.Go(func() {
+					start := time.Now()
+					l, err := ms[i%8].Acquire(ctx, fmt.Sprint("u", it), fmt.Sprint("p", i%100))
+					d := time.Since(start)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					l.Release()
+					mu.Lock()
+					lat = append(lat, d)
+					mu.Unlock()
+				})
+			}
+			wg.Wait()
+		}
+		b.StopTimer()
+		p50, p99 := percentiles(lat)
+		b.ReportMetric(float64(p.Calls(fp.OpCreate))/float64(100*b.N), "creates/pair")
+		b.ReportMetric(float64(p50.Microseconds()), "p50-µs")
+		b.ReportMetric(float64(p99.Microseconds()), "p99-µs")
+	})
+}
+
+const millionPairs = 1_000_000
+
+func heapInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapAlloc
+}
+
+func BenchmarkMemoryPerPair(b *testing.B) {
+	for range b.N {
+		clk := newFakeClock()
+		cfg := sandboxpool.Config{Provider: &nullProvider{}, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour, HealthCheckAfter: time.Hour, ReapInterval: time.Hour}
+		sandboxpool.SetClock(&cfg, clk.Now)
+		m, err := sandboxpool.New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		before := heapInUse()
+		fill(b, m, millionPairs)
+		full := heapInUse()
+		clk.Advance(2 * time.Hour)
+		m.ReapNow()
+		for m.Stats().Active > 0 || m.Scheduled() > 0 {
+			time.Sleep(10 * time.Millisecond)
+		}
+		time.Sleep(100 * time.Millisecond) // background kills finish
+		after := heapInUse()
+		_ = m.Close(context.Background())
+		b.ReportMetric(float64(full-before)/millionPairs, "B/pair")
+		b.ReportMetric(float64(int64(after)-int64(before))/float64(before)*100, "heap-after-churn-%")
+	}
+}
+
+func BenchmarkReaperTickIdle(b *testing.B) {
+	m := fixture("reaper-1M", func() (*sandboxpool.Manager, func()) {
+		cfg := sandboxpool.Config{Provider: &nullProvider{}, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour, HealthCheckAfter: time.Hour, ReapInterval: time.Hour}
+		sandboxpool.SetClock(&cfg, newFakeClock().Now)
+		m, err := sandboxpool.New(cfg)
+		if err != nil {
+			panic(err)
+		}
+		fill(nil, m, millionPairs)
+		return m, func() { _ = m.Close(context.Background()) }
+	})
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		m.ReapNow()
+	}
+	b.StopTimer()
+	if m.Stats().Active != millionPairs {
+		b.Fatal("the tick evicted something")
+	}
+}
+
+func envInt(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
+		return n
+	}
+	return def
+}
