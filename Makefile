@@ -37,9 +37,16 @@ generate:
 check-generated: generate
 	@git diff --exit-code -- internal/e2bapi || { echo "generated code is stale: run make generate and commit"; exit 1; }
 
-### bench: benchmarks
+### bench: benchmarks vs their baselines (real redis-server when installed); raw output in testdata/bench.txt
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) ./...
+	@set -e; port=$$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])' 2>/dev/null || echo 16399); \
+	if command -v redis-server >/dev/null; then \
+	  redis-server --port $$port --bind 127.0.0.1 --save '' --appendonly no --daemonize yes --pidfile /tmp/sandboxpool-bench-$$port.pid >/dev/null; \
+	  sleep 0.3; export SANDBOXPOOL_BENCH_REDIS=127.0.0.1:$$port; echo "bench: redis-server on $$port"; \
+	else echo "bench: redis-server not found, Redis benchmarks use miniredis"; fi; \
+	trap 'test -f /tmp/sandboxpool-bench-$$port.pid && kill $$(cat /tmp/sandboxpool-bench-$$port.pid)' EXIT; \
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -cpu 1,2 -timeout 60m . | tee testdata/bench.txt; \
+	$(GO) run ./internal/benchtable < testdata/bench.txt
 
 ### cover: coverage report in cover.out
 cover:

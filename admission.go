@@ -23,6 +23,7 @@ type admission struct {
 	mu      sync.Mutex // protects the fields below; held for map updates only
 	total   int
 	perUser map[string]int   // users with live reservations; entries deleted at zero
+	peak    int              // perUser's peak size since it was last rebuilt
 	tat     map[string]int64 // GCRA theoretical arrival time per user
 	sweepAt int              // sweep tat once it grows past this size
 }
@@ -65,6 +66,7 @@ func (a *admission) reserve(user string, now int64, withRate bool) error {
 	}
 	a.total++
 	a.perUser[user]++
+	a.peak = max(a.peak, len(a.perUser))
 	return nil
 }
 
@@ -76,11 +78,13 @@ func (a *admission) sweepLocked(now int64) {
 	if len(a.tat) < a.sweepAt {
 		return
 	}
+	fresh := make(map[string]int64, len(a.tat)/2)
 	for u, t := range a.tat {
-		if t <= now {
-			delete(a.tat, u)
+		if t > now {
+			fresh[u] = t
 		}
 	}
+	a.tat = fresh // a new map: deleting from the old one would not free it
 	a.sweepAt = max(minSweep, 2*len(a.tat))
 }
 
@@ -93,6 +97,13 @@ func (a *admission) release(user string) {
 		a.perUser[user] = n
 	} else {
 		delete(a.perUser, user)
+		if a.peak >= minShrink && len(a.perUser) <= a.peak/4 { // maps never shrink: rebuild
+			fresh := make(map[string]int, len(a.perUser))
+			for u, n := range a.perUser {
+				fresh[u] = n
+			}
+			a.perUser, a.peak = fresh, len(fresh)
+		}
 	}
 }
 

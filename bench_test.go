@@ -482,6 +482,8 @@ func BenchmarkMemoryPerPair(b *testing.B) {
 		time.Sleep(100 * time.Millisecond) // background kills finish
 		after := heapInUse()
 		_ = m.Close(context.Background())
+		b.ReportMetric(float64(before)/1e6, "heap-start-MB")
+		b.ReportMetric(float64(after)/1e6, "heap-after-churn-MB")
 		b.ReportMetric(float64(full-before)/millionPairs, "B/pair")
 		b.ReportMetric(float64(int64(after)-int64(before))/float64(before)*100, "heap-after-churn-%")
 	}

@@ -180,7 +180,12 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 		return nil, err
 	}
 	m.ctr.cacheHits.Add(1)
-	if _, err := m.store.touch(ctx, s, s.deadline.Load()); err != nil {
+	if rec.deadline-now >= m.touchAhead {
+		// Redis's deadline is comfortably ahead: save the round trip. Track
+		// the earlier of the two deadlines, so the reaper pushes Redis
+		// before another instance could think the sandbox idle.
+		s.deadline.Store(min(s.deadline.Load(), rec.deadline))
+	} else if _, err := m.store.touch(ctx, s, s.deadline.Load()); err != nil {
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
 	}
 	m.park(sh, s)

@@ -618,8 +618,9 @@ func (m *Manager) killID(ctx context.Context, id, why string) error {
 	return nil
 }
 
-// killLater kills s in the background (from Release or the reaper, which
-// must not block on I/O), and drops its quota reservation and cache entry.
+// killLater kills s in the background, for callers that must not block on
+// I/O (Release, a fill replacing a slot), and drops its quota reservation
+// and cache entry.
 func (m *Manager) killLater(s *slot, why string) {
 	if s.killed.Load() {
 		return
@@ -627,12 +628,19 @@ func (m *Manager) killLater(s *slot, why string) {
 	m.goBackground(func() {
 		ctx, cancel := context.WithTimeout(m.baseCtx, killTimeout)
 		defer cancel()
-		if s.killed.CompareAndSwap(false, true) {
-			m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: killing sandbox", slog.String("sandbox", s.sb.ID), slog.String("reason", why))
-			_ = m.killID(ctx, s.sb.ID, why) // counted and logged; the provider deadline reaps it anyway
-		}
-		m.forget(ctx, s)
+		m.killAndForget(ctx, s, why)
 	})
+}
+
+// killAndForget kills s (once) and drops what the Manager holds for it. The
+// reaper calls it directly from its bounded workers: spawning a goroutine
+// per expiry would make a mass expiry cost a goroutine per sandbox.
+func (m *Manager) killAndForget(ctx context.Context, s *slot, why string) {
+	if s.killed.CompareAndSwap(false, true) {
+		m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: killing sandbox", slog.String("sandbox", s.sb.ID), slog.String("reason", why))
+		_ = m.killID(ctx, s.sb.ID, why) // counted and logged; the provider deadline reaps it anyway
+	}
+	m.forget(ctx, s)
 }
 
 // forget drops what the Manager holds for a slot that left the pool: its

@@ -68,6 +68,10 @@ type shard struct {
 	mu      sync.RWMutex
 	slots   map[pairKey]*slot
 	flights map[pairKey]*flight
+	// Peak sizes since the maps were last rebuilt: Go maps never give
+	// memory back, so a map that shrank to a quarter of its peak is copied
+	// into a fresh one (see shrink).
+	peakSlots, peakFlights int
 
 	// Counters live beside the lock the hot path already writes, so
 	// concurrent hits on different shards do not share a cache line.
@@ -76,6 +80,28 @@ type shard struct {
 	slowAcquires atomic.Int64
 
 	_ [64]byte // keep neighbouring shards off this shard's cache lines
+}
+
+// minShrink is the peak size below which a map is not worth rebuilding:
+// small enough that an emptied pool keeps almost nothing.
+const minShrink = 16
+
+// shrink returns m, or a copy of it sized to its contents when it holds a
+// quarter or less of *peak. Copying len(m) entries after at least
+// 3·len(m) deletions costs amortised O(1) per deletion, and bounds a
+// churned pool's memory by its live pairs (DESIGN guarantee 2).
+func shrink[V any](m map[pairKey]V, peak *int) map[pairKey]V {
+	if n := len(m); n > *peak {
+		*peak = n
+	} else if *peak >= minShrink && n <= *peak/4 {
+		fresh := make(map[pairKey]V, n)
+		for k, v := range m {
+			fresh[k] = v
+		}
+		*peak = n
+		return fresh
+	}
+	return m
 }
 
 // pool is the sharded in-memory map of pairs to slots.
@@ -159,6 +185,7 @@ func (p *pool) join(sh *shard, k pairKey) (f *flight, started bool) {
 		// its result is history, not an answer for a new arrival.
 		f = &flight{done: make(chan struct{}), refs: 1} // the fill's reference
 		sh.flights[k] = f
+		sh.flights = shrink(sh.flights, &sh.peakFlights) // records the peak
 		started = true
 	}
 	f.refs++
@@ -188,6 +215,7 @@ func (p *pool) unrefLocked(sh *shard, k pairKey, f *flight) {
 	if f.refs == 0 && sh.flights[k] == f {
 		delete(sh.flights, k)
 		p.keyLocks.Add(-1)
+		sh.flights = shrink(sh.flights, &sh.peakFlights)
 	}
 }
 
@@ -200,6 +228,7 @@ func (p *pool) put(sh *shard, s *slot) (old *slot) {
 		old.state.CompareAndSwap(stateLive, stateRetired)
 	} else {
 		p.active.Add(1)
+		sh.slots = shrink(sh.slots, &sh.peakSlots) // records the peak
 	}
 	sh.mu.Unlock()
 	return old
@@ -222,6 +251,7 @@ func (p *pool) detach(sh *shard, s *slot, to int32, onlyIdle bool) bool {
 	if sh.slots[s.key] == s {
 		delete(sh.slots, s.key)
 		p.active.Add(-1)
+		sh.slots = shrink(sh.slots, &sh.peakSlots)
 	}
 	return true
 }

@@ -102,6 +102,9 @@ func (h *slotHeap) Pop() any {
 	old[n-1] = nil
 	s.heapIdx = -1
 	*h = old[:n-1]
+	if c := cap(old); c >= 2*minShrink && n-1 <= c/4 { // give a churned heap's memory back
+		*h = append(make(slotHeap, 0, 2*(n-1)), old[:n-1]...)
+	}
 	return s
 }
 
@@ -197,7 +200,7 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 	}
 	leased := s.leases.Load() > 0
 	if s.state.Load() == stateRetired && !leased {
-		m.killLater(s, "max age reached")
+		m.killAndForget(ctx, s, "max age reached")
 		return
 	}
 	target := m.keepaliveTarget(s, now)
@@ -222,7 +225,7 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 			if m.pool.detach(sh, s, stateDead, true) {
 				m.ctr.evictions.Add(1)
 				m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: idle sandbox evicted", slog.String("sandbox", s.sb.ID))
-				m.killLater(s, "idle")
+				m.killAndForget(ctx, s, "idle")
 				return
 			}
 			target = m.keepaliveTarget(s, now) // leased meanwhile

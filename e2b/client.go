@@ -320,3 +320,7 @@ func seconds(d time.Duration) int32 {
 	s := math.Ceil(d.Seconds())
 	return int32(min(s, math.MaxInt32))
 }
+
+// CloseIdleConnections closes the HTTP client's idle keep-alive
+// connections (for shutdown, and tests that check for leaked goroutines).
+func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }

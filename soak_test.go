@@ -1,0 +1,282 @@
+//go:build soak
+
+package sandboxpool_test
+
+// The soak: several Managers against a real redis-server and the fake E2B
+// over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
+// Redis restarts, create-lock expiry, Manager restarts), checking the
+// invariants after each phase. Run: make soak DURATION=60s.
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"text/tabwriter"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/e2b"
+	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
+	"github.com/sandboxpool/sandboxpool/internal/redistest"
+)
+
+var soakDuration = flag.Duration("soak.duration", 60*time.Second, "total soak time")
+
+const (
+	soakManagers = 4
+	soakWorkers  = 16
+	soakPairs    = 60
+	soakIdle     = 3 * time.Second // short, so reaping is exercised and checked
+)
+
+type soakPhase struct {
+	name  string
+	fault func(ctx context.Context, s *soak)
+}
+
+type soak struct {
+	t      *testing.T
+	redis  *redistest.Server
+	fake   *e2btest.Server
+	client *e2b.Client
+	mu     sync.Mutex
+	ms     []*sandboxpool.Manager
+	errs   sync.Map // kind → *atomic.Int64
+	served atomic.Int64
+}
+
+func (s *soak) newManager() *sandboxpool.Manager {
+	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
+		ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond})
+	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(s.client), Redis: rdb, Namespace: "soak",
+		IdleTimeout: soakIdle, MaxAge: 4 * soakIdle, HealthCheckAfter: time.Second, ReapInterval: 100 * time.Millisecond,
+		LockTTL: time.Second, CreateTimeout: 10 * time.Second}
+	sandboxpool.FastRedisRecovery(&cfg, 200*time.Millisecond)
+	m, err := sandboxpool.New(cfg)
+	require.NoError(s.t, err)
+	return m
+}
+
+func (s *soak) manager(i int) *sandboxpool.Manager {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ms[i%len(s.ms)]
+}
+
+func (s *soak) countErr(err error) {
+	kind := "other"
+	var ae *e2b.APIError
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		kind = "timeout"
+	case errors.Is(err, sandboxpool.ErrClosed):
+		kind = "closed (manager restart)"
+	case errors.As(err, &ae):
+		kind = fmt.Sprintf("e2b %d", ae.StatusCode)
+	case errors.Is(err, e2b.ErrOutcomeUnknown):
+		kind = "e2b outcome unknown"
+	}
+	v, _ := s.errs.LoadOrStore(kind, new(atomic.Int64))
+	v.(*atomic.Int64).Add(1)
+}
+
+// load runs the workers until ctx ends.
+func (s *soak) load(ctx context.Context) {
+	var wg sync.WaitGroup
+	for w := range soakWorkers {
+		wg.Go(func() {
+			for i := 0; ctx.Err() == nil; i++ {
+				pair := rand.IntN(soakPairs)
+				rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				l, err := s.manager(w+i).Acquire(rctx, fmt.Sprint("u", pair%7), fmt.Sprint("p", pair))
+				cancel()
+				if err != nil {
+					s.countErr(err)
+					continue
+				}
+				s.served.Add(1)
+				time.Sleep(time.Duration(rand.IntN(5)) * time.Millisecond) // use it
+				l.Release()
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// duplicates counts pairs with more than one running sandbox at the fake.
+func (s *soak) duplicates() int {
+	byPair := map[string]int{}
+	for _, id := range s.fake.Running() {
+		md := s.fake.Metadata(id)
+		byPair[md["sandboxpool.user"]+"/"+md["sandboxpool.project"]]++
+	}
+	dups := 0
+	for _, n := range byPair {
+		dups += max(0, n-1)
+	}
+	return dups
+}
+
+func TestSoak(t *testing.T) {
+	s := &soak{t: t, redis: redistest.Start(t)}
+	s.fake = e2btest.Start(e2btest.Config{MaxConcurrent: 500})
+	defer s.fake.Close()
+	opts := s.fake.ClientOptions()
+	opts.MaxRetryWait = time.Second
+	var err error
+	s.client, err = e2b.New(opts)
+	require.NoError(t, err)
+	for range soakManagers {
+		s.ms = append(s.ms, s.newManager())
+	}
+	goroutinesAtStart := runtime.NumGoroutine()
+
+	phases := []soakPhase{
+		{"steady", nil},
+		{"e2b faults (5xx, 429, latency, drops)", func(ctx context.Context, s *soak) {
+			ops := []e2btest.Op{e2btest.OpCreate, e2btest.OpConnect, e2btest.OpHealth, e2btest.OpTimeout, e2btest.OpList}
+			faults := []e2btest.Fault{{Status: 503}, {Status: 502}, {Status: 429, RetryAfter: time.Second}, {Latency: 300 * time.Millisecond},
+				{Drop: true}, {Status: 504, AfterEffect: true}, {Status: 500}}
+			for ctx.Err() == nil {
+				s.fake.Inject(ops[rand.IntN(len(ops))], faults[rand.IntN(len(faults))])
+				time.Sleep(20 * time.Millisecond)
+			}
+		}},
+		{"redis restart", func(ctx context.Context, s *soak) {
+			sleep(ctx, 300*time.Millisecond)
+			s.redis.Stop()
+			sleep(ctx, time.Second)
+			s.redis.Start()
+		}},
+		{"create-lock expiry", func(ctx context.Context, s *soak) {
+			rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
+			defer rdb.Close()
+			for ctx.Err() == nil {
+				keys, _ := rdb.Keys(ctx, "soak:*:lock").Result()
+				if len(keys) > 0 {
+					rdb.Del(ctx, keys...)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}},
+		{"manager restarts", func(ctx context.Context, s *soak) {
+			for i := 0; ctx.Err() == nil; i++ {
+				sleep(ctx, 500*time.Millisecond)
+				fresh := s.newManager()
+				s.mu.Lock()
+				old := s.ms[i%len(s.ms)]
+				s.ms[i%len(s.ms)] = fresh
+				s.mu.Unlock()
+				cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				require.NoError(t, old.Close(cctx))
+				cancel()
+			}
+		}},
+	}
+	per := *soakDuration / time.Duration(len(phases))
+	type row struct {
+		phase            string
+		served, failed   int64
+		dupsNow          int
+		running, goroutn int
+	}
+	var rows []row
+	broken := []string{}
+	for _, ph := range phases {
+		ctx, cancel := context.WithTimeout(context.Background(), per)
+		before := s.served.Load()
+		failedBefore := s.totalErrs()
+		var fw sync.WaitGroup
+		if ph.fault != nil {
+			fw.Go(func() { ph.fault(ctx, s) })
+		}
+		s.load(ctx)
+		cancel()
+		fw.Wait()
+		time.Sleep(1500 * time.Millisecond) // settle: reconcile, retire duplicates, kills
+		r := row{phase: ph.name, served: s.served.Load() - before, failed: s.totalErrs() - failedBefore,
+			dupsNow: s.duplicates(), running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
+		rows = append(rows, r)
+		if r.dupsNow > 0 {
+			broken = append(broken, fmt.Sprintf("%s: %d duplicate sandboxes still running after settling", ph.name, r.dupsNow))
+		}
+		if r.served == 0 {
+			broken = append(broken, ph.name+": nothing served")
+		}
+	}
+
+	// Close everything: the fake must be empty once deadlines pass (aligned
+	// deadlines), and Redis must hold no key.
+	for _, m := range s.ms {
+		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		require.NoError(t, m.Close(cctx))
+		cancel()
+	}
+	deadline := time.Now().Add(4*soakIdle + 2*time.Second)
+	for time.Now().Before(deadline) && len(s.fake.Running()) > 0 {
+		time.Sleep(100 * time.Millisecond)
+	}
+	leaked := len(s.fake.Running())
+	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
+	keys, _ := rdb.Keys(context.Background(), "soak:*").Result()
+	_ = rdb.Close()
+	if leaked > 0 {
+		broken = append(broken, fmt.Sprintf("%d sandboxes outlived their deadline after every manager closed", leaked))
+	}
+	if len(keys) > 0 {
+		broken = append(broken, fmt.Sprintf("%d Redis keys left after every deadline passed: %v", len(keys), keys))
+	}
+	s.client.CloseIdleConnections()
+	time.Sleep(200 * time.Millisecond)
+	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
+
+	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
+	fmt.Fprintf(w, "phase\tserved\tfailed\tduplicates after settle\trunning at fake\tgoroutines\n")
+	for _, r := range rows {
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\n", r.phase, r.served, r.failed, r.dupsNow, r.running, r.goroutn)
+	}
+	fmt.Fprintf(w, "after close\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	w.Flush()
+	fmt.Printf("errors by kind: %s\n", s.errSummary())
+	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
+	if len(broken) > 0 {
+		t.Fatalf("soak invariants broken:\n- %s", strings.Join(broken, "\n- "))
+	}
+}
+
+func (s *soak) totalErrs() (n int64) {
+	s.errs.Range(func(_, v any) bool { n += v.(*atomic.Int64).Load(); return true })
+	return n
+}
+
+func (s *soak) errSummary() string {
+	var parts []string
+	s.errs.Range(func(k, v any) bool {
+		parts = append(parts, fmt.Sprintf("%s=%d", k, v.(*atomic.Int64).Load()))
+		return true
+	})
+	sort.Strings(parts)
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
+}
+
+func sleep(ctx context.Context, d time.Duration) {
+	select {
+	case <-ctx.Done():
+	case <-time.After(d):
+	}
+}
