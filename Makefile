@@ -1,14 +1,21 @@
 GO        ?= go
+# Recipes pipe test output through filters (tee, grep): pipefail keeps a
+# failing test from hiding behind a filter that succeeded.
+SHELL       := bash
+.SHELLFLAGS := -o pipefail -ec
 FUZZTIME  ?= 10s
 BENCHTIME ?= 1s
+# HOTCOUNT runs of the hot-path benchmarks; the table reports their medians.
+HOTCOUNT  ?= 5
 
-.PHONY: all test race unit lint fuzz bench cover generate check-generated tidy-check help
+.PHONY: all test race unit lint fuzz bench soak cover generate check-generated tidy-check help
 
 ### all: lint, then the full test command
 all: lint test
 
-### test: THE test command (CI runs it): vet + gofmt, generated code fresh, race tests, a short fuzz pass
+### test: THE test command (CI runs it): vet + gofmt, generated code fresh, race tests, a short fuzz pass, a short soak
 test: lint check-generated race fuzz
+	$(MAKE) soak DURATION=30s
 
 ### race: every package's tests under the race detector
 race:
@@ -37,7 +44,7 @@ generate:
 check-generated: generate
 	@git diff --exit-code -- internal/e2bapi || { echo "generated code is stale: run make generate and commit"; exit 1; }
 
-### bench: benchmarks vs their baselines (real redis-server when installed); raw output in testdata/bench.txt
+### bench: benchmarks vs their baselines (real redis-server when installed; hot path HOTCOUNT times, medians); raw output in testdata/bench.txt
 bench:
 	@set -e; port=$$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])' 2>/dev/null || echo 16399); \
 	if command -v redis-server >/dev/null; then \
@@ -45,8 +52,14 @@ bench:
 	  sleep 0.3; export SANDBOXPOOL_BENCH_REDIS=127.0.0.1:$$port; echo "bench: redis-server on $$port"; \
 	else echo "bench: redis-server not found, Redis benchmarks use miniredis"; fi; \
 	trap 'test -f /tmp/sandboxpool-bench-$$port.pid && kill $$(cat /tmp/sandboxpool-bench-$$port.pid)' EXIT; \
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) -cpu 1,2 -timeout 60m . | tee testdata/bench.txt; \
+	$(GO) test -run '^$$' -bench '^BenchmarkHotPath$$' -benchmem -benchtime $(BENCHTIME) -count $(HOTCOUNT) -cpu 1,2 -timeout 60m . | tee testdata/bench.txt; \
+	$(GO) test -run '^$$' -bench '^Benchmark(RedisPaths|Contention|MemoryPerPair|ReaperTickIdle)$$' -benchmem -benchtime $(BENCHTIME) -cpu 1,2 -timeout 60m . | tee -a testdata/bench.txt; \
 	$(GO) run ./internal/benchtable < testdata/bench.txt
+
+### soak: several managers, real redis-server, fake E2B, injected faults; DURATION=60s by default
+DURATION ?= 60s
+soak:
+	$(GO) test -tags soak -run '^TestSoak$$' -count=1 -v -timeout 30m . -soak.duration=$(DURATION) | grep -vE '^(=== RUN|--- PASS)'
 
 ### cover: coverage report in cover.out
 cover:

@@ -53,13 +53,17 @@ type soak struct {
 	client *e2b.Client
 	mu     sync.Mutex
 	ms     []*sandboxpool.Manager
-	errs   sync.Map // kind → *atomic.Int64
+	rdbs   []*redis.Client // closed at the end, after every manager
+	errs   sync.Map        // kind → *atomic.Int64
 	served atomic.Int64
 }
 
 func (s *soak) newManager() *sandboxpool.Manager {
 	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
 		ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond})
+	s.mu.Lock()
+	s.rdbs = append(s.rdbs, rdb)
+	s.mu.Unlock()
 	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(s.client), Redis: rdb, Namespace: "soak",
 		IdleTimeout: soakIdle, MaxAge: 4 * soakIdle, HealthCheckAfter: time.Second, ReapInterval: 100 * time.Millisecond,
 		LockTTL: time.Second, CreateTimeout: 10 * time.Second}
@@ -189,6 +193,7 @@ func TestSoak(t *testing.T) {
 	type row struct {
 		phase            string
 		served, failed   int64
+		creates, kills   int64 // at the fake
 		dupsNow          int
 		running, goroutn int
 	}
@@ -198,6 +203,7 @@ func TestSoak(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), per)
 		before := s.served.Load()
 		failedBefore := s.totalErrs()
+		createsBefore, killsBefore := s.fake.Calls(e2btest.OpCreate), s.fake.Calls(e2btest.OpKill)
 		var fw sync.WaitGroup
 		if ph.fault != nil {
 			fw.Go(func() { ph.fault(ctx, s) })
@@ -207,6 +213,7 @@ func TestSoak(t *testing.T) {
 		fw.Wait()
 		time.Sleep(1500 * time.Millisecond) // settle: reconcile, retire duplicates, kills
 		r := row{phase: ph.name, served: s.served.Load() - before, failed: s.totalErrs() - failedBefore,
+			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore,
 			dupsNow: s.duplicates(), running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
 		rows = append(rows, r)
 		if r.dupsNow > 0 {
@@ -239,15 +246,18 @@ func TestSoak(t *testing.T) {
 		broken = append(broken, fmt.Sprintf("%d Redis keys left after every deadline passed: %v", len(keys), keys))
 	}
 	s.client.CloseIdleConnections()
+	for _, c := range s.rdbs {
+		_ = c.Close()
+	}
 	time.Sleep(200 * time.Millisecond)
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tfailed\tduplicates after settle\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tfailed\tcreates\tkills\tduplicates after settle\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\n", r.phase, r.served, r.failed, r.dupsNow, r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", r.phase, r.served, r.failed, r.creates, r.kills, r.dupsNow, r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
