@@ -22,7 +22,7 @@ type admission struct {
 
 	mu      sync.Mutex // protects the fields below; held for map updates only
 	total   int
-	perUser map[string]int   // users with live reservations; entries deleted at zero
+	perUser map[string]int   // users with live reservations (only with MaxPerUser); entries deleted at zero
 	peak    int              // perUser's peak size since it was last rebuilt
 	tat     map[string]int64 // GCRA theoretical arrival time per user
 	sweepAt int              // sweep tat once it grows past this size
@@ -65,8 +65,10 @@ func (a *admission) reserve(user string, now int64, withRate bool) error {
 		a.sweepLocked(now)
 	}
 	a.total++
-	a.perUser[user]++
-	a.peak = max(a.peak, len(a.perUser))
+	if a.maxPerUser > 0 { // without the quota, a million users cost no map
+		a.perUser[user]++
+		a.peak = max(a.peak, len(a.perUser))
+	}
 	return nil
 }
 
@@ -93,6 +95,9 @@ func (a *admission) release(user string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.total--
+	if a.maxPerUser == 0 {
+		return
+	}
 	if n := a.perUser[user] - 1; n > 0 {
 		a.perUser[user] = n
 	} else {

@@ -138,10 +138,10 @@ func (m *Manager) reconcile(ctx context.Context) {
 			if err != nil {
 				return // Redis failed again: retry on the next probe
 			}
-			if id != s.sb.ID {
-				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.sb.ID), slog.String("kept", id))
+			if id != s.id {
+				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
 				if m.pool.detach(m.pool.shard(s.key), s, stateRetired, false) && s.leases.Load() == 0 {
-					m.killLater(s, "duplicate created during Redis outage")
+					m.endLater(s, "duplicate created during Redis outage")
 				}
 			}
 		}

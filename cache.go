@@ -110,7 +110,7 @@ func (st *store) publish(ctx context.Context, s *slot, token string) (bool, erro
 	var n int64
 	err := st.do(ctx, func(ctx context.Context) (err error) {
 		n, err = luaPublish.Run(ctx, st.rdb, []string{st.sbxKey(s.key), st.lockKey(s.key)},
-			token, s.sb.ID, s.sb.Template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Int64()
+			token, s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Int64()
 		return err
 	})
 	return n == 1, err
@@ -122,7 +122,7 @@ func (st *store) adopt(ctx context.Context, s *slot) (string, error) {
 	var id string
 	err := st.do(ctx, func(ctx context.Context) (err error) {
 		id, err = luaAdopt.Run(ctx, st.rdb, []string{st.sbxKey(s.key)},
-			s.sb.ID, s.sb.Template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Text()
+			s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Text()
 		return err
 	})
 	return id, err
@@ -133,17 +133,20 @@ func (st *store) adopt(ctx context.Context, s *slot) (string, error) {
 func (st *store) touch(ctx context.Context, s *slot, deadline int64) (int64, error) {
 	var ms int64
 	err := st.do(ctx, func(ctx context.Context) (err error) {
-		ms, err = luaTouch.Run(ctx, st.rdb, []string{st.sbxKey(s.key)}, s.sb.ID, nsToMs(deadline)).Int64()
+		ms, err = luaTouch.Run(ctx, st.rdb, []string{st.sbxKey(s.key)}, s.id, nsToMs(deadline)).Int64()
 		return err
 	})
 	return msToNs(ms), err
 }
 
-// compareDelete removes the record if it names id.
-func (st *store) compareDelete(ctx context.Context, k pairKey, id string) error {
-	return st.do(ctx, func(ctx context.Context) error {
-		return luaCompareDelete.Run(ctx, st.rdb, []string{st.sbxKey(k)}, id).Err()
+// compareDelete removes the record if it names id, and reports whether it did.
+func (st *store) compareDelete(ctx context.Context, k pairKey, id string) (bool, error) {
+	var n int64
+	err := st.do(ctx, func(ctx context.Context) (err error) {
+		n, err = luaCompareDelete.Run(ctx, st.rdb, []string{st.sbxKey(k)}, id).Int64()
+		return err
 	})
+	return n == 1, err
 }
 
 // del removes the pair's record whatever it names (Remove).
@@ -167,13 +170,13 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 	if now+m.guard >= rec.created+int64(m.cfg.MaxAge) {
 		// Past MaxAge: not handed out again. Its holders retire it; the
 		// record makes way for a new sandbox.
-		_ = m.store.compareDelete(ctx, k, rec.id)
+		_, _ = m.store.compareDelete(ctx, k, rec.id)
 		return nil, nil
 	}
 	s, err := m.connect(ctx, k, rec.id, rec.created, now)
 	if errors.Is(err, ErrSandboxNotFound) {
 		m.ctr.replaced.Add(1)
-		_ = m.store.compareDelete(ctx, k, rec.id)
+		_, _ = m.store.compareDelete(ctx, k, rec.id)
 		return nil, nil
 	}
 	if err != nil {
@@ -185,6 +188,7 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 		// the earlier of the two deadlines, so the reaper pushes Redis
 		// before another instance could think the sandbox idle.
 		s.deadline.Store(min(s.deadline.Load(), rec.deadline))
+		m.refreshHit(s)
 	} else if _, err := m.store.touch(ctx, s, s.deadline.Load()); err != nil {
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
 	}
@@ -204,15 +208,22 @@ func (m *Manager) uncache(ctx context.Context, k pairKey) error {
 }
 
 // uncacheSlot deletes the pair's Redis entry if it still names s's sandbox,
-// and drops s from the cluster-wide quota sets.
+// and then drops the pair from the cluster-wide quota sets. When the entry
+// names another sandbox (the pair's replacement), the pair is still live and
+// keeps its place; an entry already gone leaves the quota entries to expire
+// at their deadline.
 func (m *Manager) uncacheSlot(ctx context.Context, s *slot) {
 	if m.store == nil {
 		return
 	}
-	if err := m.store.compareDelete(ctx, s.key, s.sb.ID); err != nil {
+	deleted, err := m.store.compareDelete(ctx, s.key, s.id)
+	if err != nil {
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: deleting Redis record failed", attrErr(err))
+		return
 	}
-	_ = m.store.unreserve(ctx, s.key)
+	if deleted {
+		_ = m.store.unreserve(ctx, s.key)
+	}
 }
 
 // cacheTouch extends the pair's Redis expiry and idle clock to deadline.
@@ -238,7 +249,7 @@ func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 {
 	switch {
 	case err != nil:
 		return -1
-	case !ok || rec.id != s.sb.ID:
+	case !ok || rec.id != s.id:
 		return 0
 	}
 	return rec.deadline

@@ -2,7 +2,9 @@ package sandboxpool_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -15,11 +17,14 @@ import (
 
 	"github.com/sandboxpool/sandboxpool"
 	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+	"github.com/sandboxpool/sandboxpool/internal/redistest"
 )
 
 // cluster is several Managers (instances) sharing one Redis and provider.
 type cluster struct {
 	mr    *miniredis.Miniredis // nil on a real redis-server
+	addr  string
+	rdb   *redis.Client // for the test's own reads and writes
 	p     *fp.Provider
 	clock *fakeClock
 	base  sandboxpool.Config
@@ -28,8 +33,20 @@ type cluster struct {
 func newMiniCluster(t *testing.T, mutate ...func(*sandboxpool.Config)) *cluster {
 	t.Helper()
 	mr := miniredis.RunT(t)
+	mr.SetTime(newFakeClock().Now())
+	return newCluster(t, mr, mr.Addr(), mutate...)
+}
+
+// newRealCluster is newMiniCluster on a real redis-server (internal/redistest).
+// Redis expires keys on its own clock there, so tests that advance time
+// stay on miniredis.
+func newRealCluster(t *testing.T, mutate ...func(*sandboxpool.Config)) *cluster {
+	t.Helper()
+	return newCluster(t, nil, redistest.Start(t).Addr, mutate...)
+}
+
+func newCluster(t *testing.T, mr *miniredis.Miniredis, addr string, mutate ...func(*sandboxpool.Config)) *cluster {
 	clk := newFakeClock()
-	mr.SetTime(clk.Now())
 	p := fp.New()
 	p.Now = clk.Now
 	cfg := sandboxpool.Config{Provider: p, ReapInterval: time.Hour, IdleTimeout: 5 * time.Minute, MaxAge: 15 * time.Minute}
@@ -38,7 +55,34 @@ func newMiniCluster(t *testing.T, mutate ...func(*sandboxpool.Config)) *cluster 
 	for _, f := range mutate {
 		f(&cfg)
 	}
-	return &cluster{mr: mr, p: p, clock: clk, base: cfg}
+	rdb := redis.NewClient(&redis.Options{Addr: addr})
+	t.Cleanup(func() { _ = rdb.Close() })
+	return &cluster{mr: mr, addr: addr, rdb: rdb, p: p, clock: clk, base: cfg}
+}
+
+// onBoth runs a test on miniredis and on a real redis-server.
+func onBoth(t *testing.T, test func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster)) {
+	t.Run("miniredis", func(t *testing.T) { test(t, newMiniCluster) })
+	t.Run("redis-server", func(t *testing.T) { test(t, newRealCluster) })
+}
+
+// keys lists the Redis keys, sorted.
+func (c *cluster) keys(t *testing.T) []string {
+	t.Helper()
+	keys, err := c.rdb.Keys(context.Background(), "*").Result()
+	require.NoError(t, err)
+	slices.Sort(keys)
+	return keys
+}
+
+func (c *cluster) hget(t *testing.T, key, field string) string {
+	t.Helper()
+	v, err := c.rdb.HGet(context.Background(), key, field).Result()
+	if errors.Is(err, redis.Nil) {
+		return ""
+	}
+	require.NoError(t, err)
+	return v
 }
 
 // instance builds a Manager with its own Redis client, as another process would.
@@ -46,7 +90,7 @@ func (c *cluster) instance(t *testing.T, mutate ...func(*sandboxpool.Config)) *s
 	t.Helper()
 	cfg := c.base
 	if cfg.Redis == nil {
-		rdb := redis.NewClient(&redis.Options{Addr: c.mr.Addr(), MaxRetries: -1})
+		rdb := redis.NewClient(&redis.Options{Addr: c.addr, MaxRetries: -1})
 		t.Cleanup(func() { _ = rdb.Close() })
 		cfg.Redis = rdb
 	}
@@ -103,58 +147,160 @@ func TestRedisRestartReconnects(t *testing.T) {
 }
 
 func TestRedisNamespacesIsolate(t *testing.T) {
-	c := newMiniCluster(t)
-	a := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Namespace = "team-a" })
-	b := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Namespace = "team-b" })
-	ida, idb := acquireID(t, a, "u", "p"), acquireID(t, b, "u", "p")
-	assert.NotEqual(t, ida, idb)
-	assert.ElementsMatch(t, []string{"team-a:{u:p}:sbx", "team-b:{u:p}:sbx"}, c.mr.Keys())
-	require.NoError(t, a.Remove(context.Background(), "u", "p"))
-	assert.Equal(t, []string{"team-b:{u:p}:sbx"}, c.mr.Keys())
-	assert.Equal(t, idb, acquireID(t, b, "u", "p"))
+	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+		c := newCluster(t)
+		a := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Namespace = "team-a" })
+		b := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Namespace = "team-b" })
+		ida, idb := acquireID(t, a, "u", "p"), acquireID(t, b, "u", "p")
+		assert.NotEqual(t, ida, idb)
+		assert.Equal(t, []string{"team-a:{u:p}:sbx", "team-b:{u:p}:sbx"}, c.keys(t))
+		require.NoError(t, a.Remove(context.Background(), "u", "p"))
+		assert.Equal(t, []string{"team-b:{u:p}:sbx"}, c.keys(t))
+		assert.Equal(t, idb, acquireID(t, b, "u", "p"))
+	})
+}
+
+// stealLock makes the pair's create lock "expire" under its holder and
+// another instance take it, as a holder stalled past LockTTL would see.
+func (c *cluster) stealLock(t *testing.T, user, project string) {
+	t.Helper()
+	ctx, lockKey := context.Background(), "sandboxpool:{"+user+":"+project+"}:lock"
+	n, err := c.rdb.Exists(ctx, lockKey).Result()
+	require.NoError(t, err)
+	require.EqualValues(t, 1, n, "the creator holds the lock")
+	require.NoError(t, c.rdb.Set(ctx, lockKey, "someone-else", time.Minute).Err())
+}
+
+// publish writes the pair's record as another instance would.
+func (c *cluster) publish(t *testing.T, user, project, id string) {
+	t.Helper()
+	ctx, key, now := context.Background(), "sandboxpool:{"+user+":"+project+"}:sbx", c.clock.Now()
+	require.NoError(t, c.rdb.HSet(ctx, key, "id", id, "tpl", "base", "created", now.UnixMilli(), "deadline", now.Add(5*time.Minute).UnixMilli()).Err())
+	require.NoError(t, c.rdb.PExpireAt(ctx, key, now.Add(5*time.Minute)).Err())
+}
+
+// acquireAsync runs one Acquire in the background; the lease is released
+// before the result is sent.
+func acquireAsync(m *sandboxpool.Manager, user, project string) <-chan acquireResult {
+	done := make(chan acquireResult, 1)
+	go func() {
+		l, err := m.Acquire(context.Background(), user, project)
+		if err != nil {
+			done <- acquireResult{err: err}
+			return
+		}
+		defer l.Release()
+		done <- acquireResult{id: l.Sandbox().ID}
+	}()
+	return done
+}
+
+type acquireResult struct {
+	id  string
+	err error
 }
 
 // A creator whose lock expired (stalled past LockTTL) cannot publish: it
 // kills its own sandbox and adopts the winner's.
 func TestRedisStalledLockHolderCannotPublish(t *testing.T) {
-	c := newMiniCluster(t)
+	onBoth(t, testStalledLockHolder)
+}
+
+func testStalledLockHolder(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+	c := newCluster(t)
 	m := c.instance(t)
 	// The winner another instance will publish (created up front, under
 	// other metadata so that our listing cannot adopt it early).
 	winner, err := c.p.Create(context.Background(), sandboxpool.CreateRequest{Template: "base", Timeout: 5 * time.Minute})
 	require.NoError(t, err)
 	c.p.SetLatency(fp.OpCreate, 300*time.Millisecond)
-	type result struct {
-		id  string
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		l, err := m.Acquire(context.Background(), "u", "p")
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		defer l.Release()
-		done <- result{id: l.Sandbox().ID}
-	}()
+	done := acquireAsync(m, "u", "p")
 	// Once our create is under way, our lock "expires": another instance
 	// takes it and publishes its sandbox.
 	require.Eventually(t, func() bool { return c.p.Calls(fp.OpCreate) == 2 }, 5*time.Second, time.Millisecond)
-	lockKey, key := "sandboxpool:{u:p}:lock", "sandboxpool:{u:p}:sbx"
-	require.True(t, c.mr.Exists(lockKey))
-	c.mr.Del(lockKey)
-	require.NoError(t, c.mr.Set(lockKey, "someone-else"))
-	now := c.clock.Now()
-	c.mr.HSet(key, "id", winner.ID, "tpl", "base", "created", strconv.FormatInt(now.UnixMilli(), 10), "deadline", strconv.FormatInt(now.Add(5*time.Minute).UnixMilli(), 10))
-	c.mr.SetTTL(key, 5*time.Minute)
+	c.stealLock(t, "u", "p")
+	c.publish(t, "u", "p", winner.ID)
 
 	r := <-done
 	require.NoError(t, r.err)
 	assert.Equal(t, winner.ID, r.id, "adopted the winner's sandbox")
 	assert.Equal(t, []string{winner.ID}, c.p.Alive(), "its own sandbox was killed")
-	assert.Equal(t, winner.ID, c.mr.HGet(key, "id"), "never overwrote the winner")
+	assert.Equal(t, winner.ID, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "never overwrote the winner")
 	assert.EqualValues(t, 1, m.Stats().LockLost)
+}
+
+// A creator whose lock expired while the new holder found the creator's
+// sandbox by metadata and published it keeps that sandbox: killing it would
+// kill the pair's published sandbox.
+func TestRedisLostLockKeepsItsSandboxWhenTheWinnerAdoptedIt(t *testing.T) {
+	c := newMiniCluster(t)
+	gate := &gatedCreate{Provider: c.p, created: make(chan string, 1), proceed: make(chan struct{})}
+	m := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = gate })
+	done := acquireAsync(m, "u", "p")
+	ours := <-gate.created // made at the provider; the answer is held back
+	c.stealLock(t, "u", "p")
+	c.publish(t, "u", "p", ours) // the new holder found ours by metadata
+	close(gate.proceed)
+
+	r := <-done
+	require.NoError(t, r.err)
+	assert.Equal(t, ours, r.id)
+	assert.Equal(t, []string{ours}, c.p.Alive(), "nothing killed")
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill))
+	assert.EqualValues(t, 1, m.Stats().LockLost)
+	assert.Equal(t, ours, acquireID(t, m, "u", "p"))
+}
+
+// gatedCreate holds back the answer of each create until proceed is closed,
+// as a slow network would after the provider acted.
+type gatedCreate struct {
+	*fp.Provider
+	created chan string
+	proceed chan struct{}
+}
+
+func (g *gatedCreate) Create(ctx context.Context, req sandboxpool.CreateRequest) (sandboxpool.Sandbox, error) {
+	sb, err := g.Provider.Create(ctx, req)
+	if err == nil {
+		g.created <- sb.ID
+		<-g.proceed
+	}
+	return sb, err
+}
+
+// With several instances, a sandbox past MaxAge that another instance still
+// leases is not killed by the instance that released it: the holder's
+// keepalive keeps it alive, and once the holder releases it the provider
+// deadline reaps it (no kill needed, none done under a lease).
+func TestRedisMaxAgeNeverKillsAnotherInstancesLease(t *testing.T) {
+	c := newMiniCluster(t)
+	a, b := c.instance(t), c.instance(t)
+	id := acquireID(t, a, "u", "p") // a used it and released it
+	held, err := b.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	require.Equal(t, id, held.Sandbox().ID)
+
+	// Past MaxAge with b's lease held throughout; both reapers tick.
+	for range 20 * 12 {
+		c.advance(5 * time.Second)
+		a.ReapNow()
+		b.ReapNow()
+		_, alive := c.p.Deadline(id)
+		require.True(t, alive, "killed under b's lease at %v", c.clock.Now())
+	}
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill))
+	next := acquireID(t, a, "u", "p")
+	assert.NotEqual(t, id, next, "past MaxAge it is never handed out again")
+
+	held.Release()
+	b.ReapNow()
+	dl, alive := c.p.Deadline(id)
+	require.True(t, alive)
+	assert.LessOrEqual(t, dl.Sub(c.clock.Now()), 5*time.Minute/2, "no holder left: its deadline is at most IdleTimeout/2 away")
+	c.advance(5*time.Minute/2 + time.Second)
+	_, alive = c.p.Deadline(id)
+	assert.False(t, alive, "the provider reaped it")
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill), "without a kill")
 }
 
 // The idle clock lives in Redis: an instance whose copy is idle does not
@@ -296,4 +442,20 @@ func TestRedisNoStaleKeysAfterReaping(t *testing.T) {
 	m.ReapNow()
 	require.Eventually(t, func() bool { return len(c.p.Alive()) == 0 && len(c.mr.Keys()) == 0 }, 5*time.Second, 5*time.Millisecond,
 		"left: %v", c.mr.Keys())
+}
+
+// Forgetting a replaced sandbox leaves its pair's quota place to the
+// replacement: MaxSandboxes still counts the pair.
+func TestRedisReplacementKeepsItsQuotaPlace(t *testing.T) {
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.MaxSandboxes = 1 })
+	a, b, third := c.instance(t), c.instance(t), c.instance(t)
+	old := acquireID(t, a, "u", "p")
+	c.advance(15 * time.Minute) // MaxAge: b creates and publishes a replacement
+	next := acquireID(t, b, "u", "p")
+	require.NotEqual(t, old, next)
+	a.ReapNow() // then a forgets the old one
+	require.EqualValues(t, 0, a.Stats().Active)
+	_, err := third.Acquire(context.Background(), "u", "q") // nothing local: Redis decides
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "the pair u/p still holds the only place")
+	assert.Equal(t, next, acquireID(t, a, "u", "p"))
 }

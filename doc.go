@@ -21,8 +21,13 @@
 //     provider's own timeout (and the Redis key) carry it, so if every
 //     process dies the provider still reaps the sandbox on time. While a
 //     lease is held the deadline is kept extended.
-//  4. In use is alive. A leased sandbox is never reaped. A sandbox past
-//     MaxAge is never handed out again and is destroyed at its last release.
+//  4. In use is alive. A leased sandbox is never reaped, and with Redis
+//     the idle clock is shared, so use on any instance counts. A sandbox past
+//     MaxAge is never handed out again. Memory-only, it is destroyed at its
+//     last release; with Redis another instance may still hold a lease, so
+//     no instance kills it: only a holder's keepalive extends its provider
+//     deadline past MaxAge, by IdleTimeout/2 at a time, so the provider
+//     reaps it within IdleTimeout/2 of its last release anywhere.
 //  5. Fail closed. A cached sandbox is replaced only when the provider says
 //     definitively that it is gone (ErrSandboxNotFound). Timeouts, 5xx, 429
 //     and auth errors are returned to the caller and never cause a duplicate.
@@ -30,22 +35,32 @@
 //  7. Bad input is refused before any I/O: ids are 1–128 bytes of ASCII
 //     letters, digits and ". _ - @ + =", starting with a letter or digit.
 //  8. Secrets stay secret: Secret masks itself in every output form.
-//  9. Caller cancellation does not strand work: a create that has started
+//  9. Degrades, then recovers. When Redis is unreachable a circuit breaker
+//     opens; sandboxes in memory are still served, and new ones are created
+//     without the cross-instance lock (counted in Stats().DegradedCreates) or
+//     refused (Config.RefuseCreatesWhenDegraded). A background probe closes
+//     the breaker once Redis answers and publishes what was created meanwhile.
+//  10. Caller cancellation does not strand work: a create that has started
 //     finishes within Config.CreateTimeout and is kept for the next caller.
 //
 // # The way through Acquire
 //
-// Validate ids; look the pair up in a sharded in-memory map under a read
-// lock (no allocation besides the Lease, no I/O, a coarse clock); on a miss,
-// join the pair's flight (a reference-counted per-pair entry) whose single
-// fill probes, reconnects, adopts or creates outside every lock. Touches of
-// the provider deadline are done by the reaper, at most once per
-// IdleTimeout/2 per pair, so hot pairs cost no I/O.
+// Look the pair up in a sharded in-memory map under a read lock: no I/O, a
+// coarse clock, one 16-byte Lease allocated (none through Manager.Use). Only
+// validated pairs enter the pool, so a miss validates the ids before any I/O,
+// then joins the pair's flight (a reference-counted per-pair entry) whose
+// single fill probes, reconnects, adopts or creates outside every lock. The
+// reaper pushes the provider deadline (and the Redis record's) of a used
+// sandbox a quarter of IdleTimeout before it passes, so hot pairs cost no
+// I/O on the request path.
 //
 // # Redis key layout
 //
-//	<ns>:{<user>:<project>}:sbx    the pair's sandbox record
-//	<ns>:{<user>:<project>}:lock   the pair's create lock
+//	<ns>:{<user>:<project>}:sbx    the pair's sandbox record (hash: id, tpl, created, deadline),
+//	                               expiring (PEXPIREAT) with the sandbox's deadline
+//	<ns>:{<user>:<project>}:lock   the pair's create lock (redislock)
+//	<ns>:live, <ns>:{<user>}:live  live pairs, scored by deadline (MaxSandboxes, MaxPerUser)
+//	rate:<ns>:{<user>}:rate        the user's create rate limit (GCRA; redis_rate adds "rate:")
 //
 // The braces are a Redis Cluster hash tag: a pair's keys share a slot. Valid
 // ids contain no ":", "{", "}", so the mapping from pair to key is injective

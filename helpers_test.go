@@ -108,6 +108,18 @@ func newEnv(t testing.TB, mutate ...func(*sandboxpool.Config)) *env {
 	return &env{m: m, p: p, clock: clk}
 }
 
+// reapTick is the simulated reaper period of env.run.
+const reapTick = 5 * time.Second
+
+// run advances the clock by d in reapTick steps, running the reaper after
+// each, as a Manager's ticking reaper would.
+func (e *env) run(d time.Duration) {
+	for ; d > 0; d -= reapTick {
+		e.clock.Advance(min(d, reapTick))
+		e.m.ReapNow()
+	}
+}
+
 func (e *env) acquire(t testing.TB, user, project string) *sandboxpool.Lease {
 	t.Helper()
 	l, err := e.m.Acquire(context.Background(), user, project)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -45,7 +46,10 @@ type Manager struct {
 
 	probeAfter int64 // ns; <0 = always probe
 	guard      int64 // ns, hotGuard
-	touchAhead int64 // ns: a hit within this of the deadline queues a touch
+	touchAhead int64 // ns: a deadline closer than this is worth pushing (IdleTimeout/2)
+
+	shapesMu sync.Mutex
+	shapes   map[shape]*shape // interned slot shapes, at most maxShapes
 
 	baseCtx context.Context // cancelled by Close when its ctx runs out
 	cancel  context.CancelFunc
@@ -78,6 +82,7 @@ func New(cfg Config) (*Manager, error) {
 		done:       make(chan struct{}),
 
 		unpublished: make(map[*slot]struct{}),
+		shapes:      make(map[shape]*shape),
 	}
 	if m.guard > int64(cfg.IdleTimeout/4) {
 		m.guard = int64(cfg.IdleTimeout / 4)
@@ -112,14 +117,13 @@ func (m *Manager) goBackground(fn func()) bool {
 // sandbox is held, the sandbox is not reaped, and its deadlines are kept
 // extended. Call Release when done.
 type Lease struct {
-	m        *Manager
-	s        *slot
+	s        *slot // its shape names the Manager: a Lease is 16 bytes
 	outcome  Outcome
 	released atomic.Bool
 }
 
 // Sandbox returns the leased sandbox.
-func (l *Lease) Sandbox() Sandbox { return l.s.sb }
+func (l *Lease) Sandbox() Sandbox { return l.s.sandbox() }
 
 // Outcome says how Acquire got the sandbox.
 func (l *Lease) Outcome() Outcome { return l.outcome }
@@ -155,15 +159,19 @@ func (o Outcome) String() string {
 // Release ends the lease. It is idempotent and safe after Close.
 func (l *Lease) Release() {
 	if l.released.CompareAndSwap(false, true) {
-		l.m.release(l.s)
+		l.s.shape.m.release(l.s)
 	}
 }
 
-// release ends one lease on s.
+// release ends one lease on s. The idle clock restarts here (before the
+// count drops, so a reaper that sees no lease sees this use), not at
+// acquisition: an unleased sandbox is idle from the end of its last use.
 func (m *Manager) release(s *slot) {
-	s.lastUse.Store(m.clock.coarse())
+	if now := m.clock.coarse(); s.lastUse.Load() != now { // the coarse clock ticks every 10 ms: skip redundant stores
+		s.lastUse.Store(now)
+	}
 	if s.leases.Add(-1) == 0 && s.state.Load() == stateRetired {
-		m.killLater(s, "max age reached")
+		m.endLater(s, "max age reached")
 	}
 }
 
@@ -175,24 +183,21 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 	if m.closed.Load() {
 		return nil, ErrClosed
 	}
-	if err := ValidateIDs(user, project); err != nil {
-		return nil, err
-	}
 	var start time.Time
 	if m.cfg.OnAcquire != nil {
 		start = time.Now()
 	}
 	k := pairKey{user, project}
-	sh := m.pool.shard(k)
-	now := m.clock.coarse()
-	if s := sh.hit(k, now, m.probeAfter, m.guard); s != nil {
-		sh.memoryHits.Add(1)
-		m.maybeTouch(s, now)
+	if s := m.hit(k); s != nil {
 		if m.cfg.OnAcquire != nil {
 			m.cfg.OnAcquire(OutcomeMemoryHit, time.Since(start))
 		}
-		return &Lease{m: m, s: s, outcome: OutcomeMemoryHit}, nil
+		return &Lease{s: s, outcome: OutcomeMemoryHit}, nil
 	}
+	if err := ValidateIDs(user, project); err != nil {
+		return nil, err
+	}
+	sh := m.pool.shard(k)
 	sh.slowAcquires.Add(1)
 	l, err := m.acquireSlow(ctx, k, sh)
 	if m.cfg.OnAcquire != nil {
@@ -205,6 +210,23 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 	return l, err
 }
 
+// hit leases k's slot if it can be handed out with no I/O. Only validated
+// pairs ever enter the pool, so an invalid pair cannot hit and is validated
+// (and refused) on the slow path, still before any I/O; the length check
+// keeps oversized input from being hashed.
+func (m *Manager) hit(k pairKey) *slot {
+	if len(k.user) > MaxIDLen || len(k.project) > MaxIDLen {
+		return nil
+	}
+	h := hashPair(m.pool.seed, k)
+	sh := &m.pool.shards[h&m.pool.mask]
+	s := sh.hit(h, k, m.clock.coarse())
+	if s != nil {
+		sh.memoryHits.Add(1)
+	}
+	return s
+}
+
 // Use runs fn with the pair's sandbox leased for the duration of the call,
 // and returns fn's error (or Acquire's). It is Acquire plus Release without
 // the Lease allocation: a memory hit through Use allocates nothing.
@@ -212,18 +234,10 @@ func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox
 	if m.closed.Load() {
 		return ErrClosed
 	}
-	if err := ValidateIDs(user, project); err != nil {
-		return err
-	}
-	k := pairKey{user, project}
-	sh := m.pool.shard(k)
-	now := m.clock.coarse()
 	if m.cfg.OnAcquire == nil {
-		if s := sh.hit(k, now, m.probeAfter, m.guard); s != nil {
-			sh.memoryHits.Add(1)
-			m.maybeTouch(s, now)
+		if s := m.hit(pairKey{user, project}); s != nil {
 			defer m.release(s)
-			return fn(s.sb)
+			return fn(s.sandbox())
 		}
 	}
 	l, err := m.Acquire(ctx, user, project)
@@ -231,7 +245,7 @@ func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox
 		return err
 	}
 	defer l.Release()
-	return fn(l.s.sb)
+	return fn(l.s.sandbox())
 }
 
 // acquireSlow waits for (or starts) the pair's flight and leases its result.
@@ -251,9 +265,8 @@ func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*Lease
 		if f.err != nil {
 			return nil, f.err
 		}
-		if now := m.clock.coarse(); sh.leaseSlot(f.s, now) {
-			m.maybeTouch(f.s, now)
-			return &Lease{m: m, s: f.s, outcome: f.outcome}, nil
+		if sh.leaseSlot(f.s) {
+			return &Lease{s: f.s, outcome: f.outcome}, nil
 		}
 		if attempt+1 >= maxLeaseAttempts {
 			return nil, pairErr("acquire", k, errors.New("sandbox was removed while being acquired"))
@@ -266,39 +279,47 @@ func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*Lease
 func (m *Manager) runFill(sh *shard, k pairKey, f *flight) {
 	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.CreateTimeout)
 	defer cancel()
-	s, err := m.fill(ctx, sh, k)
-	o := OutcomeError
-	if s != nil {
-		o = s.origin
-	}
+	s, o, err := m.fill(ctx, sh, k)
 	m.pool.finish(sh, k, f, s, o, err)
 }
 
 // fill makes sure the pair has a usable slot in the pool: it probes or
 // extends a cached one, reconnects to one known to Redis, adopts one found by
-// metadata, or creates one. It runs once per pair at a time.
-func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
+// metadata, or creates one, and says which. It runs once per pair at a time.
+func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcome, error) {
 	if s := sh.get(k); s != nil {
 		now := m.clock.precise()
-		if s.state.Load() == stateLive && now < s.expiresAt {
+		if s.state.Load() == stateLive && now < m.expiresAt(s) {
 			ok, err := m.revalidate(ctx, s, now)
-			if ok || err != nil {
-				s.origin = OutcomeMemoryHit // reached through the pool; only read after the flight ends
-				return s, err
+			if err != nil {
+				return nil, OutcomeError, err
+			}
+			if ok {
+				return s, OutcomeMemoryHit, nil
 			}
 			// Definitively gone: replace it below.
 			m.ctr.replaced.Add(1)
 			m.pool.detach(sh, s, stateDead, false)
 			m.forget(ctx, s)
 		} else if m.pool.detach(sh, s, stateRetired, false) && s.leases.Load() == 0 {
-			m.killLater(s, "max age reached")
+			m.endLater(s, "max age reached")
 		}
 	}
-	if s, err := m.fromCache(ctx, sh, k); s != nil || err != nil {
-		return s, err
+	s, err := m.fromCache(ctx, sh, k)
+	if s == nil && err == nil {
+		s, err = m.create(ctx, sh, k)
 	}
-	return m.create(ctx, sh, k)
+	switch {
+	case err != nil:
+		return nil, OutcomeError, err
+	case s.hasFlag(flagCreated):
+		return s, OutcomeCreated, nil
+	}
+	return s, OutcomeCacheHit, nil
 }
+
+// expiresAt is when s stops being handed out: createdAt + MaxAge.
+func (m *Manager) expiresAt(s *slot) int64 { return s.createdAt + int64(m.cfg.MaxAge) }
 
 // revalidate decides whether a cached slot can be handed out: it extends a
 // deadline about to pass (which also proves the sandbox is alive), or probes
@@ -308,16 +329,17 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 		err = m.touch(ctx, s, now)
 	} else if m.probeAfter < 0 || now-s.lastCheck.Load() >= m.probeAfter {
 		m.ctr.healthChecks.Add(1)
-		err = m.provider.Check(ctx, s.sb)
+		err = m.provider.Check(ctx, s.sandbox())
 	}
 	switch {
 	case err == nil:
 		s.lastCheck.Store(now)
+		m.refreshHit(s)
 		return true, nil
 	case errors.Is(err, ErrSandboxNotFound):
 		return false, nil
 	default: // ambiguous: fail closed, keep the sandbox, report the error
-		return false, pairErr("check sandbox "+s.sb.ID, s.key, err)
+		return false, pairErr("check sandbox "+s.id, s.key, err)
 	}
 }
 
@@ -360,7 +382,7 @@ func (m *Manager) createLocal(ctx context.Context, k pairKey, withRate bool) (*s
 		m.admit.release(k.user)
 		return nil, err
 	}
-	s.counted.Store(true)
+	s.setFlag(flagCounted)
 	return s, nil
 }
 
@@ -398,14 +420,19 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 	switch {
 	case err != nil: // Redis failed after the create: keep it, publish on recovery
 		m.markUnpublished(s)
-	case !ok: // our lock expired: someone else may have published
+	case !ok: // our lock expired: another instance may have published meanwhile
 		m.ctr.lockLost.Add(1)
-		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: create lock lost before publish; killing our sandbox", slog.String("sandbox", s.sb.ID))
-		if s.counted.CompareAndSwap(true, false) {
+		if rec, found, err := m.store.get(ctx, k); err == nil && found && rec.id == s.id {
+			break // its new holder found ours by metadata and published it: keep it
+		}
+		if s.clearFlag(flagCounted) {
 			m.admit.release(k.user)
 		}
-		s.killed.Store(true)
-		_ = m.killID(ctx, s.sb.ID, "lost the create lock")
+		// Kill what we created (never a sandbox we adopted: others may use it).
+		if s.hasFlag(flagCreated) && s.setFlag(flagKilled) {
+			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: create lock lost before publish; killing our sandbox", slog.String("sandbox", s.id))
+			_ = m.killID(ctx, s.id, "lost the create lock")
+		}
 		if w, err := m.fromCache(ctx, sh, k); w != nil || err != nil {
 			return w, err
 		}
@@ -505,7 +532,7 @@ func (m *Manager) createNew(ctx context.Context, k pairKey) (*slot, error) {
 		sb.CreatedAt = time.Unix(0, now)
 	}
 	s := m.newSlot(k, sb, sb.CreatedAt.UnixNano(), now, now+int64(m.cfg.IdleTimeout))
-	s.origin = OutcomeCreated
+	s.setFlag(flagCreated)
 	return s, nil
 }
 
@@ -517,27 +544,66 @@ func (m *Manager) connect(ctx context.Context, k pairKey, id string, createdAt, 
 		return nil, pairErr("connect sandbox "+id, k, err)
 	}
 	m.ctr.reconnects.Add(1)
-	sb.CreatedAt = time.Unix(0, createdAt)
 	return m.newSlot(k, sb, createdAt, now, deadline), nil
 }
 
+// newSlot builds an unpublished slot for sb, just created or connected (so
+// checked) at now, with the given provider deadline.
 func (m *Manager) newSlot(k pairKey, sb Sandbox, createdAt, now, deadline int64) *slot {
-	sb.User, sb.Project = k.user, k.project
 	if sb.Template == "" {
 		sb.Template = m.cfg.Template
 	}
-	s := &slot{sh: m.pool.shard(k), expiresAt: createdAt + int64(m.cfg.MaxAge),
-		slotInfo: &slotInfo{key: k, sb: sb, createdAt: createdAt, heapIdx: -1, origin: OutcomeCacheHit}}
+	s := &slot{createdAt: createdAt, key: k, id: sb.ID, token: sb.AccessToken, heapIdx: -1,
+		shape: m.intern(shape{m: m, template: sb.Template, domain: sb.Domain, envdVersion: sb.EnvdVersion, envdURL: sb.envdURL})}
 	s.lastUse.Store(now)
 	s.lastCheck.Store(now)
 	s.deadline.Store(deadline)
+	m.refreshHit(s)
 	return s
+}
+
+// maxShapes bounds the intern table: far more than the template × domain ×
+// envd version combinations a deployment sees; past it, shapes are not shared.
+const maxShapes = 256
+
+// intern returns the shared copy of sh.
+func (m *Manager) intern(sh shape) *shape {
+	m.shapesMu.Lock()
+	defer m.shapesMu.Unlock()
+	if p := m.shapes[sh]; p != nil {
+		return p
+	}
+	p := &sh
+	if len(m.shapes) < maxShapes {
+		m.shapes[sh] = p
+	}
+	return p
+}
+
+// refreshHit recomputes s.hitUntil, the instant from which a memory hit must
+// take the slow path: MaxAge reached, the provider deadline within guard, or
+// the last check older than HealthCheckAfter. Writers call it after changing
+// deadline or lastCheck. It re-reads its inputs after storing and tries again
+// if they moved, so a writer racing with another never leaves a value
+// computed from inputs older than the latest.
+func (m *Manager) refreshHit(s *slot) {
+	for {
+		dl, lc := s.deadline.Load(), s.lastCheck.Load()
+		until := int64(math.MinInt64) // HealthCheckAfter -1: always probe
+		if m.probeAfter >= 0 {
+			until = min(m.expiresAt(s), dl-m.guard, lc+m.probeAfter)
+		}
+		s.hitUntil.Store(until)
+		if s.deadline.Load() == dl && s.lastCheck.Load() == lc {
+			return
+		}
+	}
 }
 
 // park puts s in the pool and hands it to the reaper.
 func (m *Manager) park(sh *shard, s *slot) {
 	if old := m.pool.put(sh, s); old != nil && old.leases.Load() == 0 {
-		m.killLater(old, "replaced")
+		m.endLater(old, "replaced")
 	}
 	m.reaper.schedule(s, m.nextVisit(s, m.clock.precise()))
 }
@@ -602,10 +668,10 @@ func (m *Manager) inFlight(sh *shard, k pairKey) *flight {
 
 // kill destroys s's sandbox once.
 func (m *Manager) kill(ctx context.Context, s *slot) error {
-	if !s.killed.CompareAndSwap(false, true) {
+	if !s.setFlag(flagKilled) {
 		return nil
 	}
-	return m.killID(ctx, s.sb.ID, "")
+	return m.killID(ctx, s.id, "")
 }
 
 func (m *Manager) killID(ctx context.Context, id, why string) error {
@@ -618,27 +684,45 @@ func (m *Manager) killID(ctx context.Context, id, why string) error {
 	return nil
 }
 
-// killLater kills s in the background, for callers that must not block on
-// I/O (Release, a fill replacing a slot), and drops its quota reservation
-// and cache entry.
-func (m *Manager) killLater(s *slot, why string) {
-	if s.killed.Load() {
+// endLater runs endRetired in the background, for callers that must not
+// block on I/O (Release, a fill replacing a slot).
+func (m *Manager) endLater(s *slot, why string) {
+	if s.hasFlag(flagKilled) {
 		return
 	}
 	m.goBackground(func() {
 		ctx, cancel := context.WithTimeout(m.baseCtx, killTimeout)
 		defer cancel()
-		m.killAndForget(ctx, s, why)
+		m.endRetired(ctx, s, why)
 	})
+}
+
+// endRetired disposes of a slot that left the pool once its last lease in
+// this process has ended: it kills the sandbox and forgets the slot. One
+// exception: with Redis, a sandbox retired for age may still be leased on
+// another instance, whose keepalive holds its provider deadline, so it is
+// not ours to kill. Nothing pushes that deadline past MaxAge but a holder's
+// keepalive, IdleTimeout/2 at a time, so the provider reaps it within
+// IdleTimeout/2 of its last lease anywhere. Alone in memory-only mode, or
+// retired as a replaced or duplicate sandbox, it is killed now.
+func (m *Manager) endRetired(ctx context.Context, s *slot, why string) {
+	if m.store != nil && m.clock.precise() >= m.expiresAt(s) {
+		if s.setFlag(flagKilled) {
+			m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: max age reached; left to its provider deadline", slog.String("sandbox", s.id))
+		}
+		m.forget(ctx, s)
+		return
+	}
+	m.killAndForget(ctx, s, why)
 }
 
 // killAndForget kills s (once) and drops what the Manager holds for it. The
 // reaper calls it directly from its bounded workers: spawning a goroutine
 // per expiry would make a mass expiry cost a goroutine per sandbox.
 func (m *Manager) killAndForget(ctx context.Context, s *slot, why string) {
-	if s.killed.CompareAndSwap(false, true) {
-		m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: killing sandbox", slog.String("sandbox", s.sb.ID), slog.String("reason", why))
-		_ = m.killID(ctx, s.sb.ID, why) // counted and logged; the provider deadline reaps it anyway
+	if s.setFlag(flagKilled) {
+		m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: killing sandbox", slog.String("sandbox", s.id), slog.String("reason", why))
+		_ = m.killID(ctx, s.id, why) // counted and logged; the provider deadline reaps it anyway
 	}
 	m.forget(ctx, s)
 }
@@ -655,7 +739,7 @@ func (m *Manager) forget(ctx context.Context, s *slot) {
 // quota reservation and its place among unpublished slots.
 func (m *Manager) forgetLocal(s *slot) {
 	m.reaper.unschedule(s)
-	if s.counted.CompareAndSwap(true, false) {
+	if s.clearFlag(flagCounted) {
 		m.admit.release(s.key.user)
 	}
 	m.unpubMu.Lock()

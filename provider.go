@@ -58,7 +58,9 @@ type Sandbox struct {
 	// AccessToken authenticates requests to envd (header X-Access-Token).
 	// It is masked in every output form.
 	AccessToken Secret
-	// Metadata is the sandbox's provider metadata, when the provider reports it.
+	// Metadata is the sandbox's provider metadata, as Provider.List
+	// reports it. A Lease's Sandbox does not carry it: the Manager sets the
+	// sandboxpool.* keys and Config.Metadata on every sandbox it creates.
 	Metadata  map[string]string
 	CreatedAt time.Time
 

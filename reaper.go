@@ -1,7 +1,6 @@
 package sandboxpool
 
 import (
-	"container/heap"
 	"context"
 	"errors"
 	"log/slog"
@@ -25,8 +24,8 @@ const (
 // deadline must be pushed. A tick pops only what is due, so its cost is
 // proportional to what expires, not to the pool's size.
 type reaper struct {
-	mu sync.Mutex // protects h; never held across I/O
-	h  slotHeap
+	mu sync.Mutex // protects h and every slot's heapIdx; never held across I/O
+	h  dueHeap
 }
 
 func newReaper() *reaper { return &reaper{} }
@@ -34,25 +33,10 @@ func newReaper() *reaper { return &reaper{} }
 // schedule sets s's next visit to due (unix ns).
 func (r *reaper) schedule(s *slot, due int64) {
 	r.mu.Lock()
-	s.due = due
 	if s.heapIdx >= 0 {
-		heap.Fix(&r.h, s.heapIdx)
+		r.h.fix(int(s.heapIdx), due)
 	} else {
-		heap.Push(&r.h, s)
-	}
-	r.mu.Unlock()
-}
-
-// scheduleEarlier moves s's visit to due only if that is earlier.
-func (r *reaper) scheduleEarlier(s *slot, due int64) {
-	r.mu.Lock()
-	if s.heapIdx < 0 || due < s.due {
-		s.due = due
-		if s.heapIdx >= 0 {
-			heap.Fix(&r.h, s.heapIdx)
-		} else {
-			heap.Push(&r.h, s)
-		}
+		r.h.push(s, due)
 	}
 	r.mu.Unlock()
 }
@@ -60,7 +44,7 @@ func (r *reaper) scheduleEarlier(s *slot, due int64) {
 func (r *reaper) unschedule(s *slot) {
 	r.mu.Lock()
 	if s.heapIdx >= 0 {
-		heap.Remove(&r.h, s.heapIdx)
+		r.h.remove(int(s.heapIdx))
 	}
 	r.mu.Unlock()
 }
@@ -71,7 +55,7 @@ func (r *reaper) popDue(now int64) []*slot {
 	defer r.mu.Unlock()
 	var due []*slot
 	for len(r.h) > 0 && r.h[0].due <= now {
-		due = append(due, heap.Pop(&r.h).(*slot))
+		due = append(due, r.h.remove(0))
 	}
 	return due
 }
@@ -82,28 +66,83 @@ func (r *reaper) len() int {
 	return len(r.h)
 }
 
-type slotHeap []*slot
+// dueHeap is a binary min-heap of slots by due time. Entries carry the due
+// time, so ordering reads no slot, and each slot knows its index (heapIdx),
+// so rescheduling and removal cost O(log n). It is typed rather than built
+// on container/heap, whose interface{} entries would allocate per push.
+type dueHeap []heapEntry
 
-func (h slotHeap) Len() int           { return len(h) }
-func (h slotHeap) Less(i, j int) bool { return h[i].due < h[j].due }
-func (h slotHeap) Swap(i, j int) {
+type heapEntry struct {
+	due int64 // unix ns
+	s   *slot
+}
+
+func (h dueHeap) swap(i, j int) {
 	h[i], h[j] = h[j], h[i]
-	h[i].heapIdx, h[j].heapIdx = i, j
+	h[i].s.heapIdx, h[j].s.heapIdx = int32(i), int32(j)
 }
-func (h *slotHeap) Push(x any) {
-	s := x.(*slot)
-	s.heapIdx = len(*h)
-	*h = append(*h, s)
+
+func (h dueHeap) up(i int) {
+	for i > 0 {
+		p := (i - 1) / 2
+		if h[p].due <= h[i].due {
+			return
+		}
+		h.swap(i, p)
+		i = p
+	}
 }
-func (h *slotHeap) Pop() any {
+
+// down sifts entry i down and reports whether it moved.
+func (h dueHeap) down(i int) bool {
+	start, n := i, len(h)
+	for {
+		c := 2*i + 1
+		if c >= n {
+			break
+		}
+		if r := c + 1; r < n && h[r].due < h[c].due {
+			c = r
+		}
+		if h[i].due <= h[c].due {
+			break
+		}
+		h.swap(i, c)
+		i = c
+	}
+	return i > start
+}
+
+func (h *dueHeap) push(s *slot, due int64) {
+	s.heapIdx = int32(len(*h))
+	*h = append(*h, heapEntry{due: due, s: s})
+	h.up(len(*h) - 1)
+}
+
+func (h dueHeap) fix(i int, due int64) {
+	h[i].due = due
+	if !h.down(i) {
+		h.up(i)
+	}
+}
+
+// remove takes entry i out and returns its slot. A heap shrunk to a quarter
+// of its capacity is copied, so a churned pool gives the memory back.
+func (h *dueHeap) remove(i int) *slot {
 	old := *h
-	n := len(old)
-	s := old[n-1]
-	old[n-1] = nil
+	n := len(old) - 1
+	s := old[i].s
+	if i != n {
+		old.swap(i, n)
+		if !old[:n].down(i) {
+			old[:n].up(i)
+		}
+	}
+	old[n] = heapEntry{}
 	s.heapIdx = -1
-	*h = old[:n-1]
-	if c := cap(old); c >= 2*minShrink && n-1 <= c/4 { // give a churned heap's memory back
-		*h = append(make(slotHeap, 0, 2*(n-1)), old[:n-1]...)
+	*h = old[:n]
+	if c := cap(old); c >= 2*minShrink && n <= c/4 {
+		*h = append(make(dueHeap, 0, 2*n), old[:n]...)
 	}
 	return s
 }
@@ -144,7 +183,7 @@ func (m *Manager) reapOnce() {
 
 // idleDeadline is min(lastUse + IdleTimeout, createdAt + MaxAge).
 func (m *Manager) idleDeadline(s *slot) int64 {
-	return min(s.lastUse.Load()+int64(m.cfg.IdleTimeout), s.expiresAt)
+	return min(s.lastUse.Load()+int64(m.cfg.IdleTimeout), m.expiresAt(s))
 }
 
 // touchLead is how long before the provider deadline the reaper visits a
@@ -161,8 +200,8 @@ func (m *Manager) nextVisit(s *slot, now int64) int64 {
 	if next <= now {
 		next = dl
 	}
-	if s.state.Load() == stateLive && s.expiresAt > now {
-		next = min(next, s.expiresAt)
+	if exp := m.expiresAt(s); s.state.Load() == stateLive && exp > now {
+		next = min(next, exp)
 	}
 	if s.leases.Load() == 0 {
 		next = min(next, m.idleDeadline(s))
@@ -173,34 +212,24 @@ func (m *Manager) nextVisit(s *slot, now int64) int64 {
 	return next
 }
 
-// maybeTouch asks the reaper to push s's deadline soon when a hit finds it
-// within touchAhead of the provider deadline. At most one request is queued
-// per slot, so a hot pair costs one heap update per IdleTimeout/2.
-func (m *Manager) maybeTouch(s *slot, now int64) {
-	if s.deadline.Load()-now < m.touchAhead && !s.touching.Load() && s.touching.CompareAndSwap(false, true) {
-		m.reaper.scheduleEarlier(s, now)
-	}
-}
-
 // visit enforces s's deadlines: it evicts an idle slot, retires one past
 // MaxAge, and pushes the provider (and Redis) deadline of one in use.
 func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
-	defer s.touching.Store(false)
 	sh := m.pool.shard(s.key)
 	switch s.state.Load() {
 	case stateDead:
 		return
 	case stateLive:
-		if now >= s.expiresAt {
+		if now >= m.expiresAt(s) {
 			if m.pool.detach(sh, s, stateRetired, false) {
 				m.ctr.evictions.Add(1)
-				m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: max age reached", slog.String("sandbox", s.sb.ID))
+				m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: max age reached", slog.String("sandbox", s.id))
 			}
 		}
 	}
 	leased := s.leases.Load() > 0
 	if s.state.Load() == stateRetired && !leased {
-		m.killAndForget(ctx, s, "max age reached")
+		m.endRetired(ctx, s, "max age reached")
 		return
 	}
 	target := m.keepaliveTarget(s, now)
@@ -211,20 +240,21 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 			case rd > now: // used on another instance: its idle clock wins
 				s.lastUse.Store(rd - int64(m.cfg.IdleTimeout))
 				s.deadline.Store(rd)
+				m.refreshHit(s)
 				m.reaper.schedule(s, m.nextVisit(s, now))
 				return
 			case rd < 0: // Redis unreachable: another instance may be using it, so
 				// drop it from memory without killing; its provider deadline reaps it.
 				if m.pool.detach(sh, s, stateDead, true) {
 					m.ctr.evictions.Add(1)
-					s.killed.Store(true)
+					s.setFlag(flagKilled)
 					m.forgetLocal(s)
 				}
 				return
 			}
 			if m.pool.detach(sh, s, stateDead, true) {
 				m.ctr.evictions.Add(1)
-				m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: idle sandbox evicted", slog.String("sandbox", s.sb.ID))
+				m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: idle sandbox evicted", slog.String("sandbox", s.id))
 				m.killAndForget(ctx, s, "idle")
 				return
 			}
@@ -235,12 +265,12 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 		if err := m.touchTo(ctx, s, now, target); err != nil {
 			if errors.Is(err, ErrSandboxNotFound) {
 				if m.pool.detach(sh, s, stateDead, false) {
-					m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: sandbox gone", slog.String("sandbox", s.sb.ID))
+					m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: sandbox gone", slog.String("sandbox", s.id))
 				}
 				m.forget(ctx, s)
 				return
 			}
-			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: extending deadline failed", slog.String("sandbox", s.sb.ID), slog.Any("error", err))
+			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: extending deadline failed", slog.String("sandbox", s.id), slog.Any("error", err))
 			m.reaper.schedule(s, now+int64(m.cfg.ReapInterval))
 			return
 		}
@@ -253,21 +283,22 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 // ahead, so use never ends early, and a slot released after MaxAge is not
 // left with a provider deadline far beyond it.
 func (m *Manager) keepaliveTarget(s *slot, now int64) int64 {
-	return max(min(now+int64(m.cfg.IdleTimeout), s.expiresAt), now+2*m.touchLead())
+	return max(min(now+int64(m.cfg.IdleTimeout), m.expiresAt(s)), now+2*m.touchLead())
 }
 
 // touch pushes the deadline of a slot about to be handed out.
 func (m *Manager) touch(ctx context.Context, s *slot, now int64) error {
-	return m.touchTo(ctx, s, now, min(now+int64(m.cfg.IdleTimeout), max(s.expiresAt, now+int64(m.guard))))
+	return m.touchTo(ctx, s, now, min(now+int64(m.cfg.IdleTimeout), max(m.expiresAt(s), now+m.guard)))
 }
 
 // touchTo sets the provider deadline (and the Redis expiry) of s to target.
 func (m *Manager) touchTo(ctx context.Context, s *slot, now, target int64) error {
-	if err := m.provider.SetTimeout(ctx, s.sb.ID, time.Duration(target-now)); err != nil {
+	if err := m.provider.SetTimeout(ctx, s.id, time.Duration(target-now)); err != nil {
 		return err
 	}
 	m.ctr.touches.Add(1)
 	s.deadline.Store(target)
+	m.refreshHit(s)
 	m.cacheTouch(ctx, s, target)
 	return nil
 }

@@ -49,11 +49,10 @@ func TestUseExtendsDeadline(t *testing.T) {
 	id := l.Sandbox().ID
 	l.Release()
 	for range 4 { // 4 × 3 min = 12 min > IdleTimeout, with use every 3 min
-		e.clock.Advance(3 * time.Minute)
+		e.run(3 * time.Minute) // the reaper ticks meanwhile
 		l := e.acquire(t, "u", "p")
 		require.Equal(t, id, l.Sandbox().ID)
 		l.Release()
-		e.m.ReapNow()
 		dl, ok := e.p.Deadline(id)
 		require.True(t, ok, "provider must not reap a sandbox in use")
 		assert.True(t, dl.After(e.clock.Now().Add(time.Minute)), "deadline %v too close to %v", dl, e.clock.Now())

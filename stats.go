@@ -84,8 +84,10 @@ func (m *Manager) Stats() Stats {
 		st.MemoryHits += sh.memoryHits.Load()
 		st.Acquires += sh.slowAcquires.Load()
 		sh.mu.RLock()
-		for _, s := range sh.slots {
-			st.Leased += int64(s.leases.Load())
+		for _, head := range sh.slots {
+			for s := head; s != nil; s = s.next {
+				st.Leased += int64(s.leases.Load())
+			}
 		}
 		sh.mu.RUnlock()
 	}

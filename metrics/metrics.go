@@ -90,6 +90,8 @@ func (c *collector) descs() []stat {
 		counter("redis_errors", "Failed Redis calls.", func(s sandboxpool.Stats) int64 { return s.RedisErrors }),
 		counter("degraded_creates", "Creates made while Redis was unavailable.", func(s sandboxpool.Stats) int64 { return s.DegradedCreates }),
 		counter("lock_lost", "Creates that lost their Redis lock before publishing.", func(s sandboxpool.Stats) int64 { return s.LockLost }),
+		counter("reconciled", "Creates with an unknown outcome whose sandbox was then found by metadata.", func(s sandboxpool.Stats) int64 { return s.Reconciled }),
+		counter("health_check_skips", "Memory hits that skipped the liveness probe.", func(s sandboxpool.Stats) int64 { return s.HealthCheckSkips }),
 		gauge("active", "Sandboxes in this process's pool.", func(s sandboxpool.Stats) float64 { return float64(s.Active) }),
 		gauge("leased", "Leases held.", func(s sandboxpool.Stats) float64 { return float64(s.Leased) }),
 		gauge("key_locks", "Per-pair lock entries in memory.", func(s sandboxpool.Stats) float64 { return float64(s.KeyLocks) }),
@@ -99,8 +101,12 @@ func (c *collector) descs() []stat {
 			}
 			return 0
 		}),
+		counter("redis_pool_hits", "Redis connections reused from the pool.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Hits) }),
+		counter("redis_pool_misses", "Redis connections that had to be dialled.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Misses) }),
+		counter("redis_pool_timeouts", "Waits for a Redis connection that timed out.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Timeouts) }),
 		gauge("redis_pool_total_conns", "Redis connections in the pool.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.TotalConns) }),
 		gauge("redis_pool_idle_conns", "Idle Redis connections.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.IdleConns) }),
+		gauge("redis_pool_stale_conns", "Stale Redis connections removed from the pool.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.StaleConns) }),
 	}
 	return c.stats
 }

@@ -1,6 +1,7 @@
 // Command benchtable reads `go test -bench` output on stdin and prints the
 // figures of sandboxpool's benchmarks as ratios to the baselines measured in
-// the same run.
+// the same run. A benchmark run several times (-count) is reported by the
+// median of each of its metrics, which a noisy shared machine needs.
 package main
 
 import (
@@ -23,7 +24,7 @@ type result struct {
 var line = regexp.MustCompile(`^Benchmark(\S+?)(?:-(\d+))?\s+\d+\s+(.*)$`)
 
 func parse() []result {
-	var out []result
+	var runs []result
 	sc := bufio.NewScanner(os.Stdin)
 	for sc.Scan() {
 		m := line.FindStringSubmatch(sc.Text())
@@ -40,6 +41,37 @@ func parse() []result {
 			if v, err := strconv.ParseFloat(f[i], 64); err == nil {
 				r.metrics[f[i+1]] = v
 			}
+		}
+		runs = append(runs, r)
+	}
+	return medians(runs)
+}
+
+// medians folds repeated runs of a benchmark into one result holding the
+// median of each metric, keeping the order of first appearance.
+func medians(runs []result) []result {
+	type id struct {
+		name  string
+		procs int
+	}
+	var order []id
+	values := map[id]map[string][]float64{}
+	for _, r := range runs {
+		k := id{r.name, r.procs}
+		if values[k] == nil {
+			values[k] = map[string][]float64{}
+			order = append(order, k)
+		}
+		for m, v := range r.metrics {
+			values[k][m] = append(values[k][m], v)
+		}
+	}
+	out := make([]result, 0, len(order))
+	for _, k := range order {
+		r := result{name: k.name, procs: k.procs, metrics: map[string]float64{}}
+		for m, vs := range values[k] {
+			sort.Float64s(vs)
+			r.metrics[m] = vs[len(vs)/2]
 		}
 		out = append(out, r)
 	}

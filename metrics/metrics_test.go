@@ -1,0 +1,95 @@
+package metrics_test
+
+import (
+	"context"
+	"reflect"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+	"github.com/sandboxpool/sandboxpool/metrics"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+var camel = regexp.MustCompile(`([a-z0-9])([A-Z])`)
+
+func snake(s string) string { return strings.ToLower(camel.ReplaceAllString(s, "${1}_${2}")) }
+
+// Every Stats field is exported under its snake_case name, the values are
+// the Manager's, Acquire latencies are observed by outcome, and the metrics
+// pass Prometheus's own lint.
+func TestCollectorExportsEveryStat(t *testing.T) {
+	met := metrics.New("svc")
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: fakeprovider.New(), OnAcquire: met.ObserveAcquire})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.Close(context.Background()) })
+	ctx := context.Background()
+	for range 3 {
+		l, err := m.Acquire(ctx, "u", "p")
+		require.NoError(t, err)
+		l.Release()
+	}
+	_, err = m.Acquire(ctx, "bad user", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrInvalidID)
+
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(met.Collector(m)))
+	problems, err := testutil.GatherAndLint(reg)
+	require.NoError(t, err)
+	assert.Empty(t, problems)
+
+	families, err := reg.Gather()
+	require.NoError(t, err)
+	got := map[string]float64{}
+	for _, f := range families {
+		for _, mt := range f.GetMetric() {
+			switch {
+			case mt.GetCounter() != nil:
+				got[f.GetName()] = mt.GetCounter().GetValue()
+			case mt.GetGauge() != nil:
+				got[f.GetName()] = mt.GetGauge().GetValue()
+			case mt.GetHistogram() != nil:
+				got[f.GetName()+"{"+mt.GetLabel()[0].GetValue()+"}"] = float64(mt.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	find := func(name string) (float64, bool) {
+		for _, full := range []string{"svc_sandboxpool_" + name + "_total", "svc_sandboxpool_" + name} {
+			if v, ok := got[full]; ok {
+				return v, true
+			}
+		}
+		return 0, false
+	}
+	var walk func(prefix string, v reflect.Value)
+	walk = func(prefix string, v reflect.Value) {
+		for i := range v.NumField() {
+			f := v.Type().Field(i)
+			name := prefix + snake(f.Name)
+			switch fv := v.Field(i); fv.Kind() {
+			case reflect.Struct:
+				walk(name+"_pool_", fv)
+			default:
+				_, ok := find(name)
+				assert.True(t, ok, "Stats.%s has no metric %s", f.Name, name)
+			}
+		}
+	}
+	walk("", reflect.ValueOf(m.Stats()))
+
+	for name, want := range map[string]float64{"acquires": 3, "memory_hits": 2, "creates": 1, "active": 1, "leased": 0, "key_locks": 0} {
+		v, _ := find(name)
+		assert.Equal(t, want, v, name)
+	}
+	assert.Equal(t, 1.0, got["svc_sandboxpool_acquire_duration_seconds{created}"])
+	assert.Equal(t, 2.0, got["svc_sandboxpool_acquire_duration_seconds{memory_hit}"])
+}
