@@ -155,12 +155,6 @@ func (st *store) userLiveKey(user string) string { return st.ns + ":{" + user + 
 func (st *store) rateKey(user string) string     { return st.ns + ":{" + user + "}:rate" }
 func pairMember(k pairKey) string                { return k.user + ":" + k.project }
 
-// quotaKeys lists the quota sets that apply (none without quotas).
-func (m *Manager) quotaKeys(k pairKey) []string {
-	keys, _ := m.quotaSets(k)
-	return keys
-}
-
 // quotaSets lists the sets that limits apply to, with their limits.
 func (m *Manager) quotaSets(k pairKey) (keys []string, limits []int) {
 	if m.cfg.MaxPerUser > 0 {

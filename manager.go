@@ -439,7 +439,7 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 		return nil, pairErr("create", k, errors.New("create lock lost and no winner published"))
 	}
 	m.park(sh, s)
-	if len(m.quotaKeys(k)) > 0 { // move the provisional reservation to the real deadline
+	if m.cfg.MaxPerUser > 0 || m.cfg.MaxSandboxes > 0 { // move the provisional reservation to the real deadline
 		_ = m.store.refreshReservation(ctx, k, s.deadline.Load())
 	}
 	return s, nil
