@@ -205,6 +205,28 @@ func parallelPairs(b *testing.B, body func(i int)) {
 	})
 }
 
+// hotAcquireRelease measures Acquire+Release over the pooled pairs and fails
+// unless every Acquire was a memory hit with no create or probe.
+func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager) {
+	before := m.Stats()
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	parallelPairs(b, func(i int) {
+		l, err := m.Acquire(ctx, benchUsers[i], benchProjects[i])
+		if err != nil {
+			b.Error(err)
+			return
+		}
+		l.Release()
+	})
+	b.StopTimer()
+	st := m.Stats()
+	if st.Creates != before.Creates || st.HealthChecks != before.HealthChecks || st.MemoryHits-before.MemoryHits != int64(b.N) {
+		b.Fatalf("not a pure memory-hit run: %d memory hits of %d, %+v", st.MemoryHits-before.MemoryHits, b.N, st)
+	}
+}
+
 func BenchmarkHotPath(b *testing.B) {
 	b.Run("baseline-maphash64", func(b *testing.B) {
 		bl := fixture("baseline", func() (*baseline, func()) { return newBaseline(), func() {} }) // built once, as the pools are
@@ -214,24 +236,7 @@ func BenchmarkHotPath(b *testing.B) {
 		parallelPairs(b, func(i int) { bl.touch(benchUsers[i], benchProjects[i], now) })
 	})
 	b.Run("sandboxpool-Acquire+Release", func(b *testing.B) {
-		m := filledManager("hot", benchPairs, nil)
-		before := m.Stats()
-		ctx := context.Background()
-		b.ReportAllocs()
-		b.ResetTimer()
-		parallelPairs(b, func(i int) {
-			l, err := m.Acquire(ctx, benchUsers[i], benchProjects[i])
-			if err != nil {
-				b.Error(err)
-				return
-			}
-			l.Release()
-		})
-		b.StopTimer()
-		st := m.Stats()
-		if st.Creates != before.Creates || st.HealthChecks != before.HealthChecks || st.MemoryHits-before.MemoryHits != int64(b.N) {
-			b.Fatalf("not a pure memory-hit run: %+v", st)
-		}
+		hotAcquireRelease(b, filledManager("hot", benchPairs, nil))
 	})
 	b.Run("sandboxpool-Use", func(b *testing.B) {
 		m := filledManager("hot", benchPairs, nil)
@@ -253,22 +258,7 @@ func BenchmarkHotPath(b *testing.B) {
 			return c, closer
 		})
 		calls.Store(0)
-		before := m.Stats()
-		ctx := context.Background()
-		b.ReportAllocs()
-		b.ResetTimer()
-		parallelPairs(b, func(i int) {
-			l, err := m.Acquire(ctx, benchUsers[i], benchProjects[i])
-			if err != nil {
-				b.Error(err)
-				return
-			}
-			l.Release()
-		})
-		b.StopTimer()
-		if st := m.Stats(); st.MemoryHits-before.MemoryHits != int64(b.N) {
-			b.Fatalf("not a pure memory-hit run: %d of %d", st.MemoryHits-before.MemoryHits, b.N)
-		}
+		hotAcquireRelease(b, m)
 		b.ReportMetric(float64(calls.Load())/float64(b.N), "redis-rt/op")
 	})
 	b.Run("puddle-Acquire+Release", func(b *testing.B) {
