@@ -5,7 +5,10 @@ package sandboxpool_test
 //
 //	BenchmarkHotPath/*        Acquire+Release on a memory hit vs a bare 64-shard
 //	                          maphash map + atomic store, puddle/v2, and the old
-//	                          single-mutex design that read Redis every request
+//	                          single-mutex design that read Redis every request;
+//	                          pairs visited in random order
+//	BenchmarkHotPathIndexOrder/* the same (without the Redis-backed variants),
+//	                          pairs visited in creation order
 //	BenchmarkRedisPaths/*     warm (Redis hit) and cold (create) paths: Redis
 //	                          round trips per call (go-redis hook) and latency
 //	                          vs one plain GET on the same client
@@ -170,12 +173,21 @@ func (n *naiveManager) acquire(ctx context.Context, u, p string) string {
 	return id
 }
 
-// openRedis returns a client for a real redis-server when
+// Redis databases of the benchmarks on a shared redis-server: each fixture
+// that outlives one benchmark run keeps its own, so a benchmark that starts
+// from an empty database (and flushes it) never wipes a fixture's records.
+const (
+	dbScratch  = 0 // emptied by every benchmark that opens it
+	dbHotRedis = 1 // the Redis-backed hot-path fixture
+	dbWarm     = 2 // the records the warm-path benchmark reconnects to
+)
+
+// openRedis returns a client for database db of a real redis-server when
 // SANDBOXPOOL_BENCH_REDIS names one (host:port; make bench starts one),
-// else for an in-process miniredis, and a func that closes it.
-func openRedis() (redis.UniversalClient, func()) {
+// emptied, else for an in-process miniredis, and a func that closes it.
+func openRedis(db int) (redis.UniversalClient, func()) {
 	if addr := os.Getenv("SANDBOXPOOL_BENCH_REDIS"); addr != "" {
-		c := redis.NewClient(&redis.Options{Addr: addr, PoolSize: 64})
+		c := redis.NewClient(&redis.Options{Addr: addr, DB: db, PoolSize: 64})
 		_ = c.FlushDB(context.Background()).Err()
 		return c, func() { _ = c.Close() }
 	}
@@ -187,18 +199,39 @@ func openRedis() (redis.UniversalClient, func()) {
 	return c, func() { _ = c.Close(); mr.Close() }
 }
 
-func benchRedis(b *testing.B) (redis.UniversalClient, string) {
-	c, closer := openRedis()
+// benchRedis opens the scratch database for one benchmark run.
+func benchRedis(b *testing.B) redis.UniversalClient {
+	c, closer := openRedis(dbScratch)
 	b.Cleanup(closer)
-	return c, "redis"
+	return c
 }
 
-func parallelPairs(b *testing.B, body func(i int)) {
+// Orders the hot-path benchmarks visit pairs in. randomOrder is a fixed
+// random permutation, as requests arrive: no figure owes anything to pairs
+// that sit next to each other in memory being visited one after the other.
+// indexOrder walks the pairs in the order they were created, which lets the
+// baseline's 8-byte values (allocated in that order) share cache lines and
+// lets the hardware prefetch: it flatters every contender's caches, the
+// baseline's most.
+var (
+	randomOrder = rand.New(rand.NewPCG(1, 2)).Perm(benchPairs)
+	indexOrder  = func() []int {
+		order := make([]int, benchPairs)
+		for i := range order {
+			order[i] = i
+		}
+		return order
+	}()
+)
+
+// parallelPairs runs body on every benchmark goroutine, each walking order
+// from its own random start.
+func parallelPairs(b *testing.B, order []int, body func(i int)) {
 	b.RunParallel(func(pb *testing.PB) {
-		i := rand.IntN(benchPairs)
+		i := rand.IntN(len(order))
 		for pb.Next() {
-			body(i)
-			if i++; i == benchPairs {
+			body(order[i])
+			if i++; i == len(order) {
 				i = 0
 			}
 		}
@@ -207,12 +240,12 @@ func parallelPairs(b *testing.B, body func(i int)) {
 
 // hotAcquireRelease measures Acquire+Release over the pooled pairs and fails
 // unless every Acquire was a memory hit with no create or probe.
-func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager) {
+func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager, order []int) {
 	before := m.Stats()
 	ctx := context.Background()
 	b.ReportAllocs()
 	b.ResetTimer()
-	parallelPairs(b, func(i int) {
+	parallelPairs(b, order, func(i int) {
 		l, err := m.Acquire(ctx, benchUsers[i], benchProjects[i])
 		if err != nil {
 			b.Error(err)
@@ -227,16 +260,23 @@ func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager) {
 	}
 }
 
-func BenchmarkHotPath(b *testing.B) {
+// BenchmarkHotPath visits the pairs in random order (see randomOrder).
+func BenchmarkHotPath(b *testing.B) { hotPath(b, randomOrder, true) }
+
+// BenchmarkHotPathIndexOrder is the same hot path in creation order (see
+// indexOrder), without the Redis-backed and single-mutex variants.
+func BenchmarkHotPathIndexOrder(b *testing.B) { hotPath(b, indexOrder, false) }
+
+func hotPath(b *testing.B, order []int, all bool) {
 	b.Run("baseline-maphash64", func(b *testing.B) {
 		bl := fixture("baseline", func() (*baseline, func()) { return newBaseline(), func() {} }) // built once, as the pools are
 		now := time.Now().UnixNano()
 		b.ReportAllocs()
 		b.ResetTimer()
-		parallelPairs(b, func(i int) { bl.touch(benchUsers[i], benchProjects[i], now) })
+		parallelPairs(b, order, func(i int) { bl.touch(benchUsers[i], benchProjects[i], now) })
 	})
 	b.Run("sandboxpool-Acquire+Release", func(b *testing.B) {
-		hotAcquireRelease(b, filledManager("hot", benchPairs, nil))
+		hotAcquireRelease(b, filledManager("hot", benchPairs, nil), order)
 	})
 	b.Run("sandboxpool-Use", func(b *testing.B) {
 		m := filledManager("hot", benchPairs, nil)
@@ -244,54 +284,61 @@ func BenchmarkHotPath(b *testing.B) {
 		use := func(sandboxpool.Sandbox) error { return nil }
 		b.ReportAllocs()
 		b.ResetTimer()
-		parallelPairs(b, func(i int) {
+		parallelPairs(b, order, func(i int) {
 			if err := m.Use(ctx, benchUsers[i], benchProjects[i], use); err != nil {
 				b.Error(err)
 			}
 		})
 	})
+	b.Run("puddle-Acquire+Release", benchPuddle)
+	if !all {
+		return
+	}
 	b.Run("sandboxpool-with-redis-Acquire+Release", func(b *testing.B) {
 		calls := fixture("hot-redis-calls", func() (*atomic.Int64, func()) { return new(atomic.Int64), func() {} })
 		m := filledManager("hot-redis", benchPairs, func() (redis.UniversalClient, func()) {
-			c, closer := openRedis()
+			c, closer := openRedis(dbHotRedis)
 			c.AddHook(countingHook{calls})
 			return c, closer
 		})
 		calls.Store(0)
-		hotAcquireRelease(b, m)
+		hotAcquireRelease(b, m, order)
 		b.ReportMetric(float64(calls.Load())/float64(b.N), "redis-rt/op")
 	})
-	b.Run("puddle-Acquire+Release", func(b *testing.B) {
-		pool, err := puddle.NewPool(&puddle.Config[int]{
-			Constructor: func(context.Context) (int, error) { return 1, nil },
-			Destructor:  func(int) {},
-			MaxSize:     int32(4 * runtime.GOMAXPROCS(0)),
-		})
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer pool.Close()
-		ctx := context.Background()
-		b.ReportAllocs()
-		b.ResetTimer()
-		b.RunParallel(func(pb *testing.PB) {
-			for pb.Next() {
-				r, err := pool.Acquire(ctx)
-				if err != nil {
-					b.Error(err)
-					return
-				}
-				r.Release()
-			}
-		})
-	})
 	b.Run("naive-global-mutex+redis-GET", func(b *testing.B) {
-		rdb, _ := benchRedis(b)
+		rdb := benchRedis(b)
 		n := &naiveManager{m: map[string]string{}, rdb: rdb}
 		ctx := context.Background()
 		b.ReportAllocs()
 		b.ResetTimer()
-		parallelPairs(b, func(i int) { n.acquire(ctx, benchUsers[i], benchProjects[i]) })
+		parallelPairs(b, order, func(i int) { n.acquire(ctx, benchUsers[i], benchProjects[i]) })
+	})
+}
+
+// benchPuddle is jackc/puddle/v2's Acquire+Release: a pool of identical
+// resources, no key to look up.
+func benchPuddle(b *testing.B) {
+	pool, err := puddle.NewPool(&puddle.Config[int]{
+		Constructor: func(context.Context) (int, error) { return 1, nil },
+		Destructor:  func(int) {},
+		MaxSize:     int32(4 * runtime.GOMAXPROCS(0)),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pool.Close()
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			r, err := pool.Acquire(ctx)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			r.Release()
+		}
 	})
 }
 
@@ -309,7 +356,7 @@ func (h countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.
 func BenchmarkRedisPaths(b *testing.B) {
 	ctx := context.Background()
 	b.Run("baseline-GET", func(b *testing.B) {
-		rdb, _ := benchRedis(b)
+		rdb := benchRedis(b)
 		_ = rdb.Set(ctx, "k", "v", 0).Err()
 		b.ReportAllocs()
 		b.ResetTimer()
@@ -324,7 +371,7 @@ func BenchmarkRedisPaths(b *testing.B) {
 			calls *atomic.Int64
 		}
 		w := fixture("warm", func() (warm, func()) {
-			c, closer := openRedis()
+			c, closer := openRedis(dbWarm)
 			owner := newBenchManager(&nullProvider{}, c)
 			fill(nil, owner, n)
 			calls := new(atomic.Int64)
@@ -351,7 +398,7 @@ func BenchmarkRedisPaths(b *testing.B) {
 		b.ReportMetric(float64(w.calls.Load())/float64(b.N), "redis-rt/op")
 	})
 	b.Run("cold-create", func(b *testing.B) {
-		rdb, _ := benchRedis(b)
+		rdb := benchRedis(b)
 		var calls atomic.Int64
 		rdb.AddHook(countingHook{&calls})
 		m := benchManager(b, &nullProvider{}, rdb)
@@ -420,7 +467,7 @@ func BenchmarkContention(b *testing.B) {
 		})
 	})
 	b.Run("8-managers-100-pairs", func(b *testing.B) {
-		rdb, _ := benchRedis(b)
+		rdb := benchRedis(b)
 		p := fp.New()
 		p.SetLatency(fp.OpCreate, time.Millisecond)
 		ms := make([]*sandboxpool.Manager, 8)

@@ -133,14 +133,14 @@ func (m *Manager) reconcile(ctx context.Context) {
 	}
 	m.unpubMu.Unlock()
 	for _, s := range pending {
-		if s.state.Load() == stateLive {
+		if s.state() == stateLive {
 			id, err := m.store.adopt(ctx, s)
 			if err != nil {
 				return // Redis failed again: retry on the next probe
 			}
 			if id != s.id {
 				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
-				if m.pool.detach(m.pool.shard(s.key), s, stateRetired, false) && s.leases.Load() == 0 {
+				if m.pool.detach(m.pool.shard(s.key), s, stateRetired, false) && s.leases() == 0 {
 					m.endLater(s, "duplicate created during Redis outage")
 				}
 			}

@@ -45,13 +45,15 @@
 //
 // # The way through Acquire
 //
-// Look the pair up in a sharded in-memory map under a read lock: no I/O, a
-// coarse clock, one 16-byte Lease allocated (none through Manager.Use). Only
-// validated pairs enter the pool, so a miss validates the ids before any I/O,
-// then joins the pair's flight (a reference-counted per-pair entry) whose
-// single fill probes, reconnects, adopts or creates outside every lock. The
-// reaper pushes the provider deadline (and the Redis record's) of a used
-// sandbox a quarter of IdleTimeout before it passes, so hot pairs cost no
+// Look the pair up in a sharded in-memory index that a hit reads without a
+// lock (a lease is one atomic add that also reads the slot's state): no I/O,
+// a coarse clock, no allocation (Acquire is inlined, so a Lease that stays in
+// the caller's function lives on its stack). Only validated pairs enter the
+// pool, so a miss validates the ids before any I/O, then joins the pair's
+// flight (a reference-counted per-pair entry) whose single fill probes,
+// reconnects, adopts or creates outside every lock. The reaper pushes the
+// provider deadline (and the Redis record's) of a used sandbox a quarter of
+// IdleTimeout before it passes, so hot pairs cost no
 // I/O on the request path.
 //
 // # Redis key layout

@@ -113,75 +113,27 @@ func (m *Manager) goBackground(fn func()) bool {
 	return true
 }
 
-// Lease is one holder's use of a pair's sandbox. While any lease on a
-// sandbox is held, the sandbox is not reaped, and its deadlines are kept
-// extended. Call Release when done.
-type Lease struct {
-	s        *slot // its shape names the Manager: a Lease is 16 bytes
-	outcome  Outcome
-	released atomic.Bool
-}
-
-// Sandbox returns the leased sandbox.
-func (l *Lease) Sandbox() Sandbox { return l.s.sandbox() }
-
-// Outcome says how Acquire got the sandbox.
-func (l *Lease) Outcome() Outcome { return l.outcome }
-
-// Reused reports whether the sandbox existed before this Acquire (it was
-// not created for it).
-func (l *Lease) Reused() bool { return l.outcome != OutcomeCreated }
-
-// Outcome is how an Acquire was served, for metrics and logs.
-type Outcome uint8
-
-// The outcomes of Acquire.
-const (
-	OutcomeError     Outcome = iota // Acquire failed
-	OutcomeMemoryHit                // in this process's pool (probed if due)
-	OutcomeCacheHit                 // reconnected: found in Redis or adopted by metadata
-	OutcomeCreated                  // a new sandbox
-)
-
-// String names the outcome: "error", "memory_hit", "cache_hit", "created".
-func (o Outcome) String() string {
-	switch o {
-	case OutcomeMemoryHit:
-		return "memory_hit"
-	case OutcomeCacheHit:
-		return "cache_hit"
-	case OutcomeCreated:
-		return "created"
-	}
-	return "error"
-}
-
-// Release ends the lease. It is idempotent and safe after Close.
-func (l *Lease) Release() {
-	if l.released.CompareAndSwap(false, true) {
-		l.s.shape.m.release(l.s)
-	}
-}
-
-// release ends one lease on s. The idle clock restarts here (before the
-// count drops, so a reaper that sees no lease sees this use), not at
-// acquisition: an unleased sandbox is idle from the end of its last use.
-func (m *Manager) release(s *slot) {
-	if now := m.clock.coarse(); s.lastUse.Load() != now { // the coarse clock ticks every 10 ms: skip redundant stores
-		s.lastUse.Store(now)
-	}
-	if s.leases.Add(-1) == 0 && s.state.Load() == stateRetired {
-		m.endLater(s, "max age reached")
-	}
-}
-
 // Acquire returns a lease on the pair's sandbox, creating the sandbox if the
 // pair has none. Concurrent Acquires for one pair share one sandbox and cause
 // at most one create. If ctx ends first, Acquire returns its error, but a
 // create already started finishes and is kept for the next Acquire.
-func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, error) {
+func (m *Manager) Acquire(ctx context.Context, user, project string) (l *Lease, err error) {
+	// This wrapper is kept small enough to be inlined into the caller, so
+	// the Lease is allocated in the caller's frame: it stays on the stack,
+	// and Acquire allocates nothing, unless the caller lets it escape
+	// (TestMemoryHitAllocations fails if it stops being inlined).
+	l = new(Lease)
+	if err = m.acquire(ctx, l, user, project); err != nil {
+		l = nil
+	}
+	return l, err
+}
+
+// acquire is Acquire's work: it leases the pair's slot into l (which it
+// must not let escape, or every Lease would be heap-allocated).
+func (m *Manager) acquire(ctx context.Context, l *Lease, user, project string) error {
 	if m.closed.Load() {
-		return nil, ErrClosed
+		return ErrClosed
 	}
 	var start time.Time
 	if m.cfg.OnAcquire != nil {
@@ -192,22 +144,20 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (*Lease, er
 		if m.cfg.OnAcquire != nil {
 			m.cfg.OnAcquire(OutcomeMemoryHit, time.Since(start))
 		}
-		return &Lease{s: s, outcome: OutcomeMemoryHit}, nil
+		l.s, l.outcome = s, OutcomeMemoryHit
+		return nil
 	}
 	if err := ValidateIDs(user, project); err != nil {
-		return nil, err
+		return err
 	}
 	sh := m.pool.shard(k)
 	sh.slowAcquires.Add(1)
-	l, err := m.acquireSlow(ctx, k, sh)
+	s, o, err := m.acquireSlow(ctx, k, sh)
 	if m.cfg.OnAcquire != nil {
-		o := OutcomeError
-		if l != nil {
-			o = l.outcome
-		}
 		m.cfg.OnAcquire(o, time.Since(start))
 	}
-	return l, err
+	l.s, l.outcome = s, o
+	return err
 }
 
 // hit leases k's slot if it can be handed out with no I/O. Only validated
@@ -219,17 +169,21 @@ func (m *Manager) hit(k pairKey) *slot {
 		return nil
 	}
 	h := hashPair(m.pool.seed, k)
-	sh := &m.pool.shards[h&m.pool.mask]
-	s := sh.hit(h, k, m.clock.coarse())
-	if s != nil {
-		sh.memoryHits.Add(1)
+	sh := m.pool.shards[h&m.pool.mask]
+	s := sh.lookup(h, k) // no lock: see index
+	if s == nil {
+		s = sh.get(k) // a concurrent resize may have hidden it: look again, exactly
 	}
+	if s == nil || m.clock.coarse() >= s.hitUntil.Load() || !m.tryLease(s) {
+		return nil
+	}
+	sh.memoryHits.Add(1)
 	return s
 }
 
 // Use runs fn with the pair's sandbox leased for the duration of the call,
-// and returns fn's error (or Acquire's). It is Acquire plus Release without
-// the Lease allocation: a memory hit through Use allocates nothing.
+// and returns fn's error (or Acquire's): Acquire plus Release, with the
+// Lease on Use's own stack whatever fn does.
 func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox) error) error {
 	if m.closed.Load() {
 		return ErrClosed
@@ -240,16 +194,16 @@ func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox
 			return fn(s.sandbox())
 		}
 	}
-	l, err := m.Acquire(ctx, user, project)
-	if err != nil {
+	var l Lease
+	if err := m.acquire(ctx, &l, user, project); err != nil {
 		return err
 	}
-	defer l.Release()
+	defer m.release(l.s)
 	return fn(l.s.sandbox())
 }
 
 // acquireSlow waits for (or starts) the pair's flight and leases its result.
-func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*Lease, error) {
+func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*slot, Outcome, error) {
 	for attempt := 0; ; attempt++ {
 		f, started := m.pool.join(sh, k)
 		if started && !m.goBackground(func() { m.runFill(sh, k, f) }) {
@@ -259,17 +213,17 @@ func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*Lease
 		case <-f.done:
 		case <-ctx.Done():
 			m.pool.leave(sh, k, f)
-			return nil, pairErr("acquire", k, context.Cause(ctx))
+			return nil, OutcomeError, pairErr("acquire", k, context.Cause(ctx))
 		}
 		m.pool.leave(sh, k, f)
 		if f.err != nil {
-			return nil, f.err
+			return nil, OutcomeError, f.err
 		}
-		if sh.leaseSlot(f.s) {
-			return &Lease{s: f.s, outcome: f.outcome}, nil
+		if sh.get(k) == f.s && m.tryLease(f.s) {
+			return f.s, f.outcome, nil
 		}
 		if attempt+1 >= maxLeaseAttempts {
-			return nil, pairErr("acquire", k, errors.New("sandbox was removed while being acquired"))
+			return nil, OutcomeError, pairErr("acquire", k, errors.New("sandbox was removed while being acquired"))
 		}
 	}
 }
@@ -289,7 +243,7 @@ func (m *Manager) runFill(sh *shard, k pairKey, f *flight) {
 func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcome, error) {
 	if s := sh.get(k); s != nil {
 		now := m.clock.precise()
-		if s.state.Load() == stateLive && now < m.expiresAt(s) {
+		if s.state() == stateLive && now < m.expiresAt(s) {
 			ok, err := m.revalidate(ctx, s, now)
 			if err != nil {
 				return nil, OutcomeError, err
@@ -301,7 +255,7 @@ func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcom
 			m.ctr.replaced.Add(1)
 			m.pool.detach(sh, s, stateDead, false)
 			m.forget(ctx, s)
-		} else if m.pool.detach(sh, s, stateRetired, false) && s.leases.Load() == 0 {
+		} else if m.pool.detach(sh, s, stateRetired, false) && s.leases() == 0 {
 			m.endLater(s, "max age reached")
 		}
 	}
@@ -553,7 +507,7 @@ func (m *Manager) newSlot(k pairKey, sb Sandbox, createdAt, now, deadline int64)
 	if sb.Template == "" {
 		sb.Template = m.cfg.Template
 	}
-	s := &slot{createdAt: createdAt, key: k, id: sb.ID, token: sb.AccessToken, heapIdx: -1,
+	s := &slot{tag: hashTag(hashPair(m.pool.seed, k)), createdAt: createdAt, key: k, id: sb.ID, token: sb.AccessToken, heapIdx: -1,
 		shape: m.intern(shape{m: m, template: sb.Template, domain: sb.Domain, envdVersion: sb.EnvdVersion, envdURL: sb.envdURL})}
 	s.lastUse.Store(now)
 	s.lastCheck.Store(now)
@@ -602,7 +556,7 @@ func (m *Manager) refreshHit(s *slot) {
 
 // park puts s in the pool and hands it to the reaper.
 func (m *Manager) park(sh *shard, s *slot) {
-	if old := m.pool.put(sh, s); old != nil && old.leases.Load() == 0 {
+	if old := m.pool.put(sh, s); old != nil && old.leases() == 0 {
 		m.endLater(old, "replaced")
 	}
 	m.reaper.schedule(s, m.nextVisit(s, m.clock.precise()))

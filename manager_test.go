@@ -277,6 +277,60 @@ func TestReleaseIdempotent(t *testing.T) {
 	assert.EqualValues(t, 0, e.m.Stats().Leased)
 }
 
+// TestLeasesAreNeverReused holds every Lease handed out: all are distinct
+// (Leases are never recycled), so a late second Release can only ever end its
+// own lease, and the lease count never goes below what is held.
+func TestLeasesAreNeverReused(t *testing.T) {
+	e := newEnv(t)
+	seen := map[*sandboxpool.Lease]bool{}
+	var held []*sandboxpool.Lease
+	for i := range 500 {
+		l := e.acquire(t, "u", "p")
+		require.False(t, seen[l], "Lease %p handed out twice", l)
+		seen[l] = true
+		held = append(held, l)
+		if i%3 == 0 { // release some early, twice, while others stay held
+			l.Release()
+			l.Release()
+		}
+	}
+	var want int64
+	for i := range held {
+		if i%3 != 0 {
+			want++
+		}
+	}
+	assert.EqualValues(t, want, e.m.Stats().Leased)
+	for _, l := range held {
+		l.Release()
+		l.Release()
+	}
+	assert.EqualValues(t, 0, e.m.Stats().Leased)
+}
+
+// TestMemoryHitAllocations: a memory hit allocates nothing, through Use and
+// through Acquire+Release alike. Acquire is inlined into its caller, so a
+// Lease that does not escape lives on the caller's stack; this test fails if
+// Acquire grows past the inlining budget.
+func TestMemoryHitAllocations(t *testing.T) {
+	e := newEnv(t)
+	e.acquire(t, "u", "p").Release() // create it; every Acquire below is a memory hit
+	ctx := context.Background()
+	hitsBefore := e.m.Stats().MemoryHits
+	assert.Zero(t, testing.AllocsPerRun(1000, func() {
+		l, err := e.m.Acquire(ctx, "u", "p")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = l.Sandbox().ID
+		l.Release()
+	}), "allocations per Acquire+Release")
+	assert.Zero(t, testing.AllocsPerRun(1000, func() {
+		_ = e.m.Use(ctx, "u", "p", func(sandboxpool.Sandbox) error { return nil })
+	}), "allocations per Use")
+	assert.EqualValues(t, 2002, e.m.Stats().MemoryHits-hitsBefore, "every call was a memory hit")
+}
+
 func TestInvalidIDsTouchNothing(t *testing.T) {
 	e := newEnv(t)
 	for _, tc := range [][2]string{{"", "p"}, {"u", ""}, {"a:b", "p"}, {"u", "{p}"}, {"u*", "p"}, {"u p", "p"}, {"-u", "p"}} {

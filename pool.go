@@ -9,33 +9,68 @@ import (
 
 // Slot states. A slot only moves forward: live → retired → dead, or live → dead.
 const (
-	stateLive    int32 = iota // in the pool, may be handed out
-	stateRetired              // past MaxAge or replaced: never handed out again, killed at last release
-	stateDead                 // removed or evicted: gone from the pool
+	stateLive    uint32 = iota // in the pool, may be handed out
+	stateRetired               // past MaxAge or replaced: never handed out again, ended at last release
+	stateDead                  // removed or evicted: gone from the pool
 )
 
-// slot is one pooled sandbox, in one 128-byte allocation. A lookup over a
-// large pool is bound by cache misses, so what a memory hit and a release
-// touch (state, leases, hitUntil, lastUse) sits in the first 24 bytes, on one
-// cache line; what varies little between sandboxes (template, domain, envd
-// version and URL) is interned in a shared shape. Fields written after the
-// slot is published are atomics, or guarded as noted.
-type slot struct {
-	state    atomic.Int32
-	leases   atomic.Int32
-	hitUntil atomic.Int64 // unix ns: a memory hit is allowed before it (see Manager.refreshHit)
-	lastUse  atomic.Int64 // unix ns, coarse: creation, or the last release
+// A slot's ctl word holds its state in the top two bits and its lease count
+// below, so that a lock-free hit can take a lease and learn the state in one
+// atomic add, and a retirement can fail if a lease arrived first.
+const (
+	leaseBits = 30
+	leaseMask = 1<<leaseBits - 1
+)
 
-	deadline  atomic.Int64 // unix ns the provider (and Redis) currently hold as the deadline
-	lastCheck atomic.Int64 // unix ns of the last successful probe, touch, connect or create
-	createdAt int64        // unix ns; the slot is not handed out from createdAt+MaxAge on
-	key       pairKey
+func stateOf(ctl uint32) uint32       { return ctl >> leaseBits }
+func leasesOf(ctl uint32) int32       { return int32(ctl & leaseMask) }
+func withState(ctl, st uint32) uint32 { return st<<leaseBits | ctl&leaseMask }
+
+// slot is one pooled sandbox, in one 128-byte allocation. A lookup over a
+// large pool is bound by cache misses, so everything a memory hit and a
+// release touch (ctl, hitUntil, lastUse, the tag and key a lookup compares,
+// and the shape that names the Manager) fills the first 64 bytes, one cache
+// line;
+// what varies little between sandboxes (template, domain, envd version and
+// URL) is interned in a shared shape. Fields written after the slot is
+// published are atomics, or guarded as noted.
+type slot struct {
+	ctl      atomic.Uint32 // state and lease count (see leaseBits)
+	tag      uint32        // hashTag of the pair's hash
+	hitUntil atomic.Int64  // unix ns: a memory hit is allowed before it (see Manager.refreshHit)
+	lastUse  atomic.Int64  // unix ns, coarse: creation, or the last release
+	key      pairKey
+	shape    *shape // a release reads its Manager
+
+	next      atomic.Pointer[slot] // the next slot in its index bucket (a hit on a chain's head does not read it); written under shard.mu
+	deadline  atomic.Int64         // unix ns the provider (and Redis) currently hold as the deadline
+	lastCheck atomic.Int64         // unix ns of the last successful probe, touch, connect or create
+	createdAt int64                // unix ns; the slot is not handed out from createdAt+MaxAge on
 	id        string
-	token     Secret // envd access token
-	shape     *shape
-	next      *slot         // the next slot whose pair hash is the same; guarded by shard.mu
+	token     Secret        // envd access token
 	heapIdx   int32         // position in the reaper's heap, -1 when absent; guarded by reaper.mu
 	flags     atomic.Uint32 // flagCounted | flagKilled | flagCreated
+}
+
+// state returns s's state.
+func (s *slot) state() uint32 { return stateOf(s.ctl.Load()) }
+
+// leases returns how many leases on s are held in this process.
+func (s *slot) leases() int32 { return leasesOf(s.ctl.Load()) }
+
+// retire moves s from live to state to, keeping its leases, and reports
+// whether this call did. It fails if s is no longer live, or (with onlyIdle)
+// if s is leased: a lock-free hit that leased s first wins.
+func (s *slot) retire(to uint32, onlyIdle bool) bool {
+	for {
+		w := s.ctl.Load()
+		if st := stateOf(w); st == stateDead || st == to || (onlyIdle && leasesOf(w) > 0) {
+			return false
+		}
+		if s.ctl.CompareAndSwap(w, withState(w, to)) {
+			return true
+		}
+	}
 }
 
 // Slot flags.
@@ -82,31 +117,27 @@ type flight struct {
 	err      error
 }
 
-// shard is one partition of the pool.
+// shard is one partition of the pool, two cache lines long. The first is
+// read-mostly: a memory hit reads the index pointer from it, and it stays
+// cached on every CPU until a resize. The second holds what is written: the
+// counters and the lock.
 type shard struct {
-	// mu protects slots, flights and every slot's next. It is never held
-	// across I/O: callers look up or swap pointers under it and do provider
-	// and Redis calls after unlocking.
-	mu sync.RWMutex
-	// slots maps a pair's hash to its slot; pairs whose hashes collide are
-	// chained through slot.next. A uint64 key keeps an entry at 16 bytes (a
-	// pairKey would take 40) and compares without reading the strings; the
-	// slot, which a lookup reads anyway, holds the key that decides.
-	slots   map[uint64]*slot
-	flights map[pairKey]*flight
-	seed    maphash.Seed // the pool's, so a shard can hash a pair
-	// Peak sizes since the maps were last rebuilt: Go maps never give
-	// memory back, so a map that shrank to a quarter of its peak is copied
-	// into a fresh one (see shrink).
-	peakSlots, peakFlights int
+	idx  atomic.Pointer[index] // read without the lock (see index)
+	seed maphash.Seed          // the pool's, so a shard can hash a pair
+	_    [48]byte
 
-	// Counters live beside the lock the hot path already writes, so
-	// concurrent hits on different shards do not share a cache line.
-	// Acquires = memoryHits + slowAcquires; Leased is summed by Stats.
-	memoryHits   atomic.Int64
+	memoryHits   atomic.Int64 // Acquires = memoryHits + slowAcquires
 	slowAcquires atomic.Int64
-
-	_ [64]byte // keep neighbouring shards off this shard's cache lines
+	// mu serialises writers of idx (and every slot's next) and guards
+	// flights and n. It is never held across I/O: callers look up or swap
+	// pointers under it and do provider and Redis calls after unlocking.
+	mu      sync.RWMutex
+	n       int // slots in idx
+	flights map[pairKey]*flight
+	// peakFlights is the flights map's peak size since it was last rebuilt:
+	// Go maps never give memory back, so a map that shrank to a quarter of
+	// its peak is copied into a fresh one (see shrink).
+	peakFlights int
 }
 
 // minShrink is the peak size below which a map is not worth rebuilding:
@@ -133,20 +164,23 @@ func shrink[K comparable, V any](m map[K]V, peak *int) map[K]V {
 
 // pool is the sharded in-memory map of pairs to slots.
 type pool struct {
-	seed   maphash.Seed
-	mask   uint64
-	shards []shard
+	seed maphash.Seed
+	mask uint64
+	// shards are allocated one by one: a 128-byte object is 128-aligned,
+	// while a []shard over 512 bytes starts 8 bytes into its allocation
+	// (after the runtime's malloc header), so its shards would straddle
+	// cache lines.
+	shards []*shard
 
 	active   atomic.Int64 // slots in the pool
 	keyLocks atomic.Int64 // flights in the pool
 }
 
 func newPool(shards int) *pool {
-	p := &pool{seed: maphash.MakeSeed(), mask: uint64(shards - 1), shards: make([]shard, shards)}
+	p := &pool{seed: maphash.MakeSeed(), mask: uint64(shards - 1), shards: make([]*shard, shards)}
 	for i := range p.shards {
-		p.shards[i].seed = p.seed
-		p.shards[i].slots = make(map[uint64]*slot)
-		p.shards[i].flights = make(map[pairKey]*flight)
+		p.shards[i] = &shard{seed: p.seed, flights: make(map[pairKey]*flight)}
+		p.shards[i].idx.Store(newIndex(minBuckets))
 	}
 	return p
 }
@@ -158,77 +192,13 @@ func hashPair(seed maphash.Seed, k pairKey) uint64 {
 }
 
 // shard returns k's shard.
-func (p *pool) shard(k pairKey) *shard { return &p.shards[hashPair(p.seed, k)&p.mask] }
+func (p *pool) shard(k pairKey) *shard { return p.shards[hashPair(p.seed, k)&p.mask] }
 
-// lookupLocked returns k's slot. Caller must hold sh.mu (read or write).
-func (sh *shard) lookupLocked(h uint64, k pairKey) *slot {
-	for s := sh.slots[h]; s != nil; s = s.next {
-		if s.key == k {
-			return s
-		}
-	}
-	return nil
-}
-
-// insertLocked puts s at the head of its hash chain. Caller must hold sh.mu
-// and have unlinked any slot of the same pair.
-func (sh *shard) insertLocked(h uint64, s *slot) {
-	s.next = sh.slots[h]
-	sh.slots[h] = s
-}
-
-// unlinkLocked removes s from its hash chain and reports whether it was
-// there. Caller must hold sh.mu.
-func (sh *shard) unlinkLocked(h uint64, s *slot) bool {
-	for prev, cur := (*slot)(nil), sh.slots[h]; cur != nil; prev, cur = cur, cur.next {
-		if cur != s {
-			continue
-		}
-		switch {
-		case prev != nil:
-			prev.next = s.next
-		case s.next != nil:
-			sh.slots[h] = s.next
-		default:
-			delete(sh.slots, h)
-		}
-		s.next = nil
-		return true
-	}
-	return false
-}
-
-// hit leases k's slot if it can be handed out with no I/O: live and before
-// its hitUntil (younger than MaxAge, provider deadline not imminent, checked
-// within HealthCheckAfter). It allocates nothing and writes only the lease
-// count: the idle clock is written when the lease ends.
-func (sh *shard) hit(h uint64, k pairKey, now int64) *slot {
-	sh.mu.RLock()
-	s := sh.lookupLocked(h, k)
-	if s == nil || s.state.Load() != stateLive || now >= s.hitUntil.Load() {
-		sh.mu.RUnlock()
-		return nil
-	}
-	s.leases.Add(1) // under the read lock: detach (write lock) sees it
-	sh.mu.RUnlock()
-	return s
-}
-
-// leaseSlot leases s if it is still its pair's live slot (after a fill validated it).
-func (sh *shard) leaseSlot(s *slot) bool {
-	sh.mu.RLock()
-	defer sh.mu.RUnlock()
-	if sh.lookupLocked(hashPair(sh.seed, s.key), s.key) != s || s.state.Load() != stateLive {
-		return false
-	}
-	s.leases.Add(1)
-	return true
-}
-
-// get returns k's slot, if any.
+// get returns k's slot, if any, exactly: it looks under the lock, so no
+// concurrent resize can hide it.
 func (sh *shard) get(k pairKey) *slot {
 	sh.mu.RLock()
-	s := sh.lookupLocked(hashPair(sh.seed, k), k)
+	s := sh.lookup(hashPair(sh.seed, k), k)
 	sh.mu.RUnlock()
 	return s
 }
@@ -285,15 +255,14 @@ func (p *pool) unrefLocked(sh *shard, k pairKey, f *flight) {
 func (p *pool) put(sh *shard, s *slot) (old *slot) {
 	h := hashPair(sh.seed, s.key)
 	sh.mu.Lock()
-	if old = sh.lookupLocked(h, s.key); old != nil {
+	if old = sh.lookup(h, s.key); old != nil {
 		sh.unlinkLocked(h, old)
 	}
 	sh.insertLocked(h, s)
 	if old != nil {
-		old.state.CompareAndSwap(stateLive, stateRetired)
+		old.retire(stateRetired, false)
 	} else {
 		p.active.Add(1)
-		sh.slots = shrink(sh.slots, &sh.peakSlots) // records the peak
 	}
 	sh.mu.Unlock()
 	return old
@@ -302,20 +271,14 @@ func (p *pool) put(sh *shard, s *slot) (old *slot) {
 // detach takes s out of the pool if it is still there and moves it to state
 // to (stateRetired or stateDead). It reports whether this call detached it.
 // With onlyIdle, a leased slot is left alone.
-func (p *pool) detach(sh *shard, s *slot, to int32, onlyIdle bool) bool {
+func (p *pool) detach(sh *shard, s *slot, to uint32, onlyIdle bool) bool {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	if onlyIdle && s.leases.Load() > 0 {
+	if !s.retire(to, onlyIdle) {
 		return false
 	}
-	cur := s.state.Load()
-	if cur == stateDead || cur == to {
-		return false
-	}
-	s.state.Store(to)
 	if sh.unlinkLocked(hashPair(sh.seed, s.key), s) {
 		p.active.Add(-1)
-		sh.slots = shrink(sh.slots, &sh.peakSlots)
 	}
 	return true
 }

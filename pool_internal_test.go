@@ -2,6 +2,8 @@ package sandboxpool
 
 import (
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"unsafe"
 
@@ -9,42 +11,186 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+func testSlot(sh *shard, user string) (*slot, uint64) {
+	k := pairKey{user, "p"}
+	h := hashPair(sh.seed, k)
+	return &slot{key: k, tag: hashTag(h), heapIdx: -1}, h
+}
+
 // Pairs whose 64-bit hashes collide share a chain: each is still found by
 // its own key, and unlinking any position leaves the others reachable.
-func TestShardHashChains(t *testing.T) {
-	p := newPool(1)
-	sh := &p.shards[0]
+func TestIndexChains(t *testing.T) {
+	sh := newPool(1).shards[0]
 	const h = 42 // every slot below in one chain, as colliding hashes would be
 	var slots []*slot
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
 	for i := range 4 {
-		s := &slot{key: pairKey{fmt.Sprint("u", i), "p"}, heapIdx: -1}
+		s := &slot{key: pairKey{fmt.Sprint("u", i), "p"}, tag: hashTag(h), heapIdx: -1}
 		sh.insertLocked(h, s)
 		slots = append(slots, s)
 	}
-	other := &slot{key: pairKey{"other", "p"}, heapIdx: -1}
-	sh.insertLocked(7, other)
 	for _, s := range slots {
-		assert.Same(t, s, sh.lookupLocked(h, s.key))
+		assert.Same(t, s, sh.lookup(h, s.key))
 	}
-	assert.Nil(t, sh.lookupLocked(h, pairKey{"missing", "p"}))
-	assert.Nil(t, sh.lookupLocked(h, other.key), "another hash's slot is not in this chain")
-
+	assert.Nil(t, sh.lookup(h, pairKey{"missing", "p"}))
 	for _, i := range []int{1, 3, 0, 2} { // middle, head (last inserted), tail, the only one left
 		require.True(t, sh.unlinkLocked(h, slots[i]))
-		assert.Nil(t, sh.lookupLocked(h, slots[i].key))
-		assert.Nil(t, slots[i].next)
+		assert.Nil(t, sh.lookup(h, slots[i].key))
+		assert.Nil(t, slots[i].next.Load())
 		assert.False(t, sh.unlinkLocked(h, slots[i]), "unlinking twice is refused")
+		for _, j := range []int{0, 1, 2, 3} {
+			if sh.lookup(h, slots[j].key) == nil {
+				continue
+			}
+			assert.Same(t, slots[j], sh.lookup(h, slots[j].key))
+		}
 	}
+	assert.Zero(t, sh.n)
+}
+
+// The index grows to one slot per bucket and shrinks back as slots leave,
+// so a churned shard keeps only what its live pairs need.
+func TestIndexResizes(t *testing.T) {
+	sh := newPool(1).shards[0]
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	var slots []*slot
+	for i := range 10_000 {
+		s, h := testSlot(sh, fmt.Sprint("u", i))
+		sh.insertLocked(h, s)
+		slots = append(slots, s)
+	}
+	assert.Equal(t, 16384, len(sh.idx.Load().buckets))
 	for _, s := range slots {
-		assert.Nil(t, sh.lookupLocked(h, s.key))
+		require.Same(t, s, sh.lookup(hashPair(sh.seed, s.key), s.key))
 	}
-	_, present := sh.slots[h]
-	assert.False(t, present, "an emptied chain leaves no map entry")
-	assert.Same(t, other, sh.lookupLocked(7, other.key))
+	for _, s := range slots[10:] {
+		require.True(t, sh.unlinkLocked(hashPair(sh.seed, s.key), s))
+	}
+	assert.LessOrEqual(t, len(sh.idx.Load().buckets), 64, "buckets follow the live slots down")
+	for _, s := range slots[:10] {
+		require.Same(t, s, sh.lookup(hashPair(sh.seed, s.key), s.key))
+	}
+	var n int
+	sh.eachLocked(func(*slot) { n++ })
+	assert.Equal(t, 10, n)
+}
+
+// Lock-free readers racing a writer that inserts, unlinks and resizes never
+// see another pair's slot and never hang; once the writer stops, every slot
+// that stayed is found again.
+func TestIndexConcurrentReaders(t *testing.T) {
+	sh := newPool(1).shards[0]
+	var stay, churn []*slot
+	for i := range 2000 {
+		s, _ := testSlot(sh, fmt.Sprint("stay", i))
+		stay = append(stay, s)
+		c, _ := testSlot(sh, fmt.Sprint("churn", i))
+		churn = append(churn, c)
+	}
+	sh.mu.Lock()
+	for _, s := range stay {
+		sh.insertLocked(hashPair(sh.seed, s.key), s)
+	}
+	sh.mu.Unlock()
+
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var found, missed atomic.Int64
+	for range 4 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				for j, want := range []*slot{stay[i%len(stay)], churn[i%len(churn)]} {
+					got := sh.lookup(hashPair(sh.seed, want.key), want.key)
+					if got != nil && got != want {
+						t.Errorf("lookup(%v) returned the slot of %v", want.key, got.key)
+						return
+					}
+					switch {
+					case j == 1: // a churned slot may or may not be there
+					case got == nil:
+						missed.Add(1)
+					default:
+						found.Add(1)
+					}
+				}
+			}
+		})
+	}
+	for round := range 20 { // every round grows the index past 4096 buckets and shrinks it back
+		sh.mu.Lock()
+		for _, c := range churn {
+			sh.insertLocked(hashPair(sh.seed, c.key), c)
+		}
+		sh.mu.Unlock()
+		sh.mu.Lock()
+		for _, c := range churn {
+			require.True(t, sh.unlinkLocked(hashPair(sh.seed, c.key), c), "round %d", round)
+		}
+		sh.mu.Unlock()
+	}
+	close(stop)
+	wg.Wait()
+	for _, s := range stay {
+		require.Same(t, s, sh.lookup(hashPair(sh.seed, s.key), s.key))
+	}
+	t.Logf("lock-free lookups of resident slots during churn: %d found, %d missed (Manager.hit then looks under the lock)", found.Load(), missed.Load())
+	assert.Positive(t, found.Load())
+}
+
+// A lease taken by a lock-free hit and a retirement race on one atomic word:
+// either the lease lands first (and the slot retires leased) or the hit sees
+// the retirement and backs out. The count never drifts.
+func TestLeaseRetireRace(t *testing.T) {
+	for range 200 {
+		var s slot
+		var leased atomic.Bool
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			if stateOf(s.ctl.Add(1)) == stateLive {
+				leased.Store(true)
+				return
+			}
+			s.ctl.Add(^uint32(0))
+		})
+		retired := s.retire(stateRetired, true)
+		wg.Wait()
+		switch {
+		case retired && leased.Load():
+			t.Fatal("an idle-only retirement succeeded on a leased slot")
+		case retired:
+			assert.EqualValues(t, 0, s.leases())
+			assert.Equal(t, stateRetired, s.state())
+		default:
+			assert.True(t, leased.Load())
+			assert.EqualValues(t, 1, s.leases())
+			assert.Equal(t, stateLive, s.state())
+		}
+	}
 }
 
 // A slot stays within one 128-byte allocation: what a hit touches is on its
 // first cache line, and a million pairs cost what BenchmarkMemoryPerPair says.
 func TestSlotSize(t *testing.T) {
 	assert.LessOrEqual(t, unsafe.Sizeof(slot{}), uintptr(128))
+	var s slot
+	assert.LessOrEqual(t, unsafe.Offsetof(s.shape)+unsafe.Sizeof(s.shape), uintptr(64), "the fields a hit and a release read span one cache line")
+}
+
+// A shard is two whole cache lines, and what a hit touches is on the first,
+// so shards in the pool's slice never share a line.
+func TestShardLayout(t *testing.T) {
+	var sh shard
+	assert.EqualValues(t, 128, unsafe.Sizeof(sh))
+	assert.LessOrEqual(t, unsafe.Offsetof(sh.seed)+unsafe.Sizeof(sh.seed), uintptr(64), "what a hit reads is on the first line")
+	assert.GreaterOrEqual(t, unsafe.Offsetof(sh.memoryHits), uintptr(64), "what is written is off the first line")
+	for _, sh := range newPool(64).shards {
+		assert.Zero(t, uintptr(unsafe.Pointer(sh))%64, "shards start on a cache line")
+	}
 }

@@ -200,10 +200,10 @@ func (m *Manager) nextVisit(s *slot, now int64) int64 {
 	if next <= now {
 		next = dl
 	}
-	if exp := m.expiresAt(s); s.state.Load() == stateLive && exp > now {
+	if exp := m.expiresAt(s); s.state() == stateLive && exp > now {
 		next = min(next, exp)
 	}
-	if s.leases.Load() == 0 {
+	if s.leases() == 0 {
 		next = min(next, m.idleDeadline(s))
 	}
 	if next <= now {
@@ -216,7 +216,7 @@ func (m *Manager) nextVisit(s *slot, now int64) int64 {
 // MaxAge, and pushes the provider (and Redis) deadline of one in use.
 func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 	sh := m.pool.shard(s.key)
-	switch s.state.Load() {
+	switch s.state() {
 	case stateDead:
 		return
 	case stateLive:
@@ -227,8 +227,8 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 			}
 		}
 	}
-	leased := s.leases.Load() > 0
-	if s.state.Load() == stateRetired && !leased {
+	leased := s.leases() > 0
+	if s.state() == stateRetired && !leased {
 		m.endRetired(ctx, s, "max age reached")
 		return
 	}

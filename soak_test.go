@@ -119,18 +119,27 @@ func (s *soak) load(ctx context.Context) {
 	wg.Wait()
 }
 
-// duplicates counts pairs with more than one running sandbox at the fake.
-func (s *soak) duplicates() int {
-	byPair := map[string]int{}
+// duplicates counts pairs with more than one running sandbox at the fake,
+// and describes each: its sandboxes and the one the pair's Redis record names.
+func (s *soak) duplicates() (int, []string) {
+	byPair := map[[2]string][]string{}
 	for _, id := range s.fake.Running() {
 		md := s.fake.Metadata(id)
-		byPair[md["sandboxpool.user"]+"/"+md["sandboxpool.project"]]++
+		k := [2]string{md["sandboxpool.user"], md["sandboxpool.project"]}
+		byPair[k] = append(byPair[k], id)
 	}
-	dups := 0
-	for _, n := range byPair {
-		dups += max(0, n-1)
+	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
+	defer rdb.Close()
+	dups, detail := 0, []string(nil)
+	for k, ids := range byPair {
+		if len(ids) < 2 {
+			continue
+		}
+		dups += len(ids) - 1
+		rec, _ := rdb.HGet(context.Background(), "soak:{"+k[0]+":"+k[1]+"}:sbx", "id").Result()
+		detail = append(detail, fmt.Sprintf("%s/%s: running %v, Redis names %q", k[0], k[1], ids, rec))
 	}
-	return dups
+	return dups, detail
 }
 
 func TestSoak(t *testing.T) {
@@ -212,12 +221,13 @@ func TestSoak(t *testing.T) {
 		cancel()
 		fw.Wait()
 		time.Sleep(1500 * time.Millisecond) // settle: reconcile, retire duplicates, kills
+		dups, detail := s.duplicates()
 		r := row{phase: ph.name, served: s.served.Load() - before, failed: s.totalErrs() - failedBefore,
 			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore,
-			dupsNow: s.duplicates(), running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
+			dupsNow: dups, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
 		rows = append(rows, r)
 		if r.dupsNow > 0 {
-			broken = append(broken, fmt.Sprintf("%s: %d duplicate sandboxes still running after settling", ph.name, r.dupsNow))
+			broken = append(broken, fmt.Sprintf("%s: %d duplicate sandboxes still running after settling: %v", ph.name, r.dupsNow, detail))
 		}
 		if r.served == 0 {
 			broken = append(broken, ph.name+": nothing served")

@@ -79,16 +79,11 @@ func (m *Manager) Stats() Stats {
 		Active:          m.pool.active.Load(),
 		KeyLocks:        m.pool.keyLocks.Load(),
 	}
-	for i := range m.pool.shards {
-		sh := &m.pool.shards[i]
+	for _, sh := range m.pool.shards {
 		st.MemoryHits += sh.memoryHits.Load()
 		st.Acquires += sh.slowAcquires.Load()
 		sh.mu.RLock()
-		for _, head := range sh.slots {
-			for s := head; s != nil; s = s.next {
-				st.Leased += int64(s.leases.Load())
-			}
-		}
+		sh.eachLocked(func(s *slot) { st.Leased += int64(s.leases()) })
 		sh.mu.RUnlock()
 	}
 	st.Acquires += st.MemoryHits

@@ -1,12 +1,15 @@
 // Command benchtable reads `go test -bench` output on stdin and prints the
 // figures of sandboxpool's benchmarks as ratios to the baselines measured in
 // the same run. A benchmark run several times (-count) is reported by the
-// median of each of its metrics, which a noisy shared machine needs.
+// median of each of its metrics, and a ratio by the median of the ratios of
+// the runs made side by side (run i of one against run i of its baseline),
+// which a noisy shared machine needs: its speed drifts between runs.
 package main
 
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"os"
 	"regexp"
 	"sort"
@@ -23,9 +26,29 @@ type result struct {
 
 var line = regexp.MustCompile(`^Benchmark(\S+?)(?:-(\d+))?\s+\d+\s+(.*)$`)
 
-func parse() []result {
+// nsRuns holds every run's ns/op, in order, by name and GOMAXPROCS.
+var nsRuns = map[string][]float64{}
+
+func runKey(name string, procs int) string { return name + "/" + strconv.Itoa(procs) }
+
+// ratio is the median over side-by-side runs of r's ns/op over base's.
+func ratio(r, base result) float64 {
+	a, b := nsRuns[runKey(r.name, r.procs)], nsRuns[runKey(base.name, base.procs)]
+	n := min(len(a), len(b))
+	if n == 0 {
+		return r.metrics["ns/op"] / base.metrics["ns/op"]
+	}
+	rs := make([]float64, n)
+	for i := range n {
+		rs[i] = a[i] / b[i]
+	}
+	sort.Float64s(rs)
+	return rs[n/2]
+}
+
+func parse(in io.Reader) []result {
 	var runs []result
-	sc := bufio.NewScanner(os.Stdin)
+	sc := bufio.NewScanner(in)
 	for sc.Scan() {
 		m := line.FindStringSubmatch(sc.Text())
 		if m == nil {
@@ -43,6 +66,9 @@ func parse() []result {
 			}
 		}
 		runs = append(runs, r)
+		if v, ok := r.metrics["ns/op"]; ok {
+			nsRuns[runKey(r.name, r.procs)] = append(nsRuns[runKey(r.name, r.procs)], v)
+		}
 	}
 	return medians(runs)
 }
@@ -79,7 +105,7 @@ func medians(runs []result) []result {
 }
 
 func main() {
-	rs := parse()
+	rs := parse(os.Stdin)
 	get := func(name string, procs int) (result, bool) {
 		for _, r := range rs {
 			if r.name == name && r.procs == procs {
@@ -98,47 +124,50 @@ func main() {
 	}
 	sort.Ints(procs)
 
-	fmt.Println("| benchmark | GOMAXPROCS | ns/op | allocs/op | ratio | note |")
-	fmt.Println("|---|---|---|---|---|---|")
+	fmt.Println("| benchmark | GOMAXPROCS | ns/op | allocs/op | B/op | ratio | note |")
+	fmt.Println("|---|---|---|---|---|---|---|")
 	row := func(r result, ratio, note string) {
-		fmt.Printf("| %s | %d | %.1f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], ratio, note)
+		fmt.Printf("| %s | %d | %.1f | %.0f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], r.metrics["B/op"], ratio, note)
 	}
 	for _, p := range procs {
-		base, ok := get("HotPath/baseline-maphash64", p)
-		if ok {
-			row(base, "1.00×", "baseline: 64-shard maphash map + atomic store")
-		}
-		naive, hasNaive := get("HotPath/naive-global-mutex+redis-GET", p)
-		pud, hasPud := get("HotPath/puddle-Acquire+Release", p)
-		for _, name := range []string{"HotPath/sandboxpool-Acquire+Release", "HotPath/sandboxpool-Use", "HotPath/sandboxpool-with-redis-Acquire+Release"} {
-			r, found := get(name, p)
-			if !found || !ok {
+		for _, group := range []string{"HotPath", "HotPathIndexOrder"} {
+			base, ok := get(group+"/baseline-maphash64", p)
+			if !ok {
 				continue
 			}
-			note := ""
-			if hasNaive {
-				note += fmt.Sprintf("%.0f× faster than the old single-mutex design; ", naive.metrics["ns/op"]/r.metrics["ns/op"])
+			row(base, "1.00×", "baseline: 64-shard maphash map + atomic store")
+			naive, hasNaive := get(group+"/naive-global-mutex+redis-GET", p)
+			pud, hasPud := get(group+"/puddle-Acquire+Release", p)
+			for _, name := range []string{"sandboxpool-Acquire+Release", "sandboxpool-Use", "sandboxpool-with-redis-Acquire+Release"} {
+				r, found := get(group+"/"+name, p)
+				if !found {
+					continue
+				}
+				note := ""
+				if hasNaive {
+					note += fmt.Sprintf("%.0f× faster than the old single-mutex design; ", 1/ratio(r, naive))
+				}
+				if hasPud {
+					note += fmt.Sprintf("%.2f× puddle/v2", ratio(r, pud))
+				}
+				if rt, has := r.metrics["redis-rt/op"]; has {
+					note += fmt.Sprintf("; %.3f Redis round trips/op", rt)
+				}
+				row(r, fmt.Sprintf("%.2f×", ratio(r, base)), note)
 			}
 			if hasPud {
-				note += fmt.Sprintf("%.2f× puddle/v2", r.metrics["ns/op"]/pud.metrics["ns/op"])
+				row(pud, fmt.Sprintf("%.2f×", ratio(pud, base)), "jackc/puddle/v2")
 			}
-			if rt, has := r.metrics["redis-rt/op"]; has {
-				note += fmt.Sprintf("; %.3f Redis round trips/op", rt)
+			if hasNaive {
+				row(naive, fmt.Sprintf("%.2f×", ratio(naive, base)), "old design: one global mutex, Redis GET per request")
 			}
-			row(r, fmt.Sprintf("%.2f×", r.metrics["ns/op"]/base.metrics["ns/op"]), note)
-		}
-		if hasPud && ok {
-			row(pud, fmt.Sprintf("%.2f×", pud.metrics["ns/op"]/base.metrics["ns/op"]), "jackc/puddle/v2")
-		}
-		if hasNaive && ok {
-			row(naive, fmt.Sprintf("%.2f×", naive.metrics["ns/op"]/base.metrics["ns/op"]), "old design: one global mutex, Redis GET per request")
 		}
 		get1, hasGet := get("RedisPaths/baseline-GET", p)
 		if hasGet {
 			row(get1, "1.00×", "baseline: one plain go-redis GET")
 			for _, name := range []string{"RedisPaths/warm-redis-hit", "RedisPaths/cold-create"} {
 				if r, found := get(name, p); found {
-					row(r, fmt.Sprintf("%.2f× GET", r.metrics["ns/op"]/get1.metrics["ns/op"]), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
+					row(r, fmt.Sprintf("%.2f× GET", ratio(r, get1)), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
 				}
 			}
 		}

@@ -1,0 +1,34 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+// Runs made side by side are compared pairwise: a machine that slows down
+// between runs moves both sides of a pair, so the ratio is that of the runs,
+// not of the two medians.
+func TestRatioPairsRuns(t *testing.T) {
+	rs := parse(strings.NewReader(`
+BenchmarkHotPath/baseline-maphash64-2   1000  100 ns/op  0 B/op  0 allocs/op
+BenchmarkHotPath/ours-2                 1000  150 ns/op  18 B/op  0 allocs/op
+BenchmarkHotPath/baseline-maphash64-2   1000  200 ns/op  0 B/op  0 allocs/op
+BenchmarkHotPath/ours-2                 1000  300 ns/op  18 B/op  0 allocs/op
+BenchmarkHotPath/baseline-maphash64-2   1000  400 ns/op  0 B/op  0 allocs/op
+BenchmarkHotPath/ours-2                 1000  100 ns/op  18 B/op  0 allocs/op
+`))
+	if len(rs) != 2 {
+		t.Fatalf("parsed %d benchmarks, want 2", len(rs))
+	}
+	base, ours := rs[0], rs[1]
+	if base.procs != 2 || ours.metrics["B/op"] != 18 {
+		t.Fatalf("parsed %+v", rs)
+	}
+	if got := ours.metrics["ns/op"]; got != 150 {
+		t.Errorf("median ns/op = %v, want 150", got)
+	}
+	// Run ratios 1.5, 1.5, 0.25: median 1.5 (the ratio of medians would be 0.75).
+	if got := ratio(ours, base); got != 1.5 {
+		t.Errorf("ratio = %v, want 1.5", got)
+	}
+}

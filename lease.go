@@ -1,0 +1,87 @@
+package sandboxpool
+
+import "sync/atomic"
+
+// Lease is one holder's use of a pair's sandbox. While any lease on a
+// sandbox is held, the sandbox is not reaped, and its deadlines are kept
+// extended. Call Release when done.
+//
+// A Lease is never handed out twice, so Release is idempotent for as long as
+// the holder keeps the pointer. Acquire is inlined into its caller, so a
+// Lease that does not escape the caller's function (acquired, used and
+// released there, as in an HTTP handler) lives on its stack: no allocation.
+type Lease struct {
+	s        *slot // its shape names the Manager: a Lease is 16 bytes
+	outcome  Outcome
+	released atomic.Bool
+}
+
+// Sandbox returns the leased sandbox.
+func (l *Lease) Sandbox() Sandbox { return l.s.sandbox() }
+
+// Outcome says how Acquire got the sandbox.
+func (l *Lease) Outcome() Outcome { return l.outcome }
+
+// Reused reports whether the sandbox existed before this Acquire (it was
+// not created for it).
+func (l *Lease) Reused() bool { return l.outcome != OutcomeCreated }
+
+// Release ends the lease. It is idempotent and safe after Close.
+func (l *Lease) Release() {
+	if l.released.CompareAndSwap(false, true) {
+		l.s.shape.m.release(l.s)
+	}
+}
+
+// tryLease takes a lease on s if it is live, in one atomic add that also
+// reads the state, so a retirement cannot slip between the check and the
+// lease. On a slot that is no longer live the add is undone as a release.
+func (m *Manager) tryLease(s *slot) bool {
+	if stateOf(s.ctl.Add(1)) == stateLive {
+		return true
+	}
+	m.unlease(s)
+	return false
+}
+
+// release ends one lease on s. The idle clock restarts here (before the
+// count drops, so a reaper that sees no lease sees this use), not at
+// acquisition: an unleased sandbox is idle from the end of its last use.
+func (m *Manager) release(s *slot) {
+	if now := m.clock.coarse(); s.lastUse.Load() != now { // the coarse clock ticks every 10 ms: skip redundant stores
+		s.lastUse.Store(now)
+	}
+	m.unlease(s)
+}
+
+// unlease drops one lease on s. Whoever drops the last lease on a retired
+// slot (a release, or a tryLease backing out) ends it.
+func (m *Manager) unlease(s *slot) {
+	if s.ctl.Add(^uint32(0)) == stateRetired<<leaseBits {
+		m.endLater(s, "max age reached")
+	}
+}
+
+// Outcome is how an Acquire was served, for metrics and logs.
+type Outcome uint8
+
+// The outcomes of Acquire.
+const (
+	OutcomeError     Outcome = iota // Acquire failed
+	OutcomeMemoryHit                // in this process's pool (probed if due)
+	OutcomeCacheHit                 // reconnected: found in Redis or adopted by metadata
+	OutcomeCreated                  // a new sandbox
+)
+
+// String names the outcome: "error", "memory_hit", "cache_hit", "created".
+func (o Outcome) String() string {
+	switch o {
+	case OutcomeMemoryHit:
+		return "memory_hit"
+	case OutcomeCacheHit:
+		return "cache_hit"
+	case OutcomeCreated:
+		return "created"
+	}
+	return "error"
+}
