@@ -30,9 +30,8 @@ func withState(ctl, st uint32) uint32 { return st<<leaseBits | ctl&leaseMask }
 // large pool is bound by cache misses, so everything a memory hit and a
 // release touch (ctl, hitUntil, lastUse, the tag and key a lookup compares,
 // and the shape that names the Manager) fills the first 64 bytes, one cache
-// line;
-// what varies little between sandboxes (template, domain, envd version and
-// URL) is interned in a shared shape. Fields written after the slot is
+// line; what varies little between sandboxes (template, domain, envd version
+// and URL) is interned in a shared shape. Fields written after the slot is
 // published are atomics, or guarded as noted.
 type slot struct {
 	ctl      atomic.Uint32 // state and lease count (see leaseBits)
@@ -58,9 +57,10 @@ func (s *slot) state() uint32 { return stateOf(s.ctl.Load()) }
 // leases returns how many leases on s are held in this process.
 func (s *slot) leases() int32 { return leasesOf(s.ctl.Load()) }
 
-// retire moves s from live to state to, keeping its leases, and reports
-// whether this call did. It fails if s is no longer live, or (with onlyIdle)
-// if s is leased: a lock-free hit that leased s first wins.
+// retire moves s forward to state to (retired or dead), keeping its leases,
+// and reports whether this call did. It fails if s is already dead or in
+// state to, or (with onlyIdle) if s is leased: a lock-free hit that leased s
+// before the swap wins.
 func (s *slot) retire(to uint32, onlyIdle bool) bool {
 	for {
 		w := s.ctl.Load()
