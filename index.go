@@ -7,14 +7,15 @@ import (
 
 // index is a shard's map from pair hash to slot: buckets of chains linked
 // through slot.next. A memory hit reads it with atomic loads and takes no
-// lock, so hits on one shard from different CPUs never write a shared cache
-// line; insert, unlink and resize run under shard.mu.
+// lock, so concurrent hits on one shard share no lock word (only the
+// shard's hit counter); insert, unlink and resize run under shard.mu.
 //
-// A reader never sees a wrong slot (it compares the key), and never loops: a
+// A reader never returns a wrong slot: it compares the key. Its walk ends: a
 // chain is only ever cut or prefixed, and a resize relinks slots into the new
-// buckets in order, each pointing only at slots relinked before it. A reader
-// racing a writer may miss a slot that is there; Manager.hit then looks again
-// under the lock before taking the slow path.
+// buckets in order, each pointing only at slots relinked before it, so a walk
+// can only come back to a slot it passed if another resize ran meanwhile. A
+// reader racing a writer may miss a slot that is there; Manager.hit then
+// looks again under the lock before taking the slow path.
 type index struct {
 	shift   uint8 // the bucket of hash h is h >> shift: the top bits, since the low ones chose the shard
 	buckets []atomic.Pointer[slot]
