@@ -185,15 +185,6 @@ func (m *Manager) hit(k pairKey) *slot {
 // and returns fn's error (or Acquire's): Acquire plus Release, with the
 // Lease on Use's own stack whatever fn does.
 func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox) error) error {
-	if m.closed.Load() {
-		return ErrClosed
-	}
-	if m.cfg.OnAcquire == nil {
-		if s := m.hit(pairKey{user, project}); s != nil {
-			defer m.release(s)
-			return fn(s.sandbox())
-		}
-	}
 	var l Lease
 	if err := m.acquire(ctx, &l, user, project); err != nil {
 		return err
