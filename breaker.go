@@ -140,9 +140,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 			}
 			if id != s.id {
 				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
-				if m.pool.detach(m.pool.shard(s.key), s, stateRetired, false) && s.leases() == 0 {
-					m.endLater(s, "duplicate created during Redis outage")
-				}
+				m.retire(m.pool.shard(s.key), s, "duplicate created during Redis outage")
 			}
 		}
 		m.unpubMu.Lock()

@@ -246,8 +246,8 @@ func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcom
 			m.ctr.replaced.Add(1)
 			m.pool.detach(sh, s, stateDead, false)
 			m.forget(ctx, s)
-		} else if m.pool.detach(sh, s, stateRetired, false) && s.leases() == 0 {
-			m.endLater(s, "max age reached")
+		} else {
+			m.retire(sh, s, "max age reached")
 		}
 	}
 	s, err := m.fromCache(ctx, sh, k)
@@ -627,6 +627,14 @@ func (m *Manager) killID(ctx context.Context, id, why string) error {
 	}
 	m.ctr.kills.Add(1)
 	return nil
+}
+
+// retire takes s out of the pool for good (past MaxAge, or a duplicate). It
+// is ended now if no lease holds it, else at its last release (see unlease).
+func (m *Manager) retire(sh *shard, s *slot, why string) {
+	if m.pool.detach(sh, s, stateRetired, false) && s.leases() == 0 {
+		m.endLater(s, why)
+	}
 }
 
 // endLater runs endRetired in the background, for callers that must not
