@@ -124,7 +124,8 @@ func (m *Manager) hasUnpublished() bool {
 
 // reconcile publishes the sandboxes created while Redis was down. Where
 // another instance published a different sandbox for the pair meanwhile,
-// that one is canonical: ours is retired (killed at its last release).
+// that one is canonical: ours is superseded (retired and left to its
+// provider deadline: another instance may have adopted it meanwhile).
 func (m *Manager) reconcile(ctx context.Context) {
 	m.unpubMu.Lock()
 	pending := make([]*slot, 0, len(m.unpublished))
@@ -140,7 +141,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 			}
 			if id != s.id {
 				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
-				m.retire(m.pool.shard(s.key), s, "duplicate created during Redis outage")
+				m.supersede(ctx, s)
 			}
 		}
 		m.unpubMu.Lock()

@@ -58,10 +58,13 @@ redis.call("pexpireat", KEYS[1], ARGV[4])
 return ARGV[1]
 `)
 	// luaTouch extends the deadline (never shortens it) if the record still
-	// names our sandbox, and returns the deadline now in force (0: not ours).
+	// names our sandbox, and returns the deadline now in force; 0 when the
+	// pair has no record, -1 when it names another sandbox.
 	// KEYS: sbx; ARGV: id, deadline.
 	luaTouch = redis.NewScript(`
-if redis.call("hget", KEYS[1], "id") ~= ARGV[1] then return 0 end
+local id = redis.call("hget", KEYS[1], "id")
+if not id then return 0 end
+if id ~= ARGV[1] then return -1 end
 local cur = tonumber(redis.call("hget", KEYS[1], "deadline") or "0")
 local want = tonumber(ARGV[2])
 if want > cur then
@@ -128,14 +131,23 @@ func (st *store) adopt(ctx context.Context, s *slot) (string, error) {
 	return id, err
 }
 
-// touch extends the record's deadline; it returns the deadline in force
-// (0 when the record no longer names s's sandbox).
+// What a touch found in Redis.
+const (
+	touchAbsent     = 0  // the pair has no record (expired, deleted, or lost with Redis's data)
+	touchSuperseded = -1 // the record names another sandbox: ours is a duplicate
+)
+
+// touch extends the record's deadline if it names s's sandbox, and returns
+// the deadline in force, or touchAbsent, or touchSuperseded.
 func (st *store) touch(ctx context.Context, s *slot, deadline int64) (int64, error) {
 	var ms int64
 	err := st.do(ctx, func(ctx context.Context) (err error) {
 		ms, err = luaTouch.Run(ctx, st.rdb, []string{st.sbxKey(s.key)}, s.id, nsToMs(deadline)).Int64()
 		return err
 	})
+	if ms <= 0 {
+		return ms, err
+	}
 	return msToNs(ms), err
 }
 
@@ -226,31 +238,57 @@ func (m *Manager) uncacheSlot(ctx context.Context, s *slot) {
 	}
 }
 
-// cacheTouch extends the pair's Redis expiry and idle clock to deadline.
-func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) {
+// cacheTouch extends the pair's Redis expiry and idle clock to deadline,
+// and keeps memory and Redis agreeing on the pair's sandbox: a record that
+// is gone (Redis lost its data, or it expired) is written again while s may
+// still be handed out, and a record that names another sandbox supersedes s
+// (then cacheTouch reports true). A Redis error is logged: the provider
+// deadline alone still holds.
+func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (superseded bool) {
 	if m.store == nil {
-		return
+		return false
 	}
-	if _, err := m.store.touch(ctx, s, deadline); err != nil {
+	res, err := m.store.touch(ctx, s, deadline)
+	if err == nil && res == touchAbsent && s.state() == stateLive && m.clock.precise()+m.guard < m.expiresAt(s) {
+		var id string
+		if id, err = m.store.adopt(ctx, s); err == nil && id != s.id {
+			res = touchSuperseded
+		}
+	}
+	switch {
+	case err != nil:
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
-		return
+		return false
+	case res == touchSuperseded:
+		m.supersede(ctx, s)
+		return true
 	}
 	_ = m.store.refreshReservation(ctx, s.key, deadline)
+	return false
 }
 
-// remoteDeadline returns the deadline in Redis when it is later than ours:
-// another instance used the sandbox. On a Redis error it returns -1: the
-// caller must not kill what another instance might be using.
+// What remoteDeadline found instead of a deadline.
+const (
+	remoteNone       = 0  // no record (or no Redis)
+	remoteUnknown    = -1 // Redis failed: another instance might be using the sandbox
+	remoteSuperseded = -2 // the record names another sandbox
+)
+
+// remoteDeadline returns the pair's deadline in Redis, which is later than
+// ours when another instance used the sandbox, or remoteNone,
+// remoteUnknown or remoteSuperseded.
 func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 {
 	if m.store == nil {
-		return 0
+		return remoteNone
 	}
 	rec, ok, err := m.store.get(ctx, s.key)
 	switch {
 	case err != nil:
-		return -1
-	case !ok || rec.id != s.id:
-		return 0
+		return remoteUnknown
+	case !ok:
+		return remoteNone
+	case rec.id != s.id:
+		return remoteSuperseded
 	}
 	return rec.deadline
 }

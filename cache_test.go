@@ -459,3 +459,97 @@ func TestRedisReplacementKeepsItsQuotaPlace(t *testing.T) {
 	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "the pair u/p still holds the only place")
 	assert.Equal(t, next, acquireID(t, a, "u", "p"))
 }
+
+// supersedeRecord makes the pair's Redis record name another sandbox of the
+// pair, as a creator whose lock expired, or an instance reconciling after a
+// Redis outage, may leave it; it returns that sandbox's id.
+func (c *cluster) supersedeRecord(t *testing.T, user, project string) string {
+	t.Helper()
+	sb, err := c.p.Create(context.Background(), sandboxpool.CreateRequest{Timeout: time.Hour,
+		Metadata: map[string]string{sandboxpool.MetaNamespace: "sandboxpool", sandboxpool.MetaUser: user, sandboxpool.MetaProject: project}})
+	require.NoError(t, err)
+	key := "sandboxpool:{" + user + ":" + project + "}:sbx"
+	ctx := context.Background()
+	require.NoError(t, c.rdb.HSet(ctx, key, "id", sb.ID).Err())
+	require.NoError(t, c.rdb.PExpireAt(ctx, key, c.clock.Now().Add(time.Hour)).Err())
+	if c.mr != nil {
+		c.mr.SetTime(c.clock.Now())
+	}
+	return sb.ID
+}
+
+// A duplicate the pair's Redis record does not name converges: the holder's
+// next keepalive finds it superseded, stops handing it out and serves the
+// named one, keeps its own lease alive, and kills nothing (another instance
+// may hold it); no longer extended, it dies at its provider deadline.
+func TestRedisSupersededDuplicateConverges(t *testing.T) {
+	c := newMiniCluster(t)
+	a := c.instance(t)
+	held, err := a.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	dup := held.Sandbox().ID
+	named := c.supersedeRecord(t, "u", "p")
+	assert.Equal(t, dup, acquireID(t, a, "u", "p"), "before a keepalive, memory still serves its copy")
+
+	c.advance(4 * time.Minute) // inside the touch lead of its 5 min deadline, still leased
+	a.ReapNow()
+	require.EqualValues(t, 1, a.Stats().Superseded)
+	dl, alive := c.p.Deadline(dup)
+	require.True(t, alive, "leased: kept alive")
+	assert.LessOrEqual(t, dl.Sub(c.clock.Now()), 5*time.Minute/2, "retired: extended by IdleTimeout/2, not a whole IdleTimeout")
+
+	l, err := a.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	assert.Equal(t, named, l.Sandbox().ID, "the sandbox Redis names")
+	assert.Equal(t, sandboxpool.OutcomeCacheHit, l.Outcome())
+	l.Release()
+
+	held.Release()
+	require.Eventually(t, func() bool { return a.Scheduled() == 1 }, 5*time.Second, time.Millisecond, "the duplicate is forgotten at its last release")
+	_, alive = c.p.Deadline(dup)
+	assert.True(t, alive, "not killed")
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill))
+	c.advance(5*time.Minute/2 + time.Second)
+	_, alive = c.p.Deadline(dup)
+	assert.False(t, alive, "its provider deadline reaped it")
+	assert.Equal(t, named, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the named sandbox's record is untouched")
+}
+
+// An idle copy that Redis no longer names is dropped without a kill: the
+// record's sandbox is the pair's, and the copy may be another instance's.
+func TestRedisIdleSupersededCopyIsNotKilled(t *testing.T) {
+	c := newMiniCluster(t)
+	a := c.instance(t)
+	dup := acquireID(t, a, "u", "p")
+	c.supersedeRecord(t, "u", "p")
+	c.advance(6 * time.Minute)
+	a.ReapNow()
+	require.Eventually(t, func() bool { return a.Scheduled() == 0 }, 5*time.Second, time.Millisecond)
+	assert.EqualValues(t, 1, a.Stats().Superseded)
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill), "%s was not ours to kill", dup)
+}
+
+// When Redis loses its data (a restart without persistence), the next
+// keepalive of a sandbox in use writes its record again, so every instance
+// keeps agreeing on it and none mistakes it for an idle one.
+func TestRedisKeepaliveRewritesALostRecord(t *testing.T) {
+	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+		c := newCluster(t, func(cfg *sandboxpool.Config) { cfg.IdleTimeout = time.Hour; cfg.MaxAge = 3 * time.Hour })
+		a, b := c.instance(t), c.instance(t)
+		held, err := a.Acquire(context.Background(), "u", "p")
+		require.NoError(t, err)
+		defer held.Release()
+		id := held.Sandbox().ID
+		require.NoError(t, c.rdb.FlushAll(context.Background()).Err())
+
+		c.advance(50 * time.Minute) // within the touch lead of its 1 h deadline
+		a.ReapNow()
+		assert.Equal(t, id, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the keepalive wrote the record again")
+		l, err := b.Acquire(context.Background(), "u", "p")
+		require.NoError(t, err)
+		defer l.Release()
+		assert.Equal(t, id, l.Sandbox().ID)
+		assert.EqualValues(t, 0, b.Stats().Adopted, "found through Redis, not by metadata")
+		assert.EqualValues(t, 0, a.Stats().Superseded+b.Stats().Superseded)
+	})
+}

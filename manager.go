@@ -14,8 +14,8 @@ import (
 
 // Timing constants, each with its reason.
 const (
-	// hotGuard: within this of the provider-side deadline, a hit goes
-	// through the slow path so the deadline is extended before it passes.
+	// hotGuard: a sandbox this close to MaxAge is not adopted or reconnected
+	// (it would be retired almost at once); the new one is made instead.
 	hotGuard = 2 * time.Second
 	// killTimeout bounds a background kill (after the last release of a
 	// retired sandbox, or an eviction); the provider's own deadline reaps
@@ -45,7 +45,7 @@ type Manager struct {
 	unpublished map[*slot]struct{} // created while Redis was down; published on recovery
 
 	probeAfter int64 // ns; <0 = always probe
-	guard      int64 // ns, hotGuard
+	guard      int64 // ns, hotGuard (at most IdleTimeout/4)
 	touchAhead int64 // ns: a deadline closer than this is worth pushing (IdleTimeout/2)
 
 	shapesMu sync.Mutex
@@ -211,7 +211,10 @@ func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*slot,
 			return nil, OutcomeError, f.err
 		}
 		if sh.get(k) == f.s && m.tryLease(f.s) {
-			return f.s, f.outcome, nil
+			if m.clock.precise() < m.expiresAt(f.s) {
+				return f.s, f.outcome, nil
+			}
+			m.unlease(f.s) // MaxAge passed during the fill's I/O: never handed out; the next fill rotates it
 		}
 		if attempt+1 >= maxLeaseAttempts {
 			return nil, OutcomeError, pairErr("acquire", k, errors.New("sandbox was removed while being acquired"))
@@ -239,13 +242,14 @@ func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcom
 			if err != nil {
 				return nil, OutcomeError, err
 			}
-			if ok {
+			switch {
+			case ok:
 				return s, OutcomeMemoryHit, nil
-			}
-			// Definitively gone: replace it below.
-			m.ctr.replaced.Add(1)
-			m.pool.detach(sh, s, stateDead, false)
-			m.forget(ctx, s)
+			case s.state() == stateLive: // definitively gone: replace it below
+				m.ctr.replaced.Add(1)
+				m.pool.detach(sh, s, stateDead, false)
+				m.forget(ctx, s)
+			} // else superseded by the sandbox Redis names: found below
 		} else {
 			m.retire(sh, s, "max age reached")
 		}
@@ -267,10 +271,12 @@ func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcom
 func (m *Manager) expiresAt(s *slot) int64 { return s.createdAt + int64(m.cfg.MaxAge) }
 
 // revalidate decides whether a cached slot can be handed out: it extends a
-// deadline about to pass (which also proves the sandbox is alive), or probes
-// it. ok is false with a nil error only on a definitive not-found.
+// deadline about to pass (which also proves the sandbox is alive, and asks
+// Redis whether it is still the pair's sandbox), or probes it. ok is false
+// with a nil error on a definitive not-found, or when the extension found s
+// superseded (s is then retired).
 func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, err error) {
-	if now >= s.deadline.Load()-m.guard {
+	if now >= s.deadline.Load()-m.touchLead() {
 		err = m.touch(ctx, s, now)
 	} else if m.probeAfter < 0 || now-s.lastCheck.Load() >= m.probeAfter {
 		m.ctr.healthChecks.Add(1)
@@ -280,7 +286,7 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 	case err == nil:
 		s.lastCheck.Store(now)
 		m.refreshHit(s)
-		return true, nil
+		return s.state() == stateLive, nil
 	case errors.Is(err, ErrSandboxNotFound):
 		return false, nil
 	default: // ambiguous: fail closed, keep the sandbox, report the error
@@ -431,8 +437,8 @@ func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
 }
 
 // adoptFound connects to the newest of the pair's sandboxes that is younger
-// than MaxAge and kills younger duplicates. It returns nil, nil when none
-// can be adopted.
+// than MaxAge (and, without Redis, kills the older ones). It returns nil,
+// nil when none can be adopted.
 func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*slot, error) {
 	sort.Slice(found, func(i, j int) bool { return found[i].CreatedAt.After(found[j].CreatedAt) })
 	now := m.clock.precise()
@@ -446,11 +452,16 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 		s, err := m.connect(ctx, k, sb.ID, sb.CreatedAt.UnixNano(), now)
 		if err == nil {
 			m.ctr.adopted.Add(1)
-			for _, dup := range found[i+1:] {
-				if now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
-					_ = m.killID(ctx, dup.ID, "duplicate sandbox of the pair") // counted and logged
+			if m.store == nil { // alone: older duplicates are an earlier process's leftovers
+				for _, dup := range found[i+1:] {
+					if now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
+						_ = m.killID(ctx, dup.ID, "duplicate sandbox of the pair") // counted and logged
+					}
 				}
 			}
+			// With Redis, another instance may still lease a duplicate: once
+			// this one is published, its holders find it superseded at their
+			// next keepalive and stop extending it (cacheTouch).
 			return s, nil
 		}
 		if !errors.Is(err, ErrSandboxNotFound) {
@@ -526,17 +537,19 @@ func (m *Manager) intern(sh shape) *shape {
 }
 
 // refreshHit recomputes s.hitUntil, the instant from which a memory hit must
-// take the slow path: MaxAge reached, the provider deadline within guard, or
-// the last check older than HealthCheckAfter. Writers call it after changing
-// deadline or lastCheck. It re-reads its inputs after storing and tries again
-// if they moved, so a writer racing with another never leaves a value
-// computed from inputs older than the latest.
+// take the slow path: MaxAge reached, the provider deadline within touchLead
+// (the reaper's last visit before that deadline may already have found s
+// unleased, so the fill pushes it for the lease about to start), or the last
+// check older than HealthCheckAfter. Writers call it after changing deadline
+// or lastCheck. It re-reads its inputs after storing and tries again if they
+// moved, so a writer racing with another never leaves a value computed from
+// inputs older than the latest.
 func (m *Manager) refreshHit(s *slot) {
 	for {
 		dl, lc := s.deadline.Load(), s.lastCheck.Load()
 		until := int64(math.MinInt64) // HealthCheckAfter -1: always probe
 		if m.probeAfter >= 0 {
-			until = min(m.expiresAt(s), dl-m.guard, lc+m.probeAfter)
+			until = min(m.expiresAt(s), dl-m.touchLead(), lc+m.probeAfter)
 		}
 		s.hitUntil.Store(until)
 		if s.deadline.Load() == dl && s.lastCheck.Load() == lc {
@@ -651,22 +664,40 @@ func (m *Manager) endLater(s *slot, why string) {
 }
 
 // endRetired disposes of a slot that left the pool once its last lease in
-// this process has ended: it kills the sandbox and forgets the slot. One
-// exception: with Redis, a sandbox retired for age may still be leased on
-// another instance, whose keepalive holds its provider deadline, so it is
-// not ours to kill. Nothing pushes that deadline past MaxAge but a holder's
-// keepalive, IdleTimeout/2 at a time, so the provider reaps it within
-// IdleTimeout/2 of its last lease anywhere. Alone in memory-only mode, or
-// retired as a replaced or duplicate sandbox, it is killed now.
+// this process has ended: it kills the sandbox and forgets the slot. Two
+// exceptions, both with Redis, where the sandbox may still be leased on
+// another instance whose keepalive holds its provider deadline, so it is
+// not ours to kill: a sandbox retired for age, and one superseded by the
+// sandbox Redis names. Nothing pushes such a deadline but a holder's
+// keepalive, IdleTimeout/2 at a time, and a holder stops once it knows, so
+// the provider reaps it within IdleTimeout/2 of its last lease anywhere.
+// Alone in memory-only mode, or retired as a replaced sandbox, it is killed
+// now.
 func (m *Manager) endRetired(ctx context.Context, s *slot, why string) {
-	if m.store != nil && m.clock.precise() >= m.expiresAt(s) {
+	if m.store != nil && (s.hasFlag(flagSuperseded) || m.clock.precise() >= m.expiresAt(s)) {
 		if s.setFlag(flagKilled) {
-			m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: max age reached; left to its provider deadline", slog.String("sandbox", s.id))
+			m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: retired; left to its provider deadline", slog.String("sandbox", s.id), slog.String("reason", why))
 		}
 		m.forget(ctx, s)
 		return
 	}
 	m.killAndForget(ctx, s, why)
+}
+
+// supersede retires s because Redis names another sandbox for its pair (a
+// duplicate made during a Redis outage, or by creators whose locks
+// expired): this instance stops handing s out and, once its own leases end,
+// stops extending it, and converges on the sandbox Redis names. s is not
+// killed (see endRetired): other instances may hold leases on it.
+func (m *Manager) supersede(ctx context.Context, s *slot) {
+	s.setFlag(flagSuperseded)
+	if m.pool.detach(m.pool.shard(s.key), s, stateRetired, false) {
+		m.ctr.superseded.Add(1)
+		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis names another sandbox for the pair; this one is retired", slog.String("sandbox", s.id))
+		if s.leases() == 0 {
+			m.endLater(s, "superseded")
+		}
+	}
 }
 
 // killAndForget kills s (once) and drops what the Manager holds for it. The

@@ -243,13 +243,16 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 				m.refreshHit(s)
 				m.reaper.schedule(s, m.nextVisit(s, now))
 				return
-			case rd < 0: // Redis unreachable: another instance may be using it, so
+			case rd == remoteUnknown: // Redis unreachable: another instance may be using it, so
 				// drop it from memory without killing; its provider deadline reaps it.
 				if m.pool.detach(sh, s, stateDead, true) {
 					m.ctr.evictions.Add(1)
 					s.setFlag(flagKilled)
 					m.forgetLocal(s)
 				}
+				return
+			case rd == remoteSuperseded: // a duplicate another instance may still lease
+				m.supersede(ctx, s)
 				return
 			}
 			if m.pool.detach(sh, s, stateDead, true) {
@@ -274,31 +277,51 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 			m.reaper.schedule(s, now+int64(m.cfg.ReapInterval))
 			return
 		}
+		if s.hasFlag(flagSuperseded) && s.leases() == 0 {
+			return // the touch found it superseded, and supersede ended it
+		}
 	}
 	m.reaper.schedule(s, m.nextVisit(s, now))
 }
 
 // keepaliveTarget is the provider deadline pushed for a leased slot: the
 // aligned deadline while that is comfortably ahead, else two touch leads
-// ahead, so use never ends early, and a slot released after MaxAge is not
-// left with a provider deadline far beyond it.
+// ahead, so use never ends early, and a slot released after MaxAge (or
+// retired, so never leased again) is not left with a provider deadline far
+// beyond its last lease.
 func (m *Manager) keepaliveTarget(s *slot, now int64) int64 {
+	if s.state() != stateLive {
+		return now + 2*m.touchLead()
+	}
 	return max(min(now+int64(m.cfg.IdleTimeout), m.expiresAt(s)), now+2*m.touchLead())
 }
 
-// touch pushes the deadline of a slot about to be handed out.
+// touch pushes the deadline of a slot about to be handed out (within
+// touchLead of its deadline) as a keepalive would: the lease it is about to
+// get may start after the reaper's last visit before that deadline.
 func (m *Manager) touch(ctx context.Context, s *slot, now int64) error {
-	return m.touchTo(ctx, s, now, min(now+int64(m.cfg.IdleTimeout), max(m.expiresAt(s), now+m.guard)))
+	return m.touchTo(ctx, s, now, m.keepaliveTarget(s, now))
 }
 
-// touchTo sets the provider deadline (and the Redis expiry) of s to target.
+// touchTo sets the Redis expiry and the provider deadline of s to target.
+// Redis goes first, because it may answer that s is superseded: then only
+// this instance's own leases still need s, and an unleased s is not
+// extended at all, a leased one only by the keepalive of a retired slot.
+// (If the provider call then fails, the Redis deadline is ahead of the
+// provider's until the reaper's retry; a definitive not-found forgets s and
+// its record.)
 func (m *Manager) touchTo(ctx context.Context, s *slot, now, target int64) error {
+	if m.cacheTouch(ctx, s, target) {
+		if s.leases() == 0 {
+			return nil
+		}
+		target = min(target, m.keepaliveTarget(s, now))
+	}
 	if err := m.provider.SetTimeout(ctx, s.id, time.Duration(target-now)); err != nil {
 		return err
 	}
 	m.ctr.touches.Add(1)
 	s.deadline.Store(target)
 	m.refreshHit(s)
-	m.cacheTouch(ctx, s, target)
 	return nil
 }

@@ -159,3 +159,50 @@ func TestReaperDropsVanished(t *testing.T) {
 	l.Release()
 	e.acquire(t, "v", "p").Release() // quota was released
 }
+
+// A sandbox whose MaxAge passes while a fill is probing it is not handed
+// out: the Acquire gets a new sandbox.
+func TestMaxAgePassingDuringAProbeIsNotHandedOut(t *testing.T) {
+	e := newEnv(t, func(cfg *sandboxpool.Config) { cfg.HealthCheckAfter = 30 * time.Second })
+	old := e.acquire(t, "u", "p")
+	id := old.Sandbox().ID
+	old.Release()
+	for range 7 { // used every 2 min, so its deadline keeps being pushed
+		e.run(2 * time.Minute)
+		e.acquire(t, "u", "p").Release()
+	}
+	held := e.acquire(t, "u", "p") // leased across MaxAge: the keepalive pushes its deadline past it
+	defer held.Release()
+	e.run(time.Minute - time.Second) // MaxAge is 1 s away; the probe is due
+	e.p.SetLatency(fp.OpCheck, 100*time.Millisecond)
+	go func() {
+		time.Sleep(20 * time.Millisecond) // during that call
+		e.clock.Advance(2 * time.Second)
+	}()
+	l := e.acquire(t, "u", "p")
+	defer l.Release()
+	assert.NotEqual(t, id, l.Sandbox().ID, "handed out past MaxAge")
+	assert.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
+	assert.EqualValues(t, 0, e.m.Stats().Replaced, "the old one was alive: it was retired, not replaced")
+}
+
+// A lease taken late in a sandbox's idle window, after the reaper's last
+// visit before the deadline found it unleased, is still kept alive past
+// that deadline: the Acquire itself pushes the deadline.
+func TestLeaseTakenLateInTheIdleWindowIsKeptAlive(t *testing.T) {
+	for _, probe := range []time.Duration{30 * time.Second, time.Hour} { // probed, and a pure memory hit
+		t.Run(fmt.Sprint("HealthCheckAfter=", probe), func(t *testing.T) {
+			e := newEnv(t, func(cfg *sandboxpool.Config) { cfg.HealthCheckAfter = probe })
+			id := acquireID(t, e.m, "u", "p")
+			e.run(4 * time.Minute) // the visit at 3m45s finds it unused: no push
+			l := e.acquire(t, "u", "p")
+			require.Equal(t, id, l.Sandbox().ID)
+			for range 3 * 12 { // held for three more minutes, past its 5 min deadline
+				e.run(reapTick)
+				_, alive := e.p.Deadline(id)
+				require.True(t, alive, "reaped under a lease at %v", e.clock.Now())
+			}
+			l.Release()
+		})
+	}
+}

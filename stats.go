@@ -27,6 +27,7 @@ type Stats struct {
 	DegradedCreates  int64 // creates made without the Redis lock while Redis was down
 	LockLost         int64 // creates whose Redis lock was lost before publishing (sandbox killed)
 	Reconciled       int64 // creates with an unknown outcome whose sandbox was then found by metadata
+	Superseded       int64 // pooled sandboxes retired because Redis names another sandbox for the pair
 
 	// Gauges.
 	Active        int64 // sandboxes in this process's pool
@@ -51,6 +52,7 @@ type counters struct {
 	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects             atomic.Int64
 	healthChecks, replaced, touches, evictions, kills, killErrors                  atomic.Int64
 	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost, reconciled atomic.Int64
+	superseded                                                                     atomic.Int64
 }
 
 // Stats returns a snapshot of the Manager's counters and gauges. It costs
@@ -76,6 +78,7 @@ func (m *Manager) Stats() Stats {
 		DegradedCreates: m.ctr.degradedCreates.Load(),
 		LockLost:        m.ctr.lockLost.Load(),
 		Reconciled:      m.ctr.reconciled.Load(),
+		Superseded:      m.ctr.superseded.Load(),
 		Active:          m.pool.active.Load(),
 		KeyLocks:        m.pool.keyLocks.Load(),
 	}
