@@ -32,7 +32,10 @@ import (
 	"github.com/sandboxpool/sandboxpool/internal/redistest"
 )
 
-var soakDuration = flag.Duration("soak.duration", 60*time.Second, "total soak time")
+var (
+	soakDuration = flag.Duration("soak.duration", 60*time.Second, "total soak time")
+	soakOnly     = flag.String("soak.phases", "", "run only the phases whose names contain one of these comma-separated words (steady always runs first)")
+)
 
 const (
 	soakManagers = 4
@@ -56,6 +59,7 @@ type soak struct {
 	rdbs   []*redis.Client // closed at the end, after every manager
 	errs   sync.Map        // kind → *atomic.Int64
 	served atomic.Int64
+	churn  atomic.Int64 // the load's pairs are churn … churn+soakPairs-1
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -83,7 +87,7 @@ func (s *soak) newManager() *sandboxpool.Manager {
 	s.rdbs = append(s.rdbs, rdb)
 	s.mu.Unlock()
 	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(s.client), Redis: rdb, Namespace: "soak",
-		IdleTimeout: soakIdle, MaxAge: 4 * soakIdle, HealthCheckAfter: time.Second, ReapInterval: 100 * time.Millisecond,
+		IdleTimeout: soakIdle, MaxAge: soakMaxAge, HealthCheckAfter: time.Second, ReapInterval: 100 * time.Millisecond,
 		LockTTL: time.Second, CreateTimeout: 10 * time.Second}
 	sandboxpool.FastRedisRecovery(&cfg, 200*time.Millisecond)
 	m, err := sandboxpool.New(cfg)
@@ -122,7 +126,7 @@ func (s *soak) load(ctx context.Context) {
 	for w := range soakWorkers {
 		wg.Go(func() {
 			for i := 0; ctx.Err() == nil; i++ {
-				pair := rand.IntN(soakPairs)
+				pair := int(s.churn.Load()) + rand.IntN(soakPairs)
 				rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 				l, err := s.manager(w+i).Acquire(rctx, fmt.Sprint("u", pair%7), fmt.Sprint("p", pair))
 				cancel()
@@ -139,27 +143,87 @@ func (s *soak) load(ctx context.Context) {
 	wg.Wait()
 }
 
-// duplicates counts pairs with more than one running sandbox at the fake,
-// and describes each: its sandboxes and the one the pair's Redis record names.
-func (s *soak) duplicates() (int, []string) {
-	byPair := map[[2]string][]string{}
+const (
+	soakMaxAge = 4 * soakIdle
+	// soakConverge bounds how long live duplicates may outlast a phase: a
+	// holder of a duplicate finds it superseded at its next keepalive
+	// (within 3/4 IdleTimeout) and stops extending it, so it dies within
+	// IdleTimeout/2 more.
+	soakConverge = 2 * soakIdle
+	// soakDrain bounds how long a sandbox may run past MaxAge: never handed
+	// out after it, so its last keepalive pushes it at most IdleTimeout/2,
+	// plus a reap tick and the request's latency.
+	soakDrain = soakIdle/2 + time.Second
+)
+
+// duplicates counts live duplicates: a pair's running sandboxes younger than
+// MaxAge, beyond the first. A sandbox past MaxAge is draining (never handed
+// out again) and is not a duplicate, but one running past MaxAge+soakDrain
+// is reported in overdue. Each is described with the sandbox Redis names.
+func (s *soak) duplicates() (dups int, detail, overdue []string) {
+	now := time.Now()
+	live := map[[2]string][]string{}
 	for _, id := range s.fake.Running() {
+		started, ok := s.fake.StartedAt(id)
+		if !ok {
+			continue
+		}
+		if now.Sub(started) > soakMaxAge+soakDrain {
+			overdue = append(overdue, s.describe(id))
+		}
+		if now.Sub(started) >= soakMaxAge {
+			continue
+		}
 		md := s.fake.Metadata(id)
 		k := [2]string{md["sandboxpool.user"], md["sandboxpool.project"]}
-		byPair[k] = append(byPair[k], id)
+		live[k] = append(live[k], id)
 	}
 	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
 	defer rdb.Close()
-	dups, detail := 0, []string(nil)
-	for k, ids := range byPair {
+	for k, ids := range live {
 		if len(ids) < 2 {
 			continue
 		}
 		dups += len(ids) - 1
 		rec, _ := rdb.HGet(context.Background(), "soak:{"+k[0]+":"+k[1]+"}:sbx", "id").Result()
-		detail = append(detail, fmt.Sprintf("%s/%s: running %v, Redis names %q", k[0], k[1], ids, rec))
+		var each []string
+		for _, id := range ids {
+			each = append(each, s.describe(id))
+		}
+		detail = append(detail, fmt.Sprintf("%s/%s: running [%s], Redis names %q", k[0], k[1], strings.Join(each, ", "), rec))
 	}
-	return dups, detail
+	return dups, detail, overdue
+}
+
+// describe names a sandbox with its age and the time left to its deadline.
+func (s *soak) describe(id string) string {
+	started, _ := s.fake.StartedAt(id)
+	end, _ := s.fake.EndAt(id)
+	now := time.Now()
+	return fmt.Sprintf("%s (age %v, deadline in %v)", id, now.Sub(started).Round(time.Millisecond), end.Sub(now).Round(time.Millisecond))
+}
+
+// settle waits, up to soakConverge, for live duplicates to converge, and
+// returns how long that took, the duplicates left and every sandbox seen
+// draining past its bound meanwhile.
+func (s *soak) settle() (took time.Duration, dups int, detail, overdue []string) {
+	start := time.Now()
+	seen := map[string]bool{}
+	for {
+		var late []string
+		dups, detail, late = s.duplicates()
+		for _, d := range late {
+			if id, _, _ := strings.Cut(d, " "); !seen[id] {
+				seen[id] = true
+				overdue = append(overdue, d)
+			}
+		}
+		took = time.Since(start)
+		if dups == 0 || took >= soakConverge {
+			return took, dups, detail, overdue
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func TestSoak(t *testing.T) {
@@ -196,6 +260,14 @@ func TestSoak(t *testing.T) {
 		{"create-lock expiry", func(ctx context.Context, s *soak) {
 			rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
 			defer rdb.Close()
+			var wg sync.WaitGroup
+			defer wg.Wait()
+			wg.Go(func() { // new pairs keep arriving, so creates race for locks that vanish
+				for ctx.Err() == nil {
+					s.churn.Add(1)
+					sleep(ctx, 100*time.Millisecond)
+				}
+			})
 			for ctx.Err() == nil {
 				keys, _ := rdb.Keys(ctx, "soak:*:lock").Result()
 				if len(keys) > 0 {
@@ -216,12 +288,14 @@ func TestSoak(t *testing.T) {
 			}
 		}},
 	}
+	phases = selectPhases(phases, *soakOnly)
 	per := *soakDuration / time.Duration(len(phases))
 	type row struct {
 		phase            string
 		served, failed   int64
 		creates, kills   int64 // at the fake
-		dupsNow          int
+		converged        time.Duration
+		dupsLeft         int
 		running, goroutn int
 	}
 	var rows []row
@@ -238,14 +312,16 @@ func TestSoak(t *testing.T) {
 		s.load(ctx)
 		cancel()
 		fw.Wait()
-		time.Sleep(1500 * time.Millisecond) // settle: reconcile, retire duplicates, kills
-		dups, detail := s.duplicates()
+		took, dups, detail, overdue := s.settle()
 		r := row{phase: ph.name, served: s.served.Load() - before, failed: s.totalErrs() - failedBefore,
 			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore,
-			dupsNow: dups, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
+			converged: took, dupsLeft: dups, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
 		rows = append(rows, r)
-		if r.dupsNow > 0 {
-			broken = append(broken, fmt.Sprintf("%s: %d duplicate sandboxes still running after settling: %v", ph.name, r.dupsNow, detail))
+		if r.dupsLeft > 0 {
+			broken = append(broken, fmt.Sprintf("%s: %d live duplicate sandboxes still running %v after the phase: %v", ph.name, r.dupsLeft, soakConverge, detail))
+		}
+		if len(overdue) > 0 {
+			broken = append(broken, fmt.Sprintf("%s: %d sandboxes running more than %v past MaxAge: %v", ph.name, len(overdue), soakDrain, overdue))
 		}
 		if r.served == 0 {
 			broken = append(broken, ph.name+": nothing served")
@@ -260,7 +336,7 @@ func TestSoak(t *testing.T) {
 	for _, err := range s.closeErrs {
 		broken = append(broken, "close: "+err)
 	}
-	deadline := time.Now().Add(4*soakIdle + 2*time.Second)
+	deadline := time.Now().Add(soakMaxAge + 2*time.Second)
 	for time.Now().Before(deadline) && len(s.fake.Running()) > 0 {
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -282,17 +358,34 @@ func TestSoak(t *testing.T) {
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tfailed\tcreates\tkills\tduplicates after settle\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tfailed\tcreates\tkills\tduplicates converged in\tleft\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", r.phase, r.served, r.failed, r.creates, r.kills, r.dupsNow, r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%v\t%d\t%d\t%d\n", r.phase, r.served, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
 	if len(broken) > 0 {
 		t.Fatalf("soak invariants broken:\n- %s", strings.Join(broken, "\n- "))
 	}
+}
+
+// selectPhases keeps the first phase (steady) and those named in only.
+func selectPhases(phases []soakPhase, only string) []soakPhase {
+	if only == "" {
+		return phases
+	}
+	kept := phases[:1]
+	for _, ph := range phases[1:] {
+		for w := range strings.SplitSeq(only, ",") {
+			if w != "" && strings.Contains(ph.name, w) {
+				kept = append(kept, ph)
+				break
+			}
+		}
+	}
+	return kept
 }
 
 func (s *soak) totalErrs() (n int64) {

@@ -197,13 +197,23 @@ func (s *Server) ids(state e2b.State) []string {
 
 // EndAt returns a sandbox's deadline and whether it exists.
 func (s *Server) EndAt(id string) (time.Time, bool) {
+	_, end, ok := s.times(id)
+	return end, ok
+}
+
+// StartedAt returns when a sandbox was created, and whether it exists.
+func (s *Server) StartedAt(id string) (time.Time, bool) {
+	start, _, ok := s.times(id)
+	return start, ok
+}
+
+func (s *Server) times(id string) (start, end time.Time, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	sb := s.liveLocked(id)
-	if sb == nil {
-		return time.Time{}, false
+	if sb := s.liveLocked(id); sb != nil {
+		return sb.startedAt, sb.endAt, true
 	}
-	return sb.endAt, true
+	return time.Time{}, time.Time{}, false
 }
 
 // Metadata returns a sandbox's metadata.
