@@ -135,7 +135,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 	m.unpubMu.Unlock()
 	for _, s := range pending {
 		if s.state() == stateLive {
-			id, err := m.store.adopt(ctx, s)
+			id, err := m.store.adopt(ctx, s, s.deadline.Load())
 			if err != nil {
 				return // Redis failed again: retry on the next probe
 			}

@@ -119,13 +119,13 @@ func (st *store) publish(ctx context.Context, s *slot, token string) (bool, erro
 	return n == 1, err
 }
 
-// adopt writes s as the pair's record unless one exists; it returns the
-// canonical id.
-func (st *store) adopt(ctx context.Context, s *slot) (string, error) {
+// adopt writes s, with deadline, as the pair's record unless one exists; it
+// returns the canonical id.
+func (st *store) adopt(ctx context.Context, s *slot, deadline int64) (string, error) {
 	var id string
 	err := st.do(ctx, func(ctx context.Context) (err error) {
 		id, err = luaAdopt.Run(ctx, st.rdb, []string{st.sbxKey(s.key)},
-			s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Text()
+			s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(deadline)).Text()
 		return err
 	})
 	return id, err
@@ -251,7 +251,7 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 	res, err := m.store.touch(ctx, s, deadline)
 	if err == nil && res == touchAbsent && s.state() == stateLive && m.clock.precise()+m.guard < m.expiresAt(s) {
 		var id string
-		if id, err = m.store.adopt(ctx, s); err == nil && id != s.id {
+		if id, err = m.store.adopt(ctx, s, deadline); err == nil && id != s.id {
 			res = touchSuperseded
 		}
 	}

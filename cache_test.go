@@ -545,6 +545,8 @@ func TestRedisKeepaliveRewritesALostRecord(t *testing.T) {
 		c.advance(50 * time.Minute) // within the touch lead of its 1 h deadline
 		a.ReapNow()
 		assert.Equal(t, id, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the keepalive wrote the record again")
+		dl, _ := c.p.Deadline(id)
+		assert.Equal(t, strconv.FormatInt(dl.UnixMilli(), 10), c.hget(t, "sandboxpool:{u:p}:sbx", "deadline"), "with the deadline it pushed")
 		l, err := b.Acquire(context.Background(), "u", "p")
 		require.NoError(t, err)
 		defer l.Release()
