@@ -555,3 +555,31 @@ func TestRedisKeepaliveRewritesALostRecord(t *testing.T) {
 		assert.EqualValues(t, 0, a.Stats().Superseded+b.Stats().Superseded)
 	})
 }
+
+// After Redis loses its data, an instance whose copy went idle does not kill
+// the sandbox another instance is using, even before that instance's next
+// keepalive writes the record again.
+func TestRedisDataLossNeverKillsAnotherInstancesLease(t *testing.T) {
+	c := newMiniCluster(t)
+	a, b := c.instance(t), c.instance(t)
+	id := acquireID(t, a, "u", "p") // a used it once; its copy idles from now
+	held, err := b.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer held.Release()
+	require.Equal(t, id, held.Sandbox().ID)
+	c.advance(4 * time.Minute)
+	b.ReapNow() // b's keepalive pushes the deadline (and the record) ahead
+	require.NoError(t, c.rdb.FlushAll(context.Background()).Err())
+
+	c.advance(time.Minute + time.Second) // a's idle deadline passes; the record is gone
+	a.ReapNow()
+	require.Eventually(t, func() bool { return a.Stats().Active == 0 }, 5*time.Second, time.Millisecond, "a dropped its idle copy")
+	_, alive := c.p.Deadline(id)
+	assert.True(t, alive, "killed under b's lease")
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill))
+	c.advance(3 * time.Minute) // to b's next keepalive, a touch lead before the deadline it pushed
+	b.ReapNow()
+	assert.Equal(t, id, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "b's next keepalive wrote the record again")
+	_, alive = c.p.Deadline(id)
+	assert.True(t, alive)
+}

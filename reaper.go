@@ -258,6 +258,16 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 			if m.pool.detach(sh, s, stateDead, true) {
 				m.ctr.evictions.Add(1)
 				m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: idle sandbox evicted", slog.String("sandbox", s.id))
+				if m.store != nil {
+					// Not killed: its provider deadline, which only a
+					// keepalive pushes past our idle deadline, reaps it now
+					// anyway, and a kill could hit a sandbox another instance
+					// took up after Redis lost the record (before that
+					// instance's keepalive wrote it again).
+					s.setFlag(flagKilled)
+					m.forget(ctx, s)
+					return
+				}
 				m.killAndForget(ctx, s, "idle")
 				return
 			}
