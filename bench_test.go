@@ -364,6 +364,29 @@ func BenchmarkRedisPaths(b *testing.B) {
 			_ = rdb.Get(ctx, "k").Err()
 		}
 	})
+	// Two references that locate the warm path's cost: reading a record
+	// (an HGETALL of the same shape), and a GET handed to a new goroutine
+	// and waited for, as a fill detached from its callers is.
+	b.Run("ref-HGETALL", func(b *testing.B) {
+		rdb := benchRedis(b)
+		_ = rdb.HSet(ctx, "h", "id", "i0123456789abcdefghij", "tpl", "base", "created", "1800000000000", "deadline", "1800000300000").Err()
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			_ = rdb.HGetAll(ctx, "h").Err()
+		}
+	})
+	b.Run("ref-GET-on-new-goroutine", func(b *testing.B) {
+		rdb := benchRedis(b)
+		_ = rdb.Set(ctx, "k", "v", 0).Err()
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			done := make(chan struct{})
+			go func() { _ = rdb.Get(ctx, "k").Err(); close(done) }()
+			<-done
+		}
+	})
 	b.Run("warm-redis-hit", func(b *testing.B) {
 		const n = 20_000
 		type warm struct {

@@ -165,6 +165,13 @@ func main() {
 		get1, hasGet := get("RedisPaths/baseline-GET", p)
 		if hasGet {
 			row(get1, "1.00×", "baseline: one plain go-redis GET")
+			refs := [][2]string{{"RedisPaths/ref-HGETALL", "reference: one read of a record"},
+				{"RedisPaths/ref-GET-on-new-goroutine", "reference: a GET handed to a new goroutine, as a detached fill is"}}
+			for _, ref := range refs {
+				if r, found := get(ref[0], p); found {
+					row(r, fmt.Sprintf("%.2f× GET", ratio(r, get1)), ref[1])
+				}
+			}
 			for _, name := range []string{"RedisPaths/warm-redis-hit", "RedisPaths/cold-create"} {
 				if r, found := get(name, p); found {
 					row(r, fmt.Sprintf("%.2f× GET", ratio(r, get1)), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
