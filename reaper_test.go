@@ -174,13 +174,19 @@ func TestMaxAgePassingDuringAProbeIsNotHandedOut(t *testing.T) {
 	held := e.acquire(t, "u", "p") // leased across MaxAge: the keepalive pushes its deadline past it
 	defer held.Release()
 	e.run(time.Minute - time.Second) // MaxAge is 1 s away; the probe is due
-	e.p.SetLatency(fp.OpCheck, 100*time.Millisecond)
+	checks := e.p.Calls(fp.OpCheck)
+	e.p.SetLatency(fp.OpCheck, 300*time.Millisecond)
+	advanced := make(chan struct{})
 	go func() {
-		time.Sleep(20 * time.Millisecond) // during that call
-		e.clock.Advance(2 * time.Second)
+		defer close(advanced)
+		for e.p.Calls(fp.OpCheck) == checks { // until the probe has started
+			time.Sleep(time.Millisecond)
+		}
+		e.clock.Advance(2 * time.Second) // MaxAge passes during the probe
 	}()
 	l := e.acquire(t, "u", "p")
 	defer l.Release()
+	<-advanced
 	assert.NotEqual(t, id, l.Sandbox().ID, "handed out past MaxAge")
 	assert.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
 	assert.EqualValues(t, 0, e.m.Stats().Replaced, "the old one was alive: it was retired, not replaced")
