@@ -355,38 +355,33 @@ func (h countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.
 
 func BenchmarkRedisPaths(b *testing.B) {
 	ctx := context.Background()
-	b.Run("baseline-GET", func(b *testing.B) {
-		rdb := benchRedis(b)
-		_ = rdb.Set(ctx, "k", "v", 0).Err()
-		b.ReportAllocs()
-		b.ResetTimer()
-		for range b.N {
-			_ = rdb.Get(ctx, "k").Err()
-		}
-	})
-	// Two references that locate the warm path's cost: reading a record
-	// (an HGETALL of the same shape), and a GET handed to a new goroutine
-	// and waited for, as a fill detached from its callers is.
-	b.Run("ref-HGETALL", func(b *testing.B) {
-		rdb := benchRedis(b)
-		_ = rdb.HSet(ctx, "h", "id", "i0123456789abcdefghij", "tpl", "base", "created", "1800000000000", "deadline", "1800000300000").Err()
-		b.ReportAllocs()
-		b.ResetTimer()
-		for range b.N {
-			_ = rdb.HGetAll(ctx, "h").Err()
-		}
-	})
-	b.Run("ref-GET-on-new-goroutine", func(b *testing.B) {
-		rdb := benchRedis(b)
-		_ = rdb.Set(ctx, "k", "v", 0).Err()
-		b.ReportAllocs()
-		b.ResetTimer()
-		for range b.N {
+	// The baseline, and two references that locate the warm path's cost:
+	// reading a record (an HGETALL of the same shape), and a GET handed to
+	// a new goroutine and waited for, as a fill detached from its callers is.
+	getK := func(rdb redis.UniversalClient) { _ = rdb.Get(ctx, "k").Err() }
+	for _, c := range []struct {
+		name string
+		op   func(rdb redis.UniversalClient)
+	}{
+		{"baseline-GET", getK},
+		{"ref-HGETALL", func(rdb redis.UniversalClient) { _ = rdb.HGetAll(ctx, "h").Err() }},
+		{"ref-GET-on-new-goroutine", func(rdb redis.UniversalClient) {
 			done := make(chan struct{})
-			go func() { _ = rdb.Get(ctx, "k").Err(); close(done) }()
+			go func() { getK(rdb); close(done) }()
 			<-done
-		}
-	})
+		}},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			rdb := benchRedis(b)
+			_ = rdb.Set(ctx, "k", "v", 0).Err()
+			_ = rdb.HSet(ctx, "h", "id", "i0123456789abcdefghij", "tpl", "base", "created", "1800000000000", "deadline", "1800000300000").Err()
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				c.op(rdb)
+			}
+		})
+	}
 	b.Run("warm-redis-hit", func(b *testing.B) {
 		const n = 20_000
 		type warm struct {

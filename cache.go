@@ -131,14 +131,16 @@ func (st *store) adopt(ctx context.Context, s *slot, deadline int64) (string, er
 	return id, err
 }
 
-// What a touch found in Redis.
+// What a read of the pair's record found instead of a deadline (touch and
+// remoteDeadline).
 const (
-	touchAbsent     = 0  // the pair has no record (expired, deleted, or lost with Redis's data)
-	touchSuperseded = -1 // the record names another sandbox: ours is a duplicate
+	recordAbsent     = 0  // the pair has no record (expired, deleted, or lost with Redis's data)
+	recordSuperseded = -1 // the record names another sandbox: ours is a duplicate
+	recordUnknown    = -2 // Redis failed: another instance might be using the sandbox
 )
 
 // touch extends the record's deadline if it names s's sandbox, and returns
-// the deadline in force, or touchAbsent, or touchSuperseded.
+// the deadline in force, or recordAbsent, or recordSuperseded.
 func (st *store) touch(ctx context.Context, s *slot, deadline int64) (int64, error) {
 	var ms int64
 	err := st.do(ctx, func(ctx context.Context) (err error) {
@@ -249,17 +251,17 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 		return false
 	}
 	res, err := m.store.touch(ctx, s, deadline)
-	if err == nil && res == touchAbsent && s.state() == stateLive && m.clock.precise()+m.guard < m.expiresAt(s) {
+	if err == nil && res == recordAbsent && s.state() == stateLive && m.clock.precise()+m.guard < m.expiresAt(s) {
 		var id string
 		if id, err = m.store.adopt(ctx, s, deadline); err == nil && id != s.id {
-			res = touchSuperseded
+			res = recordSuperseded
 		}
 	}
 	switch {
 	case err != nil:
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
 		return false
-	case res == touchSuperseded:
+	case res == recordSuperseded:
 		m.supersede(ctx, s)
 		return true
 	}
@@ -267,28 +269,21 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 	return false
 }
 
-// What remoteDeadline found instead of a deadline.
-const (
-	remoteNone       = 0  // no record (or no Redis)
-	remoteUnknown    = -1 // Redis failed: another instance might be using the sandbox
-	remoteSuperseded = -2 // the record names another sandbox
-)
-
 // remoteDeadline returns the pair's deadline in Redis, which is later than
-// ours when another instance used the sandbox, or remoteNone,
-// remoteUnknown or remoteSuperseded.
+// ours when another instance used the sandbox, or recordAbsent (also
+// without Redis), recordSuperseded or recordUnknown.
 func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 {
 	if m.store == nil {
-		return remoteNone
+		return recordAbsent
 	}
 	rec, ok, err := m.store.get(ctx, s.key)
 	switch {
 	case err != nil:
-		return remoteUnknown
+		return recordUnknown
 	case !ok:
-		return remoteNone
+		return recordAbsent
 	case rec.id != s.id:
-		return remoteSuperseded
+		return recordSuperseded
 	}
 	return rec.deadline
 }

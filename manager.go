@@ -642,12 +642,17 @@ func (m *Manager) killID(ctx context.Context, id, why string) error {
 	return nil
 }
 
-// retire takes s out of the pool for good (past MaxAge, or a duplicate). It
-// is ended now if no lease holds it, else at its last release (see unlease).
-func (m *Manager) retire(sh *shard, s *slot, why string) {
-	if m.pool.detach(sh, s, stateRetired, false) && s.leases() == 0 {
+// retire takes s out of the pool for good (past MaxAge, or superseded) and
+// reports whether this call did. It is ended now if no lease holds it, else
+// at its last release (see unlease).
+func (m *Manager) retire(sh *shard, s *slot, why string) bool {
+	if !m.pool.detach(sh, s, stateRetired, false) {
+		return false
+	}
+	if s.leases() == 0 {
 		m.endLater(s, why)
 	}
+	return true
 }
 
 // endLater runs endRetired in the background, for callers that must not
@@ -691,12 +696,9 @@ func (m *Manager) endRetired(ctx context.Context, s *slot, why string) {
 // killed (see endRetired): other instances may hold leases on it.
 func (m *Manager) supersede(ctx context.Context, s *slot) {
 	s.setFlag(flagSuperseded)
-	if m.pool.detach(m.pool.shard(s.key), s, stateRetired, false) {
+	if m.retire(m.pool.shard(s.key), s, "superseded") {
 		m.ctr.superseded.Add(1)
 		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis names another sandbox for the pair; this one is retired", slog.String("sandbox", s.id))
-		if s.leases() == 0 {
-			m.endLater(s, "superseded")
-		}
 	}
 }
 

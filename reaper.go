@@ -243,7 +243,7 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 				m.refreshHit(s)
 				m.reaper.schedule(s, m.nextVisit(s, now))
 				return
-			case rd == remoteUnknown: // Redis unreachable: another instance may be using it, so
+			case rd == recordUnknown: // Redis unreachable: another instance may be using it, so
 				// drop it from memory without killing; its provider deadline reaps it.
 				if m.pool.detach(sh, s, stateDead, true) {
 					m.ctr.evictions.Add(1)
@@ -251,7 +251,7 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 					m.forgetLocal(s)
 				}
 				return
-			case rd == remoteSuperseded: // a duplicate another instance may still lease
+			case rd == recordSuperseded: // a duplicate another instance may still lease
 				m.supersede(ctx, s)
 				return
 			}
