@@ -186,17 +186,32 @@ func (m *Manager) idleDeadline(s *slot) int64 {
 	return min(s.lastUse.Load()+int64(m.cfg.IdleTimeout), m.expiresAt(s))
 }
 
-// touchLead is how long before the provider deadline the reaper visits a
-// slot to push the deadline if the slot was used: a quarter of IdleTimeout
+// touchLead is how long before the provider deadline memory hits stop
+// (refreshHit), so that a lease taken after the reaper's last visit before
+// the deadline goes through a fill that pushes it: a quarter of IdleTimeout
 // leaves several reap ticks and retries before the provider acts.
 func (m *Manager) touchLead() int64 { return int64(m.cfg.IdleTimeout / 4) }
 
-// nextVisit is when the reaper must next look at s: touchLead before its
-// provider deadline (to push it if s was used), or at the deadline itself,
-// or at MaxAge, or at its idle deadline if it is unleased, whichever is first.
+// visitLead is how long before the provider deadline the reaper first
+// visits a slot to push the deadline if the slot was used: two ticks before
+// memory hits would stop, so a pair in use never reaches that point. It
+// stays under 1.5 touchLead, so a keepalive push (2 touchLead ahead) always
+// leaves the next visit in the future.
+func (m *Manager) visitLead() int64 {
+	return m.touchLead() + min(2*int64(m.cfg.ReapInterval), m.touchLead()/2)
+}
+
+// nextVisit is when the reaper must next look at s: visitLead before its
+// provider deadline (to push it if s was used), else touchLead before it
+// (the last visit before memory hits stop: any lease taken until then is
+// seen), else at the deadline itself; or at MaxAge, or at its idle deadline
+// if it is unleased, whichever is first.
 func (m *Manager) nextVisit(s *slot, now int64) int64 {
 	dl := s.deadline.Load()
-	next := dl - m.touchLead()
+	next := dl - m.visitLead()
+	if next <= now {
+		next = dl - m.touchLead()
+	}
 	if next <= now {
 		next = dl
 	}

@@ -212,3 +212,20 @@ func TestLeaseTakenLateInTheIdleWindowIsKeptAlive(t *testing.T) {
 		})
 	}
 }
+
+// A pair in use is pushed by the reaper before its memory hits would stop
+// for the deadline, so a request arriving between that point and the next
+// reaper tick is still a memory hit (no provider call on its path).
+func TestPairInUseIsPushedBeforeItsHitsStop(t *testing.T) {
+	e := newEnv(t, func(cfg *sandboxpool.Config) { cfg.HealthCheckAfter = time.Hour; cfg.MaxAge = time.Hour })
+	e.acquire(t, "u", "p").Release() // created: deadline in 5 min, memory hits until 3m45s
+	e.run(time.Minute)
+	e.acquire(t, "u", "p").Release() // used at 1 min
+	e.run(2*time.Minute + 20*time.Second)
+	e.clock.Advance(30 * time.Second) // 3m50s, and no reaper tick since 3m20s
+	before := e.m.Stats()
+	e.acquire(t, "u", "p").Release()
+	after := e.m.Stats()
+	assert.Equal(t, before.MemoryHits+1, after.MemoryHits, "a memory hit")
+	assert.Equal(t, before.Touches, after.Touches, "no deadline push on the request's path")
+}
