@@ -17,6 +17,9 @@ const (
 	reapParallelism = 16
 	// visitTimeout bounds one visit's I/O (a touch, a Redis check).
 	visitTimeout = 10 * time.Second
+	// minTimeout is the shortest timeout sent to the provider: E2B counts
+	// whole seconds and refuses 0.
+	minTimeout = int64(time.Second)
 )
 
 // reaper keeps every pooled slot in a min-heap ordered by the time it next
@@ -342,7 +345,10 @@ func (m *Manager) touchTo(ctx context.Context, s *slot, now, target int64) error
 		}
 		target = min(target, m.keepaliveTarget(s, now))
 	}
-	if err := m.provider.SetTimeout(ctx, s.id, time.Duration(target-now)); err != nil {
+	// The provider takes a timeout relative to its receipt: measure it from
+	// now, after the Redis call, not from the visit's start, or the deadline
+	// overshoots by that delay.
+	if err := m.provider.SetTimeout(ctx, s.id, time.Duration(max(target-m.clock.precise(), minTimeout))); err != nil {
 		return err
 	}
 	m.ctr.touches.Add(1)

@@ -151,9 +151,11 @@ const (
 	// IdleTimeout/2 more.
 	soakConverge = 2 * soakIdle
 	// soakDrain bounds how long a sandbox may run past MaxAge: never handed
-	// out after it, so its last keepalive pushes it at most IdleTimeout/2,
-	// plus a reap tick and the request's latency.
-	soakDrain = soakIdle/2 + time.Second
+	// out after it, so its last keepalive pushes it at most IdleTimeout/2;
+	// E2B rounds that up to whole seconds (+1 s), and in the E2B-fault phase
+	// the client may resend it after a retry wait (MaxRetryWait, 1 s) and an
+	// injected latency (0.3 s); plus a reap tick.
+	soakDrain = soakIdle/2 + 2*time.Second + 500*time.Millisecond
 )
 
 // duplicates counts live duplicates: a pair's running sandboxes younger than
