@@ -158,11 +158,18 @@ const (
 	soakDrain = soakIdle/2 + 2*time.Second + 500*time.Millisecond
 )
 
-// duplicates counts live duplicates: a pair's running sandboxes younger than
-// MaxAge, beyond the first. A sandbox past MaxAge is draining (never handed
-// out again) and is not a duplicate, but one running past MaxAge+soakDrain
-// is reported in overdue. Each is described with the sandbox Redis names.
-func (s *soak) duplicates() (dups int, detail, overdue []string) {
+// census is one look at the fake. A live duplicate is a pair's running
+// sandbox younger than MaxAge beyond the first. A sandbox past MaxAge is
+// draining (never handed out again), not a duplicate; one running past
+// MaxAge+soakDrain is overdue.
+type census struct {
+	dups    int
+	detail  []string      // each pair with live duplicates, and the sandbox Redis names
+	overdue []string      // overdue sandboxes, described
+	drain   time.Duration // the longest any running sandbox is past MaxAge
+}
+
+func (s *soak) census() (c census) {
 	now := time.Now()
 	live := map[[2]string][]string{}
 	for _, id := range s.fake.Running() {
@@ -170,31 +177,37 @@ func (s *soak) duplicates() (dups int, detail, overdue []string) {
 		if !ok {
 			continue
 		}
-		if now.Sub(started) > soakMaxAge+soakDrain {
-			overdue = append(overdue, s.describe(id))
-		}
-		if now.Sub(started) >= soakMaxAge {
+		if past := now.Sub(started) - soakMaxAge; past >= 0 {
+			c.drain = max(c.drain, past)
+			if past > soakDrain {
+				c.overdue = append(c.overdue, s.describe(id))
+			}
 			continue
 		}
 		md := s.fake.Metadata(id)
 		k := [2]string{md["sandboxpool.user"], md["sandboxpool.project"]}
 		live[k] = append(live[k], id)
 	}
-	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
-	defer rdb.Close()
 	for k, ids := range live {
 		if len(ids) < 2 {
 			continue
 		}
-		dups += len(ids) - 1
-		rec, _ := rdb.HGet(context.Background(), "soak:{"+k[0]+":"+k[1]+"}:sbx", "id").Result()
+		c.dups += len(ids) - 1
 		var each []string
 		for _, id := range ids {
 			each = append(each, s.describe(id))
 		}
-		detail = append(detail, fmt.Sprintf("%s/%s: running [%s], Redis names %q", k[0], k[1], strings.Join(each, ", "), rec))
+		c.detail = append(c.detail, fmt.Sprintf("%s/%s: running [%s], Redis names %q", k[0], k[1], strings.Join(each, ", "), s.recordID(k)))
 	}
-	return dups, detail, overdue
+	return c
+}
+
+// recordID is the sandbox the pair's Redis record names.
+func (s *soak) recordID(k [2]string) string {
+	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
+	defer rdb.Close()
+	id, _ := rdb.HGet(context.Background(), "soak:{"+k[0]+":"+k[1]+"}:sbx", "id").Result()
+	return id
 }
 
 // describe names a sandbox with its age and the time left to its deadline.
@@ -205,24 +218,43 @@ func (s *soak) describe(id string) string {
 	return fmt.Sprintf("%s (age %v, deadline in %v)", id, now.Sub(started).Round(time.Millisecond), end.Sub(now).Round(time.Millisecond))
 }
 
-// settle waits, up to soakConverge, for live duplicates to converge, and
-// returns how long that took, the duplicates left and every sandbox seen
-// draining past its bound meanwhile.
-func (s *soak) settle() (took time.Duration, dups int, detail, overdue []string) {
-	start := time.Now()
-	seen := map[string]bool{}
-	for {
-		var late []string
-		dups, detail, late = s.duplicates()
-		for _, d := range late {
-			if id, _, _ := strings.Cut(d, " "); !seen[id] {
-				seen[id] = true
-				overdue = append(overdue, d)
-			}
+// drains accumulates censuses: the longest drain seen and every overdue
+// sandbox, once.
+type drains struct {
+	longest time.Duration
+	overdue []string
+	seen    map[string]bool
+}
+
+func (d *drains) add(c census) {
+	d.longest = max(d.longest, c.drain)
+	for _, o := range c.overdue {
+		if id, _, _ := strings.Cut(o, " "); !d.seen[id] {
+			d.seen[id] = true
+			d.overdue = append(d.overdue, o)
 		}
+	}
+}
+
+// watch takes a census every 100 ms until ctx ends, so drains are checked
+// while the load runs, not only after it.
+func (s *soak) watch(ctx context.Context, d *drains) {
+	for ctx.Err() == nil {
+		d.add(s.census())
+		sleep(ctx, 100*time.Millisecond)
+	}
+}
+
+// settle waits, up to soakConverge, for live duplicates to converge; it
+// returns how long that took and the last census, and adds every census to d.
+func (s *soak) settle(d *drains) (took time.Duration, last census) {
+	start := time.Now()
+	for {
+		last = s.census()
+		d.add(last)
 		took = time.Since(start)
-		if dups == 0 || took >= soakConverge {
-			return took, dups, detail, overdue
+		if last.dups == 0 || took >= soakConverge {
+			return took, last
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -298,6 +330,7 @@ func TestSoak(t *testing.T) {
 		creates, kills   int64 // at the fake
 		converged        time.Duration
 		dupsLeft         int
+		drain            time.Duration // the longest a sandbox ran past MaxAge
 		running, goroutn int
 	}
 	var rows []row
@@ -311,19 +344,21 @@ func TestSoak(t *testing.T) {
 		if ph.fault != nil {
 			fw.Go(func() { ph.fault(ctx, s) })
 		}
+		d := &drains{seen: map[string]bool{}}
+		fw.Go(func() { s.watch(ctx, d) })
 		s.load(ctx)
 		cancel()
 		fw.Wait()
-		took, dups, detail, overdue := s.settle()
+		took, last := s.settle(d)
 		r := row{phase: ph.name, served: s.served.Load() - before, failed: s.totalErrs() - failedBefore,
 			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore,
-			converged: took, dupsLeft: dups, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
+			converged: took, dupsLeft: last.dups, drain: d.longest, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
 		rows = append(rows, r)
 		if r.dupsLeft > 0 {
-			broken = append(broken, fmt.Sprintf("%s: %d live duplicate sandboxes still running %v after the phase: %v", ph.name, r.dupsLeft, soakConverge, detail))
+			broken = append(broken, fmt.Sprintf("%s: %d live duplicate sandboxes still running %v after the phase: %v", ph.name, r.dupsLeft, soakConverge, last.detail))
 		}
-		if len(overdue) > 0 {
-			broken = append(broken, fmt.Sprintf("%s: %d sandboxes running more than %v past MaxAge: %v", ph.name, len(overdue), soakDrain, overdue))
+		if len(d.overdue) > 0 {
+			broken = append(broken, fmt.Sprintf("%s: %d sandboxes running more than %v past MaxAge: %v", ph.name, len(d.overdue), soakDrain, d.overdue))
 		}
 		if r.served == 0 {
 			broken = append(broken, ph.name+": nothing served")
@@ -360,11 +395,11 @@ func TestSoak(t *testing.T) {
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tfailed\tcreates\tkills\tduplicates converged in\tleft\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%v\t%d\t%d\t%d\n", r.phase, r.served, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
