@@ -355,19 +355,34 @@ func (h countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.
 
 func BenchmarkRedisPaths(b *testing.B) {
 	ctx := context.Background()
-	// The baseline, and two references that locate the warm path's cost:
-	// reading a record (an HGETALL of the same shape), and a GET handed to
-	// a new goroutine and waited for, as a fill detached from its callers is.
-	getK := func(rdb redis.UniversalClient) { _ = rdb.Get(ctx, "k").Err() }
+	// The baseline, and references that locate the warm path's cost:
+	// reading a record (an HGETALL of the same shape); a GET handed to a new
+	// goroutine and waited for, as a fill detached from its callers is; and
+	// the same under the two deadlines a fill runs with (CreateTimeout for
+	// the fill, RedisTimeout for each call), whose timers the runtime must
+	// arm and disarm.
+	getK := func(ctx context.Context, rdb redis.UniversalClient) { _ = rdb.Get(ctx, "k").Err() }
 	for _, c := range []struct {
 		name string
 		op   func(rdb redis.UniversalClient)
 	}{
-		{"baseline-GET", getK},
+		{"baseline-GET", func(rdb redis.UniversalClient) { getK(ctx, rdb) }},
 		{"ref-HGETALL", func(rdb redis.UniversalClient) { _ = rdb.HGetAll(ctx, "h").Err() }},
 		{"ref-GET-on-new-goroutine", func(rdb redis.UniversalClient) {
 			done := make(chan struct{})
-			go func() { getK(rdb); close(done) }()
+			go func() { getK(ctx, rdb); close(done) }()
+			<-done
+		}},
+		{"ref-GET-on-new-goroutine-with-deadlines", func(rdb redis.UniversalClient) {
+			done := make(chan struct{})
+			go func() {
+				fillCtx, cancelFill := context.WithTimeout(ctx, time.Minute)
+				callCtx, cancelCall := context.WithTimeout(fillCtx, 5*time.Second)
+				getK(callCtx, rdb)
+				cancelCall()
+				cancelFill()
+				close(done)
+			}()
 			<-done
 		}},
 	} {

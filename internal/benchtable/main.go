@@ -33,17 +33,36 @@ func runKey(name string, procs int) string { return name + "/" + strconv.Itoa(pr
 
 // ratio is the median over side-by-side runs of r's ns/op over base's.
 func ratio(r, base result) float64 {
+	med, _, _, _ := ratioRuns(r, base)
+	return med
+}
+
+// ratioRuns is ratio with the lowest and highest run ratio and the number of
+// pairs of runs compared.
+func ratioRuns(r, base result) (med, lo, hi float64, n int) {
 	a, b := nsRuns[runKey(r.name, r.procs)], nsRuns[runKey(base.name, base.procs)]
-	n := min(len(a), len(b))
+	n = min(len(a), len(b))
 	if n == 0 {
-		return r.metrics["ns/op"] / base.metrics["ns/op"]
+		x := r.metrics["ns/op"] / base.metrics["ns/op"]
+		return x, x, x, 1
 	}
 	rs := make([]float64, n)
 	for i := range n {
 		rs[i] = a[i] / b[i]
 	}
 	sort.Float64s(rs)
-	return rs[n/2]
+	return rs[n/2], rs[0], rs[n-1], n
+}
+
+// spread formats r's ratio to base, with its range over the runs when there
+// were several: on a drifting machine, a median alone hides how far a
+// verdict ("faster than") can be trusted.
+func spread(r, base result, unit string) string {
+	med, lo, hi, n := ratioRuns(r, base)
+	if n < 2 {
+		return fmt.Sprintf("%.2f×%s", med, unit)
+	}
+	return fmt.Sprintf("%.2f×%s (%.2f–%.2f)", med, unit, lo, hi)
 }
 
 func parse(in io.Reader) []result {
@@ -124,7 +143,7 @@ func main() {
 	}
 	sort.Ints(procs)
 
-	fmt.Println("| benchmark | GOMAXPROCS | ns/op | allocs/op | B/op | ratio | note |")
+	fmt.Println("| benchmark | GOMAXPROCS | ns/op | allocs/op | B/op | ratio (range over runs) | note |")
 	fmt.Println("|---|---|---|---|---|---|---|")
 	row := func(r result, ratio, note string) {
 		fmt.Printf("| %s | %d | %.1f | %.0f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], r.metrics["B/op"], ratio, note)
@@ -148,15 +167,15 @@ func main() {
 					note += fmt.Sprintf("%.0f× faster than the old single-mutex design; ", 1/ratio(r, naive))
 				}
 				if hasPud {
-					note += fmt.Sprintf("%.2f× puddle/v2", ratio(r, pud))
+					note += spread(r, pud, " puddle/v2")
 				}
 				if rt, has := r.metrics["redis-rt/op"]; has {
 					note += fmt.Sprintf("; %.3f Redis round trips/op", rt)
 				}
-				row(r, fmt.Sprintf("%.2f×", ratio(r, base)), note)
+				row(r, spread(r, base, ""), note)
 			}
 			if hasPud {
-				row(pud, fmt.Sprintf("%.2f×", ratio(pud, base)), "jackc/puddle/v2")
+				row(pud, spread(pud, base, ""), "jackc/puddle/v2")
 			}
 			if hasNaive {
 				row(naive, fmt.Sprintf("%.2f×", ratio(naive, base)), "old design: one global mutex, Redis GET per request")
@@ -166,15 +185,16 @@ func main() {
 		if hasGet {
 			row(get1, "1.00×", "baseline: one plain go-redis GET")
 			refs := [][2]string{{"RedisPaths/ref-HGETALL", "reference: one read of a record"},
-				{"RedisPaths/ref-GET-on-new-goroutine", "reference: a GET handed to a new goroutine, as a detached fill is"}}
+				{"RedisPaths/ref-GET-on-new-goroutine", "reference: a GET handed to a new goroutine, as a detached fill is"},
+				{"RedisPaths/ref-GET-on-new-goroutine-with-deadlines", "reference: the same under a fill's two deadlines (two context timers)"}}
 			for _, ref := range refs {
 				if r, found := get(ref[0], p); found {
-					row(r, fmt.Sprintf("%.2f× GET", ratio(r, get1)), ref[1])
+					row(r, spread(r, get1, " GET"), ref[1])
 				}
 			}
 			for _, name := range []string{"RedisPaths/warm-redis-hit", "RedisPaths/cold-create"} {
 				if r, found := get(name, p); found {
-					row(r, fmt.Sprintf("%.2f× GET", ratio(r, get1)), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
+					row(r, spread(r, get1, " GET"), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
 				}
 			}
 		}

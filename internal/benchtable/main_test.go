@@ -32,3 +32,23 @@ BenchmarkHotPath/ours-2                 1000  100 ns/op  18 B/op  0 allocs/op
 		t.Errorf("ratio = %v, want 1.5", got)
 	}
 }
+
+// A ratio over several side-by-side runs shows its range, so that a verdict
+// such as "faster than puddle" can be read against the runs that contradict it.
+func TestSpreadShowsTheRangeOfRunRatios(t *testing.T) {
+	rs := parse(strings.NewReader(`
+BenchmarkSpread/base   1000  100 ns/op
+BenchmarkSpread/ours   1000   90 ns/op
+BenchmarkSpread/base   1000  100 ns/op
+BenchmarkSpread/ours   1000  120 ns/op
+BenchmarkSpread/base   1000  200 ns/op
+BenchmarkSpread/ours   1000  200 ns/op
+BenchmarkSpread/once   1000  300 ns/op
+`))
+	if got, want := spread(rs[1], rs[0], " base"), "1.00× base (0.90–1.20)"; got != want {
+		t.Errorf("spread = %q, want %q", got, want)
+	}
+	if got, want := spread(rs[2], rs[0], ""), "3.00×"; got != want {
+		t.Errorf("spread of a single run = %q, want %q", got, want)
+	}
+}
