@@ -65,9 +65,16 @@ func (*nullProvider) List(context.Context, map[string]string) ([]sandboxpool.San
 	return nil, nil
 }
 
+// The benchmark managers' deadlines, which the warm path's references
+// reproduce.
+const (
+	benchCreateTimeout = time.Minute
+	benchRedisTimeout  = 5 * time.Second
+)
+
 func newBenchManager(p sandboxpool.Provider, rdb redis.UniversalClient) *sandboxpool.Manager {
 	m, err := sandboxpool.New(sandboxpool.Config{Provider: p, Redis: rdb, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour,
-		HealthCheckAfter: time.Hour, CreateTimeout: time.Minute, RedisTimeout: 5 * time.Second})
+		HealthCheckAfter: time.Hour, CreateTimeout: benchCreateTimeout, RedisTimeout: benchRedisTimeout})
 	if err != nil {
 		panic(err)
 	}
@@ -376,8 +383,8 @@ func BenchmarkRedisPaths(b *testing.B) {
 		{"ref-GET-on-new-goroutine-with-deadlines", func(rdb redis.UniversalClient) {
 			done := make(chan struct{})
 			go func() {
-				fillCtx, cancelFill := context.WithTimeout(ctx, time.Minute)
-				callCtx, cancelCall := context.WithTimeout(fillCtx, 5*time.Second)
+				fillCtx, cancelFill := context.WithTimeout(ctx, benchCreateTimeout)
+				callCtx, cancelCall := context.WithTimeout(fillCtx, benchRedisTimeout)
 				getK(callCtx, rdb)
 				cancelCall()
 				cancelFill()
