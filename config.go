@@ -141,6 +141,8 @@ type Config struct {
 	now func() time.Time
 	// breakerCooldown and probeInterval shorten Redis recovery in tests.
 	breakerCooldown, probeInterval time.Duration
+	// workerIdle shortens a background worker's idle wait in tests.
+	workerIdle time.Duration
 }
 
 // withDefaults returns a copy of c with zero fields set to their defaults.
@@ -171,6 +173,7 @@ func (c Config) withDefaults() Config {
 	}
 	setDefault(&c.breakerCooldown, breakerCooldown)
 	setDefault(&c.probeInterval, redisProbeInterval)
+	setDefault(&c.workerIdle, workerIdle)
 	return c
 }
 

@@ -1,0 +1,104 @@
+package sandboxpool
+
+import (
+	"context"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// stubProvider does nothing: these tests exercise the Manager's own
+// goroutines, not a provider.
+type stubProvider struct{}
+
+func (stubProvider) Create(context.Context, CreateRequest) (Sandbox, error) {
+	return Sandbox{ID: "i0"}, nil
+}
+func (stubProvider) Connect(_ context.Context, id string, _ time.Duration) (Sandbox, error) {
+	return Sandbox{ID: id}, nil
+}
+func (stubProvider) Check(context.Context, Sandbox) error                       { return nil }
+func (stubProvider) SetTimeout(context.Context, string, time.Duration) error    { return nil }
+func (stubProvider) Kill(context.Context, string) error                         { return nil }
+func (stubProvider) List(context.Context, map[string]string) ([]Sandbox, error) { return nil, nil }
+
+// goroutineID is the calling goroutine's number, from its stack header.
+func goroutineID() string {
+	b := make([]byte, 64)
+	return strings.Fields(string(b[:runtime.Stack(b, false)]))[1]
+}
+
+// workerStacks counts the goroutines running Manager.worker: all of them,
+// and the idle ones (worker is their top frame: waiting for a job).
+func workerStacks() (all, idle int) {
+	b := make([]byte, 1<<20)
+	for _, g := range strings.Split(string(b[:runtime.Stack(b, true)]), "\n\n") {
+		if !strings.Contains(g, ".(*Manager).worker(") {
+			continue
+		}
+		all++
+		if lines := strings.SplitN(g, "\n", 3); len(lines) > 1 && strings.Contains(lines[1], ".(*Manager).worker(") {
+			idle++
+		}
+	}
+	return all, idle
+}
+
+// A background job goes to an idle worker (a goroutine whose stack earlier
+// jobs grew) instead of a new goroutine; a worker idle for workerIdle
+// exits; Close stops the idle ones.
+func TestBackgroundWorkerIsReusedThenExits(t *testing.T) {
+	m, err := New(Config{Provider: stubProvider{}, workerIdle: 300 * time.Millisecond})
+	require.NoError(t, err)
+	const loops = 2 // the clock and the reaper run on workers too (no Redis: no probe loop)
+	require.Eventually(t, func() bool { all, _ := workerStacks(); return all == loops }, 5*time.Second, time.Millisecond)
+
+	run := func() string {
+		ran := make(chan string)
+		require.True(t, m.goBackground(func() { ran <- goroutineID() }))
+		return <-ran
+	}
+	first := run()
+	require.Eventually(t, func() bool { _, idle := workerStacks(); return idle == 1 }, 5*time.Second, time.Millisecond)
+	assert.Equal(t, first, run(), "the second job ran on a new goroutine, not on the idle worker")
+
+	require.Eventually(t, func() bool { all, _ := workerStacks(); return all == loops }, 5*time.Second, 10*time.Millisecond,
+		"an idle worker outlived workerIdle")
+
+	run()
+	require.Eventually(t, func() bool { _, idle := workerStacks(); return idle == 1 }, 5*time.Second, time.Millisecond)
+	require.NoError(t, m.Close(context.Background()))
+	all, _ := workerStacks()
+	assert.Zero(t, all, "Close returned with workers still running")
+}
+
+// Every job goBackground accepted has run when Close returns, whether an
+// idle worker or a new one took it, and none is accepted afterwards.
+func TestBackgroundJobsAcceptedDuringCloseRun(t *testing.T) {
+	m, err := New(Config{Provider: stubProvider{}})
+	require.NoError(t, err)
+	var accepted, ran atomic.Int64
+	var callers sync.WaitGroup
+	for range 8 {
+		callers.Go(func() {
+			for range 200 {
+				if m.goBackground(func() { ran.Add(1) }) {
+					accepted.Add(1)
+				}
+			}
+		})
+	}
+	time.Sleep(time.Millisecond) // let some jobs find idle workers
+	require.NoError(t, m.Close(context.Background()))
+	ranAtClose := ran.Load()
+	callers.Wait()
+	assert.Equal(t, accepted.Load(), ranAtClose, "a job accepted before Close returned had not run, or one was accepted after")
+	assert.Equal(t, ranAtClose, ran.Load(), "a job ran after Close returned")
+	assert.False(t, m.goBackground(func() {}), "accepted after Close")
+}
