@@ -111,8 +111,9 @@ func New(cfg Config) (*Manager, error) {
 // fn goes to an idle worker when there is one, else to a new worker. A fill
 // runs go-redis, the breaker and the provider on deep stacks: a new
 // goroutine grows and copies its stack several times on the way, and a
-// worker kept from an earlier job has it already, which makes a miss
-// faster by about a quarter of a Redis round trip (BenchmarkRedisPaths).
+// worker kept from an earlier job has it already (until a collection finds
+// it idle and shrinks it), which makes a miss faster by about a quarter of
+// a Redis round trip (BenchmarkRedisPaths).
 func (m *Manager) goBackground(fn func()) bool {
 	if m.closed.Load() {
 		return false
