@@ -53,7 +53,7 @@ bench:
 	  sleep 0.3; export SANDBOXPOOL_BENCH_REDIS=127.0.0.1:$$port; echo "bench: redis-server on $$port"; \
 	else echo "bench: redis-server not found, Redis benchmarks use miniredis"; fi; \
 	trap 'test -f /tmp/sandboxpool-bench-$$port.pid && kill $$(cat /tmp/sandboxpool-bench-$$port.pid)' EXIT; \
-	$(GO) test -run '^$$' -bench '^BenchmarkHotPath(IndexOrder)?$$' -benchmem -benchtime $(BENCHTIME) -count $(HOTCOUNT) -cpu 1,2 -timeout 60m . | tee testdata/bench.txt; \
+	$(GO) test -run '^$$' -bench '^BenchmarkHotPath(IndexOrder|CacheResident)?$$' -benchmem -benchtime $(BENCHTIME) -count $(HOTCOUNT) -cpu 1,2 -timeout 60m . | tee testdata/bench.txt; \
 	$(GO) test -run '^$$' -bench '^BenchmarkRedisPaths$$' -benchmem -benchtime $(BENCHTIME) -count $(HOTCOUNT) -cpu 1,2 -timeout 60m . | tee -a testdata/bench.txt; \
 	$(GO) test -run '^$$' -bench '^Benchmark(Contention|MemoryPerPair|ReaperTickIdle)$$' -benchmem -benchtime $(BENCHTIME) -cpu 1,2 -timeout 60m . | tee -a testdata/bench.txt; \
 	$(GO) run ./internal/benchtable < testdata/bench.txt

@@ -149,7 +149,7 @@ func main() {
 		fmt.Printf("| %s | %d | %.1f | %.0f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], r.metrics["B/op"], ratio, note)
 	}
 	for _, p := range procs {
-		for _, group := range []string{"HotPath", "HotPathIndexOrder"} {
+		for _, group := range []string{"HotPath", "HotPathIndexOrder", "HotPathCacheResident"} {
 			base, ok := get(group+"/baseline-maphash64", p)
 			if !ok {
 				continue
@@ -185,8 +185,8 @@ func main() {
 		if hasGet {
 			row(get1, "1.00×", "baseline: one plain go-redis GET")
 			refs := [][2]string{{"RedisPaths/ref-HGETALL", "reference: one read of a record"},
-				{"RedisPaths/ref-GET-on-new-goroutine", "reference: a GET handed to a new goroutine, as a detached fill is"},
-				{"RedisPaths/ref-GET-on-new-goroutine-with-deadlines", "reference: the same under a fill's two deadlines (two context timers)"}}
+				{"RedisPaths/ref-GET-on-new-goroutine", "reference: a GET handed to a new goroutine, as fills were before they ran on workers"},
+				{"RedisPaths/ref-GET-on-worker-with-deadlines", "reference: a GET handed to a waiting worker under a fill's two deadlines, as a fill is"}}
 			for _, ref := range refs {
 				if r, found := get(ref[0], p); found {
 					row(r, spread(r, get1, " GET"), ref[1])
