@@ -274,8 +274,8 @@ func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager, order []int) {
 
 // cachePairs is the pool of BenchmarkHotPathCacheResident: 4,096 pairs,
 // whose slots (512 KiB) and index fit in one core's 1 MiB L2 here, so a
-// lookup pays for the pool's own work rather than for reaching memory, as
-// the premise of a baseline of about 30 ns assumes.
+// lookup pays mostly for the pool's own work rather than for reaching
+// memory.
 const cachePairs = 4096
 
 // BenchmarkHotPath visits the pairs in random order (see randomOrder).
