@@ -13,7 +13,9 @@ package sandboxpool_test
 //	                          stays in cache, in random order
 //	BenchmarkRedisPaths/*     warm (Redis hit) and cold (create) paths: Redis
 //	                          round trips per call (go-redis hook) and latency
-//	                          vs one plain GET on the same client
+//	                          vs one plain GET on the same client; the warm
+//	                          path also through the E2B provider against the
+//	                          fake E2B, vs a GET plus one Connect to it
 //	BenchmarkContention/*     1,000 goroutines on one pair; 8 managers on 100 pairs
 //	BenchmarkMemoryPerPair    bytes per pooled pair at 1,000,000 pairs, and after churn
 //	BenchmarkReaperTickIdle   one reaper tick with 1,000,000 live pairs, nothing due
@@ -37,6 +39,8 @@ import (
 	"github.com/redis/go-redis/v9"
 
 	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/e2b"
+	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
 	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
 )
 
@@ -190,6 +194,7 @@ const (
 	dbScratch  = 0 // emptied by every benchmark that opens it
 	dbHotRedis = 1 // the Redis-backed hot-path fixture
 	dbWarm     = 2 // the records the warm-path benchmark reconnects to
+	dbWarmE2B  = 3 // the same, for sandboxes at the fake E2B
 )
 
 // openRedis returns a client for database db of a real redis-server when
@@ -434,39 +439,7 @@ func BenchmarkRedisPaths(b *testing.B) {
 			}
 		})
 	}
-	b.Run("warm-redis-hit", func(b *testing.B) {
-		const n = 20_000
-		type warm struct {
-			rdb   redis.UniversalClient
-			calls *atomic.Int64
-		}
-		w := fixture("warm", func() (warm, func()) {
-			c, closer := openRedis(dbWarm)
-			owner := newBenchManager(&nullProvider{}, c)
-			fill(nil, owner, n)
-			calls := new(atomic.Int64)
-			c.AddHook(countingHook{calls})
-			return warm{c, calls}, func() { _ = owner.Close(context.Background()); closer() }
-		})
-		var reader *sandboxpool.Manager
-		w.calls.Store(0)
-		b.ReportAllocs()
-		b.ResetTimer()
-		for i := range b.N {
-			if i%n == 0 { // a fresh instance: every pair is a memory miss and a Redis hit
-				b.StopTimer()
-				reader = benchManager(b, &nullProvider{}, w.rdb)
-				b.StartTimer()
-			}
-			l, err := reader.Acquire(ctx, benchUsers[i%n], benchProjects[i%n])
-			if err != nil {
-				b.Fatal(err)
-			}
-			l.Release()
-		}
-		b.StopTimer()
-		b.ReportMetric(float64(w.calls.Load())/float64(b.N), "redis-rt/op")
-	})
+	b.Run("warm-redis-hit", func(b *testing.B) { benchWarm(b, "warm", dbWarm, 20_000, &nullProvider{}) })
 	b.Run("cold-create", func(b *testing.B) {
 		rdb := benchRedis(b)
 		var calls atomic.Int64
@@ -485,6 +458,71 @@ func BenchmarkRedisPaths(b *testing.B) {
 		b.StopTimer()
 		b.ReportMetric(float64(calls.Load())/float64(b.N), "redis-rt/op")
 	})
+	// The warm path against the fake E2B over HTTP through the E2B
+	// provider, and the provider call it makes alone: the issue's "GET
+	// plus the provider call", each measured in the same run.
+	e2bFake := fixture("e2b-fake", func() (sandboxpool.Provider, func()) {
+		srv := e2btest.Start(e2btest.Config{})
+		client, err := e2b.New(srv.ClientOptions())
+		if err != nil {
+			panic(err)
+		}
+		return sandboxpool.NewE2BProvider(client), srv.Close
+	})
+	b.Run("ref-e2b-Connect", func(b *testing.B) {
+		sb, err := e2bFake.Create(ctx, sandboxpool.CreateRequest{Template: "base", Timeout: time.Hour})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			if _, err := e2bFake.Connect(ctx, sb.ID, time.Hour); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	// 2,000 pairs: the owner creates them through the fake, whose listing
+	// (an adoption check before each create) scans every sandbox.
+	b.Run("warm-redis-hit-e2b-fake", func(b *testing.B) { benchWarm(b, "warm-e2b", dbWarmE2B, 2_000, e2bFake) })
+}
+
+// benchWarm measures Acquire+Release by fresh instances using provider p on
+// pairs [0,n) that an owner instance created and Redis (database db)
+// records: a memory miss, a Redis hit and a reconnect each. An instance is
+// replaced after visiting all n.
+func benchWarm(b *testing.B, key string, db, n int, p sandboxpool.Provider) {
+	type warm struct {
+		rdb   redis.UniversalClient
+		calls *atomic.Int64
+	}
+	w := fixture(key, func() (warm, func()) {
+		c, closer := openRedis(db)
+		owner := newBenchManager(p, c)
+		fill(nil, owner, n)
+		calls := new(atomic.Int64)
+		c.AddHook(countingHook{calls})
+		return warm{c, calls}, func() { _ = owner.Close(context.Background()); closer() }
+	})
+	ctx := context.Background()
+	var reader *sandboxpool.Manager
+	w.calls.Store(0)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		if i%n == 0 { // a fresh instance: every pair is a memory miss and a Redis hit
+			b.StopTimer()
+			reader = benchManager(b, p, w.rdb)
+			b.StartTimer()
+		}
+		l, err := reader.Acquire(ctx, benchUsers[i%n], benchProjects[i%n])
+		if err != nil {
+			b.Fatal(err)
+		}
+		l.Release()
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(w.calls.Load())/float64(b.N), "redis-rt/op")
 }
 
 func percentiles(d []time.Duration) (p50, p99 time.Duration) {

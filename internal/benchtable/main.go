@@ -65,6 +65,23 @@ func spread(r, base result, unit string) string {
 	return fmt.Sprintf("%.2f×%s (%.2f–%.2f)", med, unit, lo, hi)
 }
 
+// budget is the warm-path target as a fraction of its budget:
+// warm ÷ (1.5 × GET + the provider call), the median over side-by-side runs
+// with the lowest and highest; at most 1 meets it.
+func budget(warm, get, call result) string {
+	w, g, c := nsRuns[runKey(warm.name, warm.procs)], nsRuns[runKey(get.name, get.procs)], nsRuns[runKey(call.name, call.procs)]
+	n := min(len(w), len(g), len(c))
+	if n == 0 {
+		return ""
+	}
+	rs := make([]float64, n)
+	for i := range n {
+		rs[i] = w[i] / (1.5*g[i] + c[i])
+	}
+	sort.Float64s(rs)
+	return fmt.Sprintf("%.2f of the budget 1.5×GET + Connect (%.2f–%.2f)", rs[n/2], rs[0], rs[n-1])
+}
+
 func parse(in io.Reader) []result {
 	var runs []result
 	sc := bufio.NewScanner(in)
@@ -195,6 +212,12 @@ func main() {
 			for _, name := range []string{"RedisPaths/warm-redis-hit", "RedisPaths/cold-create"} {
 				if r, found := get(name, p); found {
 					row(r, spread(r, get1, " GET"), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
+				}
+			}
+			if conn, found := get("RedisPaths/ref-e2b-Connect", p); found {
+				row(conn, spread(conn, get1, " GET"), "reference: one Connect to the fake E2B over HTTP, the warm path's provider call")
+				if r, found := get("RedisPaths/warm-redis-hit-e2b-fake", p); found {
+					row(r, spread(r, get1, " GET"), fmt.Sprintf("%.2f Redis round trips/op; %s", r.metrics["redis-rt/op"], budget(r, get1, conn)))
 				}
 			}
 		}

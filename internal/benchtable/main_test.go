@@ -52,3 +52,23 @@ BenchmarkSpread/once   1000  300 ns/op
 		t.Errorf("spread of a single run = %q, want %q", got, want)
 	}
 }
+
+// The warm-path target is read as a fraction of its budget, 1.5 GETs plus
+// the provider call, run by run.
+func TestBudgetIsWarmOverOneAndAHalfGETsPlusTheCall(t *testing.T) {
+	rs := parse(strings.NewReader(`
+BenchmarkBudget/get    1000  100 ns/op
+BenchmarkBudget/call   1000  100 ns/op
+BenchmarkBudget/warm   1000  250 ns/op
+BenchmarkBudget/get    1000  300 ns/op
+BenchmarkBudget/call   1000  100 ns/op
+BenchmarkBudget/warm   1000  660 ns/op
+BenchmarkBudget/get    1000  100 ns/op
+BenchmarkBudget/call   1000  100 ns/op
+BenchmarkBudget/warm   1000  200 ns/op
+`))
+	// Runs: 250/250 = 1.00, 660/550 = 1.20, 200/250 = 0.80.
+	if got, want := budget(rs[2], rs[0], rs[1]), "1.00 of the budget 1.5×GET + Connect (0.80–1.20)"; got != want {
+		t.Errorf("budget = %q, want %q", got, want)
+	}
+}
