@@ -413,7 +413,7 @@ func selectPhases(phases []soakPhase, only string) []soakPhase {
 	if only == "" {
 		return phases
 	}
-	kept := phases[:1]
+	kept := []soakPhase{phases[0]}
 	for _, ph := range phases[1:] {
 		for w := range strings.SplitSeq(only, ",") {
 			if w != "" && strings.Contains(ph.name, w) {

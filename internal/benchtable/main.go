@@ -50,8 +50,15 @@ func ratioRuns(r, base result) (med, lo, hi float64, n int) {
 	for i := range n {
 		rs[i] = a[i] / b[i]
 	}
+	med, lo, hi = medianRange(rs)
+	return med, lo, hi, n
+}
+
+// medianRange sorts the run ratios rs and returns their median, lowest and
+// highest.
+func medianRange(rs []float64) (med, lo, hi float64) {
 	sort.Float64s(rs)
-	return rs[n/2], rs[0], rs[n-1], n
+	return rs[len(rs)/2], rs[0], rs[len(rs)-1]
 }
 
 // spread formats r's ratio to base, with its range over the runs when there
@@ -78,8 +85,8 @@ func budget(warm, get, call result) string {
 	for i := range n {
 		rs[i] = w[i] / (1.5*g[i] + c[i])
 	}
-	sort.Float64s(rs)
-	return fmt.Sprintf("%.2f of the budget 1.5×GET + Connect (%.2f–%.2f)", rs[n/2], rs[0], rs[n-1])
+	med, lo, hi := medianRange(rs)
+	return fmt.Sprintf("%.2f of the budget 1.5×GET + Connect (%.2f–%.2f)", med, lo, hi)
 }
 
 func parse(in io.Reader) []result {
