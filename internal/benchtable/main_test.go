@@ -1,6 +1,7 @@
 package main
 
 import (
+	"math"
 	"strings"
 	"testing"
 )
@@ -54,21 +55,39 @@ BenchmarkSpread/once   1000  300 ns/op
 }
 
 // The warm-path target is read as a fraction of its budget, 1.5 GETs plus
-// the provider call, run by run.
+// the provider call, run by run: with the call timed alone, or timed after a
+// GET (which then counts one of the 1.5 GETs).
 func TestBudgetIsWarmOverOneAndAHalfGETsPlusTheCall(t *testing.T) {
 	rs := parse(strings.NewReader(`
 BenchmarkBudget/get    1000  100 ns/op
 BenchmarkBudget/call   1000  100 ns/op
+BenchmarkBudget/seq    1000  300 ns/op
 BenchmarkBudget/warm   1000  250 ns/op
 BenchmarkBudget/get    1000  300 ns/op
 BenchmarkBudget/call   1000  100 ns/op
+BenchmarkBudget/seq    1000  500 ns/op
 BenchmarkBudget/warm   1000  660 ns/op
 BenchmarkBudget/get    1000  100 ns/op
 BenchmarkBudget/call   1000  100 ns/op
+BenchmarkBudget/seq    1000  150 ns/op
 BenchmarkBudget/warm   1000  200 ns/op
 `))
-	// Runs: 250/250 = 1.00, 660/550 = 1.20, 200/250 = 0.80.
-	if got, want := budget(rs[2], rs[0], rs[1]), "1.00 of the budget 1.5×GET + Connect (0.80–1.20)"; got != want {
-		t.Errorf("budget = %q, want %q", got, want)
+	for _, c := range []struct {
+		name          string
+		call          result
+		k             float64
+		med, lo, hi   float64
+		runsExplained string
+	}{
+		{"call alone", rs[1], 1.5, 1.00, 0.80, 1.20, "250/250, 660/550, 200/250"},
+		{"call after a GET", rs[2], 0.5, 1.00, 0.71, 1.02, "250/350, 660/650, 200/200"},
+	} {
+		med, lo, hi, ok := budget(rs[3], rs[0], c.call, c.k)
+		if near := func(a, b float64) bool { return math.Abs(a-b) < 0.005 }; !ok || !near(med, c.med) || !near(lo, c.lo) || !near(hi, c.hi) {
+			t.Errorf("%s: budget = %.2f (%.2f–%.2f), %v; want %.2f (%.2f–%.2f) from runs %s", c.name, med, lo, hi, ok, c.med, c.lo, c.hi, c.runsExplained)
+		}
+	}
+	if _, _, _, ok := budget(rs[3], rs[0], result{name: "Budget/absent", procs: 1}, 1.5); ok {
+		t.Error("budget with a reference that never ran reported a figure")
 	}
 }
