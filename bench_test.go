@@ -487,8 +487,9 @@ func BenchmarkRedisPaths(b *testing.B) {
 	// A GET and then a Connect, on the benchmark goroutine with no pool:
 	// the warm path's own I/O, in its order. Here a Connect that follows a
 	// wait on redis-server took about twice as long as one in a tight loop
-	// of Connects (timed by a provider wrapper inside this loop), so the
-	// warm budget counts the provider call as this reference makes it.
+	// of Connects (timed by wrapping the provider, in a side experiment),
+	// so the warm budget counts the provider call as this reference makes
+	// it.
 	b.Run("ref-GET-then-e2b-Connect", func(b *testing.B) {
 		rdb := benchRedis(b)
 		_ = rdb.Set(ctx, "k", "v", 0).Err()

@@ -233,10 +233,10 @@ func main() {
 			}
 			if r, found := get("RedisPaths/warm-redis-hit-e2b-fake", p); found {
 				note := fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"])
-				if med, lo, hi, ok := budget(r, get1, seq, 0.5); hasSeq && ok {
+				if med, lo, hi, ok := budget(r, get1, seq, 0.5); ok {
 					note += fmt.Sprintf("; %.2f of the budget 1.5×GET + Connect, the Connect made after a GET (%.2f–%.2f)", med, lo, hi)
 				}
-				if med, lo, hi, ok := budget(r, get1, conn, 1.5); hasConn && ok {
+				if med, lo, hi, ok := budget(r, get1, conn, 1.5); ok {
 					note += fmt.Sprintf("; %.2f with the Connect timed in a tight loop (%.2f–%.2f)", med, lo, hi)
 				}
 				row(r, spread(r, get1, " GET"), note)
