@@ -143,18 +143,24 @@ type baseline struct {
 	}
 }
 
-// newBaseline holds pairs [0,n).
-func newBaseline(n int) *baseline {
+// newBaseline holds pairs [0,n), each value a record of the given number of
+// 8-byte words (the store goes to the first).
+func newBaseline(n, words int) *baseline {
 	bl := &baseline{seed: maphash.MakeSeed()}
 	for i := range bl.shards {
 		bl.shards[i].m = map[[2]string]*atomic.Int64{}
 	}
 	for i := range n {
 		sh := &bl.shards[bl.hash(benchUsers[i], benchProjects[i])&63]
-		sh.m[[2]string{benchUsers[i], benchProjects[i]}] = new(atomic.Int64)
+		sh.m[[2]string{benchUsers[i], benchProjects[i]}] = &make([]atomic.Int64, words)[0]
 	}
 	return bl
 }
+
+// recordWords is the size, in 8-byte words, of the records in the
+// reference map: 128 bytes, the size class of the pool's slot (at most 128
+// bytes, TestSlotSize), which is what a pair's sandbox takes to describe.
+const recordWords = 16
 
 func (bl *baseline) hash(u, p string) uint64 {
 	return maphash.String(bl.seed, u)*31 ^ maphash.String(bl.seed, p)
@@ -297,13 +303,20 @@ func BenchmarkHotPathCacheResident(b *testing.B) { hotPath(b, cachePairs, cacheO
 // hotPath runs the hot-path contenders over pairs [0,pairs), visited in
 // order.
 func hotPath(b *testing.B, pairs int, order []int, all bool) {
-	b.Run("baseline-maphash64", func(b *testing.B) {
-		bl := fixture("baseline-"+strconv.Itoa(pairs), func() (*baseline, func()) { return newBaseline(pairs), func() {} }) // built once, as the pools are
-		now := time.Now().UnixNano()
-		b.ReportAllocs()
-		b.ResetTimer()
-		parallelPairs(b, order, func(i int) { bl.touch(benchUsers[i], benchProjects[i], now) })
-	})
+	// The baseline, and the same map holding a record of a slot's size
+	// per pair: a reference for what reaching a pair's record costs.
+	for _, c := range []struct {
+		name  string
+		words int
+	}{{"baseline-maphash64", 1}, {"ref-maphash64-128B-records", recordWords}} {
+		b.Run(c.name, func(b *testing.B) {
+			bl := fixture(c.name+"-"+strconv.Itoa(pairs), func() (*baseline, func()) { return newBaseline(pairs, c.words), func() {} }) // built once, as the pools are
+			now := time.Now().UnixNano()
+			b.ReportAllocs()
+			b.ResetTimer()
+			parallelPairs(b, order, func(i int) { bl.touch(benchUsers[i], benchProjects[i], now) })
+		})
+	}
 	b.Run("sandboxpool-Acquire+Release", func(b *testing.B) {
 		hotAcquireRelease(b, filledManager("hot-"+strconv.Itoa(pairs), pairs, nil), order)
 	})

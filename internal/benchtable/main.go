@@ -183,6 +183,7 @@ func main() {
 			row(base, "1.00×", "baseline: 64-shard maphash map + atomic store")
 			naive, hasNaive := get(group+"/naive-global-mutex+redis-GET", p)
 			pud, hasPud := get(group+"/puddle-Acquire+Release", p)
+			rec, hasRec := get(group+"/ref-maphash64-128B-records", p)
 			for _, name := range []string{"sandboxpool-Acquire+Release", "sandboxpool-Use", "sandboxpool-with-redis-Acquire+Release"} {
 				r, found := get(group+"/"+name, p)
 				if !found {
@@ -195,10 +196,16 @@ func main() {
 				if hasPud {
 					note += spread(r, pud, " puddle/v2")
 				}
+				if hasRec {
+					note += "; " + spread(r, rec, " the map of 128-byte records")
+				}
 				if rt, has := r.metrics["redis-rt/op"]; has {
 					note += fmt.Sprintf("; %.3f Redis round trips/op", rt)
 				}
 				row(r, spread(r, base, ""), note)
+			}
+			if hasRec {
+				row(rec, spread(rec, base, ""), "reference: the baseline's map with a 128-byte record per pair, a slot's size")
 			}
 			if hasPud {
 				row(pud, spread(pud, base, ""), "jackc/puddle/v2")
