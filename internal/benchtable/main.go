@@ -189,20 +189,20 @@ func main() {
 				if !found {
 					continue
 				}
-				note := ""
+				var notes []string
 				if hasNaive {
-					note += fmt.Sprintf("%.0f× faster than the old single-mutex design; ", 1/ratio(r, naive))
+					notes = append(notes, fmt.Sprintf("%.0f× faster than the old single-mutex design", 1/ratio(r, naive)))
 				}
 				if hasPud {
-					note += spread(r, pud, " puddle/v2")
+					notes = append(notes, spread(r, pud, " puddle/v2"))
 				}
 				if hasRec {
-					note += "; " + spread(r, rec, " the map of 128-byte records")
+					notes = append(notes, spread(r, rec, " the map of 128-byte records"))
 				}
 				if rt, has := r.metrics["redis-rt/op"]; has {
-					note += fmt.Sprintf("; %.3f Redis round trips/op", rt)
+					notes = append(notes, fmt.Sprintf("%.3f Redis round trips/op", rt))
 				}
-				row(r, spread(r, base, ""), note)
+				row(r, spread(r, base, ""), strings.Join(notes, "; "))
 			}
 			if hasRec {
 				row(rec, spread(rec, base, ""), "reference: the baseline's map with a 128-byte record per pair, a slot's size")
