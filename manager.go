@@ -237,7 +237,7 @@ func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox
 func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*slot, Outcome, error) {
 	for attempt := 0; ; attempt++ {
 		f, started := m.pool.join(sh, k)
-		if started && !m.goBackground(func() { m.runFill(sh, k, f) }) {
+		if started && !m.goBackground(func() { m.runFill(sh, f.key, f) }) {
 			m.pool.finish(sh, k, f, nil, OutcomeError, ErrClosed)
 		}
 		select {

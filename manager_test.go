@@ -4,9 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -329,6 +332,38 @@ func TestMemoryHitAllocations(t *testing.T) {
 		_ = e.m.Use(ctx, "u", "p", func(sandboxpool.Sandbox) error { return nil })
 	}), "allocations per Use")
 	assert.EqualValues(t, 2002, e.m.Stats().MemoryHits-hitsBefore, "every call was a memory hit")
+}
+
+// A pooled pair keeps none of its caller's memory: ids sliced from a large
+// buffer (a request body) do not keep that buffer alive once the caller is
+// done, while the pair stays pooled.
+func TestPoolKeepsNoCallerMemory(t *testing.T) {
+	e := newEnv(t)
+	freed := make(chan struct{})
+	func() {
+		body := strings.Repeat("x", 1<<20) + "alice" + "p1"
+		runtime.AddCleanup(unsafe.StringData(body), func(ch chan struct{}) { close(ch) }, freed)
+		user, project := body[1<<20:1<<20+5], body[1<<20+5:]
+		l := e.acquire(t, user, project)
+		assert.Equal(t, "alice", l.Sandbox().User)
+		l.Release()
+	}()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		runtime.GC()
+		select {
+		case <-freed:
+			l := e.acquire(t, "alice", "p1")
+			defer l.Release()
+			assert.Equal(t, sandboxpool.OutcomeMemoryHit, l.Outcome(), "the pair is still pooled")
+			assert.Equal(t, "alice", l.Sandbox().User)
+			assert.Equal(t, "p1", l.Sandbox().Project)
+			return
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the buffer the ids were sliced from is still reachable after the caller released them")
+		}
+	}
 }
 
 func TestInvalidIDsTouchNothing(t *testing.T) {

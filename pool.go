@@ -109,6 +109,7 @@ func (s *slot) sandbox() Sandbox {
 // pool waits on it. It is reference-counted (the fill and each waiter hold a
 // reference) and leaves the shard's map when the count reaches zero.
 type flight struct {
+	key  pairKey       // the pair, cloned: the fill and the slot it makes keep no caller's memory
 	done chan struct{} // closed when the fill has finished
 	refs int           // guarded by shard.mu
 	// Set before done is closed.
@@ -216,8 +217,8 @@ func (p *pool) join(sh *shard, k pairKey) (f *flight, started bool) {
 		}
 		// A finished flight still referenced by slow waiters is replaced:
 		// its result is history, not an answer for a new arrival.
-		f = &flight{done: make(chan struct{}), refs: 1} // the fill's reference
-		sh.flights[k] = f
+		f = &flight{key: k.clone(), done: make(chan struct{}), refs: 1} // the fill's reference
+		sh.flights[f.key] = f
 		sh.flights = shrink(sh.flights, &sh.peakFlights) // records the peak
 		started = true
 	}

@@ -194,3 +194,16 @@ func TestShardLayout(t *testing.T) {
 		assert.Zero(t, uintptr(unsafe.Pointer(sh))%64, "shards start on a cache line")
 	}
 }
+
+// A cloned key equals its original, shares none of its memory, and holds
+// both ids in one allocation, project right after user.
+func TestKeyCloneOwnsOneAllocation(t *testing.T) {
+	long := string(make([]byte, MaxIDLen))
+	for _, k := range []pairKey{{"u", "p"}, {"alice@example.com", "proj-1"}, {long, long}} {
+		c := k.clone()
+		assert.Equal(t, k, c)
+		assert.NotSame(t, unsafe.StringData(k.user), unsafe.StringData(c.user))
+		assert.NotSame(t, unsafe.StringData(k.project), unsafe.StringData(c.project))
+		assert.Equal(t, uintptr(unsafe.Pointer(unsafe.StringData(c.user)))+uintptr(len(c.user)), uintptr(unsafe.Pointer(unsafe.StringData(c.project))), "project follows user in one allocation")
+	}
+}

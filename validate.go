@@ -80,6 +80,15 @@ type pairKey struct {
 	user, project string
 }
 
+// clone returns k with ids of its own, both in one allocation. The pool
+// keeps only clones: an id the caller sliced from a larger buffer (a request
+// body, a token) would otherwise keep that whole buffer alive for as long as
+// the pair is pooled, and a key compare reads one allocation, not two.
+func (k pairKey) clone() pairKey {
+	both := k.user + k.project
+	return pairKey{both[:len(k.user)], both[len(k.user):]}
+}
+
 // hashTag is the Redis Cluster hash tag of the pair: every key of a pair
 // carries it, so they share a slot and one Lua script can touch them all.
 func (k pairKey) hashTag() string { return "{" + k.user + ":" + k.project + "}" }
