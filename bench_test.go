@@ -29,6 +29,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -50,6 +51,20 @@ var benchUsers, benchProjects = func() ([]string, []string) {
 	u, p := make([]string, benchPairs), make([]string, benchPairs)
 	for i := range u {
 		u[i], p[i] = "user"+strconv.Itoa(i), "proj"+strconv.Itoa(i%97)
+	}
+	return u, p
+}()
+
+// reqUsers and reqProjects are the ids as requests carry them: equal to the
+// pairs' ids, but strings of their own, as a handler's parsed ids are. The
+// hot-path contenders look pairs up with them, so none of them compares an
+// id with the very string it stored: the pool keeps its own copy of every
+// pair's ids, and a map filled with benchUsers would otherwise match by
+// pointer, without reading a byte.
+var reqUsers, reqProjects = func() ([]string, []string) {
+	u, p := make([]string, benchPairs), make([]string, benchPairs)
+	for i := range u {
+		u[i], p[i] = strings.Clone(benchUsers[i]), strings.Clone(benchProjects[i])
 	}
 	return u, p
 }()
@@ -269,7 +284,7 @@ func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager, order []int) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	parallelPairs(b, order, func(i int) {
-		l, err := m.Acquire(ctx, benchUsers[i], benchProjects[i])
+		l, err := m.Acquire(ctx, reqUsers[i], reqProjects[i])
 		if err != nil {
 			b.Error(err)
 			return
@@ -314,7 +329,7 @@ func hotPath(b *testing.B, pairs int, order []int, all bool) {
 			now := time.Now().UnixNano()
 			b.ReportAllocs()
 			b.ResetTimer()
-			parallelPairs(b, order, func(i int) { bl.touch(benchUsers[i], benchProjects[i], now) })
+			parallelPairs(b, order, func(i int) { bl.touch(reqUsers[i], reqProjects[i], now) })
 		})
 	}
 	b.Run("sandboxpool-Acquire+Release", func(b *testing.B) {
@@ -327,7 +342,7 @@ func hotPath(b *testing.B, pairs int, order []int, all bool) {
 		b.ReportAllocs()
 		b.ResetTimer()
 		parallelPairs(b, order, func(i int) {
-			if err := m.Use(ctx, benchUsers[i], benchProjects[i], use); err != nil {
+			if err := m.Use(ctx, reqUsers[i], reqProjects[i], use); err != nil {
 				b.Error(err)
 			}
 		})
@@ -353,7 +368,7 @@ func hotPath(b *testing.B, pairs int, order []int, all bool) {
 		ctx := context.Background()
 		b.ReportAllocs()
 		b.ResetTimer()
-		parallelPairs(b, order, func(i int) { n.acquire(ctx, benchUsers[i], benchProjects[i]) })
+		parallelPairs(b, order, func(i int) { n.acquire(ctx, reqUsers[i], reqProjects[i]) })
 	})
 }
 
