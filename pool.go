@@ -38,8 +38,8 @@ type slot struct {
 	tag      uint32        // hashTag of the pair's hash
 	hitUntil atomic.Int64  // unix ns: a memory hit is allowed before it (see Manager.refreshHit)
 	lastUse  atomic.Int64  // unix ns, coarse: creation, or the last release
-	key      pairKey
-	shape    *shape // a release reads its Manager
+	key      pairKey       // the flight's clone of the ids (see pairKey.clone), never the caller's strings
+	shape    *shape        // a release reads its Manager
 
 	next      atomic.Pointer[slot] // the next slot in its index bucket (a hit on a chain's head does not read it); written under shard.mu
 	deadline  atomic.Int64         // unix ns the provider (and Redis) currently hold as the deadline
