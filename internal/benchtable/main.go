@@ -217,27 +217,27 @@ func main() {
 		get1, hasGet := get("RedisPaths/baseline-GET", p)
 		if hasGet {
 			row(get1, "1.00×", "baseline: one plain go-redis GET")
-			refs := [][2]string{{"RedisPaths/ref-HGETALL", "reference: one read of a record"},
-				{"RedisPaths/ref-GET-on-new-goroutine", "reference: a GET handed to a new goroutine, as fills were before they ran on workers"},
-				{"RedisPaths/ref-GET-on-worker-with-deadlines", "reference: a GET handed to a waiting worker under a fill's two deadlines, as a fill is"}}
-			for _, ref := range refs {
-				if r, found := get(ref[0], p); found {
-					row(r, spread(r, get1, " GET"), ref[1])
+			// refRows prints references (name, what it measures) against the GET.
+			refRows := func(refs ...[2]string) {
+				for _, ref := range refs {
+					if r, found := get(ref[0], p); found {
+						row(r, spread(r, get1, " GET"), ref[1])
+					}
 				}
 			}
+			refRows([2]string{"RedisPaths/ref-HGETALL", "reference: one read of a record"},
+				[2]string{"RedisPaths/ref-GET-on-new-goroutine", "reference: a GET handed to a new goroutine, as fills were before they ran on workers"},
+				[2]string{"RedisPaths/ref-GET-on-worker-with-deadlines", "reference: a GET handed to a waiting worker under a fill's two deadlines, as a fill is"})
 			for _, name := range []string{"RedisPaths/warm-redis-hit", "RedisPaths/cold-create"} {
 				if r, found := get(name, p); found {
 					row(r, spread(r, get1, " GET"), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
 				}
 			}
-			conn, hasConn := get("RedisPaths/ref-e2b-Connect", p)
-			if hasConn {
-				row(conn, spread(conn, get1, " GET"), "reference: one Connect to the fake E2B over HTTP, in a tight loop of Connects")
-			}
-			seq, hasSeq := get("RedisPaths/ref-GET-then-e2b-Connect", p)
-			if hasSeq {
-				row(seq, spread(seq, get1, " GET"), "reference: a GET, then one Connect to the fake E2B: the warm path's own I/O in its order, with no pool")
-			}
+			refRows([2]string{"RedisPaths/ref-e2b-Connect", "reference: one Connect to the fake E2B over HTTP, in a tight loop of Connects"},
+				[2]string{"RedisPaths/ref-GET-then-e2b-Connect", "reference: a GET, then one Connect to the fake E2B: the warm path's own I/O in its order, with no pool"})
+			// budget reports no figure for a reference that did not run.
+			conn, _ := get("RedisPaths/ref-e2b-Connect", p)
+			seq, _ := get("RedisPaths/ref-GET-then-e2b-Connect", p)
 			if r, found := get("RedisPaths/warm-redis-hit-e2b-fake", p); found {
 				note := fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"])
 				if med, lo, hi, ok := budget(r, get1, seq, 0.5); ok {
