@@ -173,8 +173,9 @@ func newBaseline(n, words int) *baseline {
 }
 
 // recordWords is the size, in 8-byte words, of the records in the
-// reference map: 128 bytes, the size class of the pool's slot (at most 128
-// bytes, TestSlotSize), which is what a pair's sandbox takes to describe.
+// reference map: 128 bytes, the pool's slot (at most 128 bytes,
+// TestSlotSize) without the ids it holds beside it, which is what a pair's
+// sandbox takes to describe.
 const recordWords = 16
 
 func (bl *baseline) hash(u, p string) uint64 {

@@ -549,8 +549,9 @@ func (m *Manager) newSlot(k pairKey, sb Sandbox, createdAt, now, deadline int64)
 	if sb.Template == "" {
 		sb.Template = m.cfg.Template
 	}
-	s := &slot{tag: hashTag(hashPair(m.pool.seed, k)), createdAt: createdAt, key: k, id: sb.ID, token: sb.AccessToken, heapIdx: -1,
-		shape: m.intern(shape{m: m, template: sb.Template, domain: sb.Domain, envdVersion: sb.EnvdVersion, envdURL: sb.envdURL})}
+	s := allocSlot(k)
+	s.tag, s.createdAt, s.id, s.token, s.heapIdx = hashTag(hashPair(m.pool.seed, k)), createdAt, sb.ID, sb.AccessToken, -1
+	s.shape = m.intern(shape{m: m, template: sb.Template, domain: sb.Domain, envdVersion: sb.EnvdVersion, envdURL: sb.envdURL})
 	s.lastUse.Store(now)
 	s.lastCheck.Store(now)
 	s.deadline.Store(deadline)

@@ -2,6 +2,8 @@ package sandboxpool
 
 import (
 	"fmt"
+	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -175,12 +177,13 @@ func TestLeaseRetireRace(t *testing.T) {
 	}
 }
 
-// A slot stays within one 128-byte allocation: what a hit touches is on its
-// first cache line, and a million pairs cost what BenchmarkMemoryPerPair says.
+// A slot is at most 128 bytes, and what a hit touches is its first 64, right
+// after the ids (see keyedSlot): a million pairs cost what
+// BenchmarkMemoryPerPair says.
 func TestSlotSize(t *testing.T) {
 	assert.LessOrEqual(t, unsafe.Sizeof(slot{}), uintptr(128))
 	var s slot
-	assert.LessOrEqual(t, unsafe.Offsetof(s.shape)+unsafe.Sizeof(s.shape), uintptr(64), "the fields a hit and a release read span one cache line")
+	assert.LessOrEqual(t, unsafe.Offsetof(s.shape)+unsafe.Sizeof(s.shape), uintptr(64), "the fields a hit and a release read are the slot's first 64 bytes")
 }
 
 // A shard is two whole cache lines, and what a hit touches is on the first,
@@ -205,5 +208,35 @@ func TestKeyCloneOwnsOneAllocation(t *testing.T) {
 		assert.NotSame(t, unsafe.StringData(k.user), unsafe.StringData(c.user))
 		assert.NotSame(t, unsafe.StringData(k.project), unsafe.StringData(c.project))
 		assert.Equal(t, uintptr(unsafe.Pointer(unsafe.StringData(c.user)))+uintptr(len(c.user)), uintptr(unsafe.Pointer(unsafe.StringData(c.project))), "project follows user in one allocation")
+	}
+}
+
+// A slot holds its pair's ids in its own allocation, user then project,
+// ending where the slot starts, for every key length a pool can hold: one
+// object per pair, and the ids cost at most 32 bytes over their length (the
+// room is sized to fill a Go size class).
+func TestSlotHoldsItsKeyInItsAllocation(t *testing.T) {
+	id := strings.Repeat("x", MaxIDLen)
+	sink := make([]*slot, 256)
+	for n := 0; n <= 2*MaxIDLen; n++ {
+		u := (n + 1) / 2
+		k := pairKey{strings.Clone(id[:u]), strings.Clone(id[:n-u])}
+		s := allocSlot(k)
+		require.Equal(t, k, s.key, "n=%d", n)
+		start := uintptr(unsafe.Pointer(s)) - uintptr(n)
+		if n > 1 { // an empty string's data pointer is unspecified
+			assert.Equal(t, start, uintptr(unsafe.Pointer(unsafe.StringData(s.key.user))), "n=%d: the ids end where the slot starts", n)
+			assert.Equal(t, start+uintptr(u), uintptr(unsafe.Pointer(unsafe.StringData(s.key.project))), "n=%d: the project id follows the user id", n)
+		}
+
+		assert.EqualValues(t, 1, testing.AllocsPerRun(10, func() { sink[0] = allocSlot(k) }), "n=%d", n)
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for i := range sink {
+			sink[i] = allocSlot(k)
+		}
+		runtime.ReadMemStats(&after)
+		per := (after.TotalAlloc - before.TotalAlloc) / uint64(len(sink))
+		assert.LessOrEqual(t, per, uint64(unsafe.Sizeof(slot{}))+uint64(n)+32, "n=%d: bytes per slot", n)
 	}
 }

@@ -81,9 +81,10 @@ type pairKey struct {
 }
 
 // clone returns k with ids of its own, both in one allocation. The pool
-// keeps only clones: an id the caller sliced from a larger buffer (a request
-// body, a token) would otherwise keep that whole buffer alive for as long as
-// the pair is pooled, and a key compare reads one allocation, not two.
+// keeps only copies (a flight's key is a clone, a slot copies the ids into
+// its own allocation, see keyedSlot): an id the caller sliced from a larger
+// buffer (a request body, a token) would otherwise keep that whole buffer
+// alive for as long as the pair is pooled.
 func (k pairKey) clone() pairKey {
 	both := k.user + k.project
 	return pairKey{both[:len(k.user)], both[len(k.user):]}
