@@ -57,7 +57,7 @@ bench:
 	else echo "bench: redis-server not found, Redis benchmarks use miniredis"; fi; \
 	trap 'test -f /tmp/sandboxpool-bench-$$port.pid && kill $$(cat /tmp/sandboxpool-bench-$$port.pid)' EXIT; \
 	for i in $$(seq $(HOTCOUNT)); do \
-	  $(GO) test -run '^$$' -bench '^BenchmarkHotPath(IndexOrder|CacheResident)?$$' -benchmem -benchtime $(BENCHTIME) -count 1 -cpu 1,2 -timeout 60m . || exit 1; \
+	  $(GO) test -run '^$$' -bench '^BenchmarkHotPath(ArrivalIDs|IndexOrder|CacheResident)?$$' -benchmem -benchtime $(BENCHTIME) -count 1 -cpu 1,2 -timeout 60m . || exit 1; \
 	done | tee testdata/bench.txt; \
 	for i in $$(seq $(HOTCOUNT)); do \
 	  $(GO) test -run '^$$' -bench '^BenchmarkRedisPaths$$' -benchmem -benchtime $(BENCHTIME) -count 1 -cpu 1,2 -timeout 60m . || exit 1; \

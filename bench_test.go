@@ -11,6 +11,9 @@ package sandboxpool_test
 //	                          pairs visited in creation order
 //	BenchmarkHotPathCacheResident/* the same over 4,096 pairs, a pool that
 //	                          stays in cache, in random order
+//	BenchmarkHotPathArrivalIDs/* the same random order over 100k pairs, each
+//	                          request's ids read from a stream laid out in
+//	                          arrival order instead of from tables by pair
 //	BenchmarkRedisPaths/*     warm (Redis hit) and cold (create) paths: Redis
 //	                          round trips per call (go-redis hook) and latency
 //	                          vs one plain GET on the same client; the warm
@@ -263,15 +266,53 @@ var (
 	}()
 )
 
-// parallelPairs runs body on every benchmark goroutine, each walking order
-// from its own random start.
-func parallelPairs(b *testing.B, order []int, body func(i int)) {
+// requests are the ids requests carry, in the order a benchmark visits
+// pairs. byPair reads them from reqUsers and reqProjects, indexed by pair:
+// visited in random order, each request's ids sit at a random place in two
+// 100k-entry tables, and reading them costs cache misses of their own, the
+// same for every contender but puddle, which looks no pair up. inArrival
+// lays a copy of them out in visiting order, as a server's freshly read
+// requests arrive: the hardware streams them in, and a lookup pays mostly
+// for reaching its pair.
+type requests struct {
+	users, projects []string
+	pair            []int // users[pair[j]] is request j's; nil: users[j]
+}
+
+func byPair(order []int) requests { return requests{reqUsers, reqProjects, order} }
+
+// len is the number of requests.
+func (r requests) len() int {
+	if r.pair != nil {
+		return len(r.pair)
+	}
+	return len(r.users)
+}
+
+func inArrival(order []int) requests {
+	return fixture(fmt.Sprintf("arrival-%p", order), func() (requests, func()) {
+		r := requests{users: make([]string, len(order)), projects: make([]string, len(order))}
+		for j, i := range order {
+			r.users[j], r.projects[j] = strings.Clone(benchUsers[i]), strings.Clone(benchProjects[i])
+		}
+		return r, func() {}
+	})
+}
+
+// parallelPairs runs body on every benchmark goroutine, each taking the
+// requests in order from its own random start.
+func parallelPairs(b *testing.B, reqs requests, body func(user, project string)) {
 	b.RunParallel(func(pb *testing.PB) {
-		i := rand.IntN(len(order))
+		n := reqs.len()
+		j := rand.IntN(n)
 		for pb.Next() {
-			body(order[i])
-			if i++; i == len(order) {
-				i = 0
+			i := j
+			if reqs.pair != nil {
+				i = reqs.pair[j]
+			}
+			body(reqs.users[i], reqs.projects[i])
+			if j++; j == n {
+				j = 0
 			}
 		}
 	})
@@ -279,13 +320,13 @@ func parallelPairs(b *testing.B, order []int, body func(i int)) {
 
 // hotAcquireRelease measures Acquire+Release over the pooled pairs and fails
 // unless every Acquire was a memory hit with no create or probe.
-func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager, order []int) {
+func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager, reqs requests) {
 	before := m.Stats()
 	ctx := context.Background()
 	b.ReportAllocs()
 	b.ResetTimer()
-	parallelPairs(b, order, func(i int) {
-		l, err := m.Acquire(ctx, reqUsers[i], reqProjects[i])
+	parallelPairs(b, reqs, func(user, project string) {
+		l, err := m.Acquire(ctx, user, project)
 		if err != nil {
 			b.Error(err)
 			return
@@ -306,19 +347,26 @@ func hotAcquireRelease(b *testing.B, m *sandboxpool.Manager, order []int) {
 const cachePairs = 4096
 
 // BenchmarkHotPath visits the pairs in random order (see randomOrder).
-func BenchmarkHotPath(b *testing.B) { hotPath(b, benchPairs, randomOrder, true) }
+func BenchmarkHotPath(b *testing.B) { hotPath(b, benchPairs, byPair(randomOrder), true) }
 
 // BenchmarkHotPathIndexOrder is the same hot path in creation order (see
 // indexOrder), without the Redis-backed and single-mutex variants.
-func BenchmarkHotPathIndexOrder(b *testing.B) { hotPath(b, benchPairs, indexOrder, false) }
+func BenchmarkHotPathIndexOrder(b *testing.B) { hotPath(b, benchPairs, byPair(indexOrder), false) }
 
 // BenchmarkHotPathCacheResident is the same hot path over a pool that stays
 // in cache (see cachePairs), in random order.
-func BenchmarkHotPathCacheResident(b *testing.B) { hotPath(b, cachePairs, cacheOrder, false) }
+func BenchmarkHotPathCacheResident(b *testing.B) { hotPath(b, cachePairs, byPair(cacheOrder), false) }
 
-// hotPath runs the hot-path contenders over pairs [0,pairs), visited in
+// BenchmarkHotPathArrivalIDs is BenchmarkHotPath's random order with the
+// requests' ids laid out in arrival order (see requests), without the
+// Redis-backed and single-mutex variants.
+func BenchmarkHotPathArrivalIDs(b *testing.B) {
+	hotPath(b, benchPairs, inArrival(randomOrder), false)
+}
+
+// hotPath runs the hot-path contenders over pairs [0,pairs), taking reqs in
 // order.
-func hotPath(b *testing.B, pairs int, order []int, all bool) {
+func hotPath(b *testing.B, pairs int, reqs requests, all bool) {
 	// The baseline, and the same map holding a record of a slot's size
 	// per pair: a reference for what reaching a pair's record costs.
 	for _, c := range []struct {
@@ -330,11 +378,11 @@ func hotPath(b *testing.B, pairs int, order []int, all bool) {
 			now := time.Now().UnixNano()
 			b.ReportAllocs()
 			b.ResetTimer()
-			parallelPairs(b, order, func(i int) { bl.touch(reqUsers[i], reqProjects[i], now) })
+			parallelPairs(b, reqs, func(user, project string) { bl.touch(user, project, now) })
 		})
 	}
 	b.Run("sandboxpool-Acquire+Release", func(b *testing.B) {
-		hotAcquireRelease(b, filledManager("hot-"+strconv.Itoa(pairs), pairs, nil), order)
+		hotAcquireRelease(b, filledManager("hot-"+strconv.Itoa(pairs), pairs, nil), reqs)
 	})
 	b.Run("sandboxpool-Use", func(b *testing.B) {
 		m := filledManager("hot-"+strconv.Itoa(pairs), pairs, nil)
@@ -342,8 +390,8 @@ func hotPath(b *testing.B, pairs int, order []int, all bool) {
 		use := func(sandboxpool.Sandbox) error { return nil }
 		b.ReportAllocs()
 		b.ResetTimer()
-		parallelPairs(b, order, func(i int) {
-			if err := m.Use(ctx, reqUsers[i], reqProjects[i], use); err != nil {
+		parallelPairs(b, reqs, func(user, project string) {
+			if err := m.Use(ctx, user, project, use); err != nil {
 				b.Error(err)
 			}
 		})
@@ -360,7 +408,7 @@ func hotPath(b *testing.B, pairs int, order []int, all bool) {
 			return c, closer
 		})
 		calls.Store(0)
-		hotAcquireRelease(b, m, order)
+		hotAcquireRelease(b, m, reqs)
 		b.ReportMetric(float64(calls.Load())/float64(b.N), "redis-rt/op")
 	})
 	b.Run("naive-global-mutex+redis-GET", func(b *testing.B) {
@@ -369,7 +417,7 @@ func hotPath(b *testing.B, pairs int, order []int, all bool) {
 		ctx := context.Background()
 		b.ReportAllocs()
 		b.ResetTimer()
-		parallelPairs(b, order, func(i int) { n.acquire(ctx, reqUsers[i], reqProjects[i]) })
+		parallelPairs(b, reqs, func(user, project string) { n.acquire(ctx, user, project) })
 	})
 }
 

@@ -175,7 +175,7 @@ func main() {
 		fmt.Printf("| %s | %d | %.1f | %.0f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], r.metrics["B/op"], ratio, note)
 	}
 	for _, p := range procs {
-		for _, group := range []string{"HotPath", "HotPathIndexOrder", "HotPathCacheResident"} {
+		for _, group := range []string{"HotPath", "HotPathArrivalIDs", "HotPathIndexOrder", "HotPathCacheResident"} {
 			base, ok := get(group+"/baseline-maphash64", p)
 			if !ok {
 				continue
@@ -205,7 +205,11 @@ func main() {
 				row(r, spread(r, base, ""), strings.Join(notes, "; "))
 			}
 			if hasRec {
-				row(rec, spread(rec, base, ""), "reference: the baseline's map with a 128-byte record per pair, a slot's size")
+				note := "reference: the baseline's map with a 128-byte record per pair, a slot's size"
+				if hasPud {
+					note += "; " + spread(rec, pud, " puddle/v2")
+				}
+				row(rec, spread(rec, base, ""), note)
 			}
 			if hasPud {
 				row(pud, spread(pud, base, ""), "jackc/puddle/v2")
