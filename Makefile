@@ -48,7 +48,7 @@ generate:
 check-generated: generate
 	@git diff --exit-code -- internal/e2bapi || { echo "generated code is stale: run make generate and commit"; exit 1; }
 
-### bench: benchmarks vs their baselines (real redis-server when installed; hot and Redis paths in HOTCOUNT fresh processes, medians and paired ratios; hot path with pairs in random and in creation order); raw output in testdata/bench.txt
+### bench: benchmarks vs their baselines (real redis-server when installed; hot and Redis paths in HOTCOUNT fresh processes, medians and paired ratios; hot path with pairs in random order (ids read by pair and in arrival order), in creation order and in cache); raw output in testdata/bench.txt
 bench:
 	@set -e; port=$$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])' 2>/dev/null || echo 16399); \
 	if command -v redis-server >/dev/null; then \
