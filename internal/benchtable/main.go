@@ -149,8 +149,12 @@ func medians(runs []result) []result {
 	return out
 }
 
-func main() {
-	rs := parse(os.Stdin)
+func main() { table(os.Stdout, parse(os.Stdin)) }
+
+// table prints rs as one markdown table: each hot-path group against its
+// baseline (and puddle and the map of records, where they ran), the Redis
+// paths against a GET, then the contention, memory and reaper figures.
+func table(w io.Writer, rs []result) {
 	get := func(name string, procs int) (result, bool) {
 		for _, r := range rs {
 			if r.name == name && r.procs == procs {
@@ -169,10 +173,10 @@ func main() {
 	}
 	sort.Ints(procs)
 
-	fmt.Println("| benchmark | GOMAXPROCS | ns/op | allocs/op | B/op | ratio (range over runs) | note |")
-	fmt.Println("|---|---|---|---|---|---|---|")
+	fmt.Fprintln(w, "| benchmark | GOMAXPROCS | ns/op | allocs/op | B/op | ratio (range over runs) | note |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|")
 	row := func(r result, ratio, note string) {
-		fmt.Printf("| %s | %d | %.1f | %.0f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], r.metrics["B/op"], ratio, note)
+		fmt.Fprintf(w, "| %s | %d | %.1f | %.0f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], r.metrics["B/op"], ratio, note)
 	}
 	for _, p := range procs {
 		for _, group := range []string{"HotPath", "HotPathArrivalIDs", "HotPathIndexOrder", "HotPathCacheResident"} {

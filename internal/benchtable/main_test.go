@@ -91,3 +91,26 @@ BenchmarkBudget/warm   1000  200 ns/op
 		t.Error("budget with a reference that never ran reported a figure")
 	}
 }
+
+// Every hot-path group is printed against its own baseline, and the map of
+// records is read against puddle too: it is the floor for a pool that must
+// touch a record per pair, so its ratio to puddle says what such a pool can
+// reach in that group.
+func TestTablePrintsEachHotPathGroupAndTheRecordMapAgainstPuddle(t *testing.T) {
+	var out strings.Builder
+	table(&out, parse(strings.NewReader(`
+BenchmarkHotPathArrivalIDs/baseline-maphash64-2            1000   50 ns/op
+BenchmarkHotPathArrivalIDs/ref-maphash64-128B-records-2    1000  100 ns/op
+BenchmarkHotPathArrivalIDs/sandboxpool-Acquire+Release-2   1000  120 ns/op
+BenchmarkHotPathArrivalIDs/puddle-Acquire+Release-2        1000  125 ns/op
+`)))
+	for _, want := range []string{
+		"| HotPathArrivalIDs/baseline-maphash64 | 2 | 50.0 |",
+		"| HotPathArrivalIDs/sandboxpool-Acquire+Release | 2 | 120.0 | 0 | 0 | 2.40× | 0.96× puddle/v2; 1.20× the map of 128-byte records |",
+		"| HotPathArrivalIDs/ref-maphash64-128B-records | 2 | 100.0 | 0 | 0 | 2.00× | reference: the baseline's map with a 128-byte record per pair, a slot's size; 0.80× puddle/v2 |",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, out.String())
+		}
+	}
+}
