@@ -7,8 +7,8 @@ import (
 
 // index is a shard's map from pair hash to slot: buckets of chains linked
 // through slot.next. A memory hit reads it with atomic loads and takes no
-// lock, so concurrent hits on one shard share no lock word (only the
-// shard's hit counter); insert, unlink and resize run under shard.mu.
+// lock, so concurrent hits on one shard write no shared word (a hit counts
+// itself in its slot); insert, unlink and resize run under shard.mu.
 //
 // A reader never returns a wrong slot: it compares the key. Its walk ends: a
 // chain is only ever cut or prefixed, and a resize relinks slots into the new
@@ -31,17 +31,11 @@ func newIndex(n int) *index {
 
 func (ix *index) bucket(h uint64) *atomic.Pointer[slot] { return &ix.buckets[h>>ix.shift] }
 
-// hashTag is the part of a pair's hash kept in its slot: a chain walk
-// compares it before the key, so it reads no other pair's strings. It takes
-// neither the low bits (the shard) nor the top ones (the bucket).
-func hashTag(h uint64) uint32 { return uint32(h >> 16) }
-
 // lookup returns k's slot, or nil. It is safe without shard.mu, and exact
 // with it (read or write).
 func (sh *shard) lookup(h uint64, k pairKey) *slot {
-	tag := hashTag(h)
 	for s := sh.idx.Load().bucket(h).Load(); s != nil; s = s.next.Load() {
-		if s.tag == tag && s.key == k {
+		if s.key == k {
 			return s
 		}
 	}

@@ -37,11 +37,30 @@ func (l *Lease) Release() {
 // reads the state, so a retirement cannot slip between the check and the
 // lease. On a slot that is no longer live the add is undone as a release.
 func (m *Manager) tryLease(s *slot) bool {
-	if stateOf(s.ctl.Add(1)) == stateLive {
-		return true
+	_, ok := m.take(s, 1)
+	return ok
+}
+
+// tryHit is tryLease for a memory hit: the same add also counts the hit in
+// s (see leaseBits), and the hit that brings the count to hitFold folds it
+// into the shard.
+func (m *Manager) tryHit(sh *shard, s *slot) bool {
+	w, ok := m.take(s, oneHit+1)
+	if ok && hitsOf(w) == hitFold {
+		sh.foldHits(s)
 	}
-	m.unlease(s)
-	return false
+	return ok
+}
+
+// take adds delta (a lease, and maybe a hit) to s's word and returns the
+// sum, or takes the add back if s is no longer live.
+func (m *Manager) take(s *slot, delta uint64) (uint64, bool) {
+	w := s.ctl.Add(delta)
+	if stateOf(w) != stateLive {
+		m.drop(s, delta)
+		return w, false
+	}
+	return w, true
 }
 
 // release ends one lease on s. The idle clock restarts here (before the
@@ -54,10 +73,14 @@ func (m *Manager) release(s *slot) {
 	m.unlease(s)
 }
 
-// unlease drops one lease on s. Whoever drops the last lease on a retired
-// slot (a release, or a tryLease backing out) ends it.
-func (m *Manager) unlease(s *slot) {
-	if s.ctl.Add(^uint32(0)) == stateRetired<<leaseBits {
+// unlease drops one lease on s.
+func (m *Manager) unlease(s *slot) { m.drop(s, 1) }
+
+// drop takes delta (a lease, and maybe a hit) back from s's word. Whoever
+// drops the last lease on a retired slot (a release, or a take backing out)
+// ends it.
+func (m *Manager) drop(s *slot, delta uint64) {
+	if uint32(s.ctl.Add(-delta)) == stateRetired<<leaseBits {
 		m.endLater(s, "max age reached")
 	}
 }

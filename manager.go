@@ -214,10 +214,9 @@ func (m *Manager) hit(k pairKey) *slot {
 	if s == nil {
 		s = sh.get(k) // a concurrent resize may have hidden it: look again, exactly
 	}
-	if s == nil || m.clock.coarse() >= s.hitUntil.Load() || !m.tryLease(s) {
+	if s == nil || m.clock.coarse() >= s.hitUntil.Load() || !m.tryHit(sh, s) {
 		return nil
 	}
-	sh.memoryHits.Add(1)
 	return s
 }
 
@@ -550,7 +549,7 @@ func (m *Manager) newSlot(k pairKey, sb Sandbox, createdAt, now, deadline int64)
 		sb.Template = m.cfg.Template
 	}
 	s := allocSlot(k)
-	s.tag, s.createdAt, s.id, s.token, s.heapIdx = hashTag(hashPair(m.pool.seed, k)), createdAt, sb.ID, sb.AccessToken, -1
+	s.createdAt, s.id, s.token, s.heapIdx = createdAt, sb.ID, sb.AccessToken, -1
 	s.shape = m.intern(shape{m: m, template: sb.Template, domain: sb.Domain, envdVersion: sb.EnvdVersion, envdURL: sb.envdURL})
 	s.lastUse.Store(now)
 	s.lastCheck.Store(now)

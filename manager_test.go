@@ -528,3 +528,26 @@ func TestLeaseOutcome(t *testing.T) {
 	require.Error(t, err)
 	assert.Equal(t, []string{"created", "memory_hit", "error"}, seen, "invalid ids are not observed")
 }
+
+// A memory hit is counted in its sandbox's slot, not in a counter that
+// every hit writes: the count must outlive the slot. Stats reports every
+// hit after the sandbox is removed, and after it is replaced.
+func TestMemoryHitsOutliveTheirSandbox(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	for range 5 {
+		e.acquire(t, "alice", "p1").Release()
+	}
+	e.acquire(t, "bob", "p1").Release()
+	e.acquire(t, "bob", "p1").Release()
+	assert.EqualValues(t, 5, e.m.Stats().MemoryHits, "4 hits on alice's, 1 on bob's")
+
+	require.NoError(t, e.m.Remove(ctx, "alice", "p1"))
+	st := e.m.Stats()
+	assert.EqualValues(t, 5, st.MemoryHits, "alice's hits are kept after her sandbox is removed")
+	assert.EqualValues(t, 7, st.Acquires)
+
+	e.acquire(t, "alice", "p1").Release() // a new sandbox
+	e.acquire(t, "alice", "p1").Release()
+	assert.EqualValues(t, 6, e.m.Stats().MemoryHits)
+}

@@ -15,29 +15,39 @@ const (
 	stateDead                  // removed or evicted: gone from the pool
 )
 
-// A slot's ctl word holds its state in the top two bits and its lease count
-// below, so that a lock-free hit can take a lease and learn the state in one
-// atomic add, and a retirement can fail if a lease arrived first.
+// A slot's ctl word holds, from the top, the memory hits it has served (32
+// bits), its state (2 bits) and its lease count (30 bits). A lock-free hit
+// takes a lease, counts itself and learns the state in one atomic add, and a
+// retirement can fail if a lease arrived first. Counting hits in the slot,
+// whose line the lease writes anyway, means a hit writes no line that hits
+// on other pairs write; a counter per shard was written by hits on all of
+// the shard's pairs, from every CPU.
 const (
 	leaseBits = 30
 	leaseMask = 1<<leaseBits - 1
+	stateMask = 3 << leaseBits
+	hitShift  = 32
+	oneHit    = 1 << hitShift // a hit's share of its add: a lease is the other
+	// hitFold is the count at which a hit moves its slot's hits to its
+	// shard (see shard.foldHits), far below where the 32-bit field wraps.
+	hitFold = 1 << 31
 )
 
-func stateOf(ctl uint32) uint32       { return ctl >> leaseBits }
-func leasesOf(ctl uint32) int32       { return int32(ctl & leaseMask) }
-func withState(ctl, st uint32) uint32 { return st<<leaseBits | ctl&leaseMask }
+func stateOf(ctl uint64) uint32              { return uint32(ctl&stateMask) >> leaseBits }
+func leasesOf(ctl uint64) int32              { return int32(ctl & leaseMask) }
+func hitsOf(ctl uint64) int64                { return int64(ctl >> hitShift) }
+func withState(ctl uint64, st uint32) uint64 { return ctl&^stateMask | uint64(st)<<leaseBits }
 
 // slot is one pooled sandbox: 128 bytes, preceded in its allocation by its
 // pair's ids (see keyedSlot). A lookup over a large pool is bound by cache
 // misses, so everything a memory hit and a release touch (ctl, hitUntil,
-// lastUse, the tag and key a lookup compares, and the shape that names the
+// lastUse, the key a lookup compares, and the shape that names the
 // Manager) fills the slot's first 64 bytes, right after the ids; what
 // varies little between sandboxes (template, domain, envd version and URL)
 // is interned in a shared shape. Fields written after the slot is published
 // are atomics, or guarded as noted.
 type slot struct {
-	ctl      atomic.Uint32 // state and lease count (see leaseBits)
-	tag      uint32        // hashTag of the pair's hash
+	ctl      atomic.Uint64 // hits, state and lease count (see leaseBits)
 	hitUntil atomic.Int64  // unix ns: a memory hit is allowed before it (see Manager.refreshHit)
 	lastUse  atomic.Int64  // unix ns, coarse: creation, or the last release
 	key      pairKey       // over the copy of the ids before the slot (see keyedSlot), never the caller's strings
@@ -60,17 +70,17 @@ func (s *slot) state() uint32 { return stateOf(s.ctl.Load()) }
 func (s *slot) leases() int32 { return leasesOf(s.ctl.Load()) }
 
 // retire moves s forward to state to (retired or dead), keeping its leases,
-// and reports whether this call did. It fails if s is already dead or in
-// state to, or (with onlyIdle) if s is leased: a lock-free hit that leased s
-// before the swap wins.
-func (s *slot) retire(to uint32, onlyIdle bool) bool {
+// and reports whether this call did, with the word it replaced. It fails if
+// s is already dead or in state to, or (with onlyIdle) if s is leased: a
+// lock-free hit that leased s before the swap wins.
+func (s *slot) retire(to uint32, onlyIdle bool) (was uint64, ok bool) {
 	for {
 		w := s.ctl.Load()
 		if st := stateOf(w); st == stateDead || st == to || (onlyIdle && leasesOf(w) > 0) {
-			return false
+			return w, false
 		}
 		if s.ctl.CompareAndSwap(w, withState(w, to)) {
-			return true
+			return w, true
 		}
 	}
 }
@@ -130,13 +140,17 @@ type shard struct {
 	seed maphash.Seed          // the pool's, so a shard can hash a pair
 	_    [48]byte
 
-	memoryHits   atomic.Int64 // Acquires = memoryHits + slowAcquires
-	slowAcquires atomic.Int64
+	slowAcquires atomic.Int64 // Acquires = memory hits + slowAcquires
 	// mu serialises writers of idx (and every slot's next) and guards
-	// flights and n. It is never held across I/O: callers look up or swap
-	// pointers under it and do provider and Redis calls after unlocking.
-	mu      sync.RWMutex
-	n       int // slots in idx
+	// flights, n and hits. It is never held across I/O: callers look up or
+	// swap pointers under it and do provider and Redis calls after
+	// unlocking.
+	mu sync.RWMutex
+	n  int // slots in idx
+	// hits are the memory hits of slots that have left idx, and those
+	// folded from slots still in it: the shard's memory hits are hits plus
+	// the count in each slot of idx (see pool.hits).
+	hits    int64
 	flights map[pairKey]*flight
 	// peakFlights is the flights map's peak size since it was last rebuilt:
 	// Go maps never give memory back, so a map that shrank to a quarter of
@@ -264,7 +278,7 @@ func (p *pool) put(sh *shard, s *slot) (old *slot) {
 	}
 	sh.insertLocked(h, s)
 	if old != nil {
-		old.retire(stateRetired, false)
+		sh.retireLocked(old, stateRetired, false)
 	} else {
 		p.active.Add(1)
 	}
@@ -278,13 +292,53 @@ func (p *pool) put(sh *shard, s *slot) (old *slot) {
 func (p *pool) detach(sh *shard, s *slot, to uint32, onlyIdle bool) bool {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	if !s.retire(to, onlyIdle) {
+	if !sh.retireLocked(s, to, onlyIdle) {
 		return false
 	}
 	if sh.unlinkLocked(hashPair(sh.seed, s.key), s) {
 		p.active.Add(-1)
 	}
 	return true
+}
+
+// retireLocked retires s (see slot.retire) and, when s leaves the live
+// state, keeps its memory hits in the shard's. The count in the word it
+// replaced is exact: every hit that added before the swap saw s live and
+// was handed out, and every hit after it sees s retired and takes its add
+// back. Caller must hold sh.mu.
+func (sh *shard) retireLocked(s *slot, to uint32, onlyIdle bool) bool {
+	was, ok := s.retire(to, onlyIdle)
+	if ok && stateOf(was) == stateLive {
+		sh.hits += hitsOf(was)
+	}
+	return ok
+}
+
+// foldHits moves hitFold hits from s, still live, to its shard. The hit
+// whose add brought s's count to hitFold calls it, so each crossing folds
+// once (it checks again under the lock) and the count stays far from
+// wrapping. Under sh.mu, a retirement (which keeps the whole count) and
+// Stats (which adds the two) see the hits either in s or in the shard,
+// never in both.
+func (sh *shard) foldHits(s *slot) {
+	sh.mu.Lock()
+	if w := s.ctl.Load(); stateOf(w) == stateLive && hitsOf(w) >= hitFold {
+		s.ctl.Add(^uint64(hitFold<<hitShift - 1)) // subtracts hitFold hits
+		sh.hits += hitFold
+	}
+	sh.mu.Unlock()
+}
+
+// memoryHitsLocked returns the shard's memory hits and its slots' leases.
+// Caller must hold sh.mu (read or write).
+func (sh *shard) memoryHitsLocked() (hits, leased int64) {
+	hits = sh.hits
+	sh.eachLocked(func(s *slot) {
+		w := s.ctl.Load()
+		hits += hitsOf(w)
+		leased += int64(leasesOf(w))
+	})
+	return hits, leased
 }
 
 // keyedSlot is a slot with room before it for its pair's ids: one

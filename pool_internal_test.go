@@ -16,7 +16,7 @@ import (
 func testSlot(sh *shard, user string) (*slot, uint64) {
 	k := pairKey{user, "p"}
 	h := hashPair(sh.seed, k)
-	return &slot{key: k, tag: hashTag(h), heapIdx: -1}, h
+	return &slot{key: k, heapIdx: -1}, h
 }
 
 // Pairs whose 64-bit hashes collide share a chain: each is still found by
@@ -28,7 +28,7 @@ func TestIndexChains(t *testing.T) {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	for i := range 4 {
-		s := &slot{key: pairKey{fmt.Sprint("u", i), "p"}, tag: hashTag(h), heapIdx: -1}
+		s := &slot{key: pairKey{fmt.Sprint("u", i), "p"}, heapIdx: -1}
 		sh.insertLocked(h, s)
 		slots = append(slots, s)
 	}
@@ -159,9 +159,9 @@ func TestLeaseRetireRace(t *testing.T) {
 				leased.Store(true)
 				return
 			}
-			s.ctl.Add(^uint32(0))
+			s.ctl.Add(^uint64(0))
 		})
-		retired := s.retire(stateRetired, true)
+		_, retired := s.retire(stateRetired, true)
 		wg.Wait()
 		switch {
 		case retired && leased.Load():
@@ -192,7 +192,7 @@ func TestShardLayout(t *testing.T) {
 	var sh shard
 	assert.EqualValues(t, 128, unsafe.Sizeof(sh))
 	assert.LessOrEqual(t, unsafe.Offsetof(sh.seed)+unsafe.Sizeof(sh.seed), uintptr(64), "what a hit reads is on the first line")
-	assert.GreaterOrEqual(t, unsafe.Offsetof(sh.memoryHits), uintptr(64), "what is written is off the first line")
+	assert.GreaterOrEqual(t, unsafe.Offsetof(sh.slowAcquires), uintptr(64), "what is written is off the first line")
 	for _, sh := range newPool(64).shards {
 		assert.Zero(t, uintptr(unsafe.Pointer(sh))%64, "shards start on a cache line")
 	}
@@ -238,5 +238,71 @@ func TestSlotHoldsItsKeyInItsAllocation(t *testing.T) {
 		runtime.ReadMemStats(&after)
 		per := (after.TotalAlloc - before.TotalAlloc) / uint64(len(sink))
 		assert.LessOrEqual(t, per, uint64(unsafe.Sizeof(slot{}))+uint64(n)+32, "n=%d: bytes per slot", n)
+	}
+}
+
+// The hit whose add brings a slot's count to hitFold moves hitFold hits to
+// the shard, so the 32-bit field never wraps, and the shard's total is
+// unchanged by the move.
+func TestHitCountFoldsIntoItsShard(t *testing.T) {
+	sh := newPool(1).shards[0]
+	s, h := testSlot(sh, "u")
+	s.ctl.Store(uint64(hitFold-2) << hitShift)
+	sh.mu.Lock()
+	sh.insertLocked(h, s)
+	sh.mu.Unlock()
+	var m Manager
+	for range 3 {
+		require.True(t, m.tryHit(sh, s))
+		m.unlease(s)
+	}
+	sh.mu.RLock()
+	hits, leased := sh.memoryHitsLocked()
+	sh.mu.RUnlock()
+	assert.EqualValues(t, hitFold+1, hits)
+	assert.EqualValues(t, 0, leased)
+	assert.EqualValues(t, 1, hitsOf(s.ctl.Load()), "the slot keeps what came after the fold")
+	assert.EqualValues(t, hitFold, sh.hits)
+	assert.Equal(t, stateLive, s.state())
+}
+
+// Hits racing a removal are counted exactly: those handed out before the
+// swap to dead stay in the shard's count with the slot gone, and those after
+// it take their add back. The count crosses hitFold while hits race, before
+// the removal.
+func TestHitsRacingRemovalAreCountedExactly(t *testing.T) {
+	for range 50 {
+		p := newPool(1)
+		sh := p.shards[0]
+		s, h := testSlot(sh, "u")
+		const start = hitFold - 30
+		s.ctl.Store(uint64(start) << hitShift)
+		sh.mu.Lock()
+		sh.insertLocked(h, s)
+		sh.mu.Unlock()
+		p.active.Add(1)
+		var m Manager
+		var served atomic.Int64
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() {
+				for range 100 {
+					if m.tryHit(sh, s) {
+						served.Add(1)
+						m.unlease(s)
+					}
+				}
+			})
+		}
+		for served.Load() < 50 {
+			runtime.Gosched()
+		}
+		require.True(t, p.detach(sh, s, stateDead, false))
+		wg.Wait()
+		sh.mu.RLock()
+		hits, _ := sh.memoryHitsLocked()
+		sh.mu.RUnlock()
+		require.EqualValues(t, start+served.Load(), hits, "hits handed out: %d", served.Load())
+		require.EqualValues(t, 0, s.leases())
 	}
 }

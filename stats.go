@@ -83,11 +83,12 @@ func (m *Manager) Stats() Stats {
 		KeyLocks:        m.pool.keyLocks.Load(),
 	}
 	for _, sh := range m.pool.shards {
-		st.MemoryHits += sh.memoryHits.Load()
 		st.Acquires += sh.slowAcquires.Load()
 		sh.mu.RLock()
-		sh.eachLocked(func(s *slot) { st.Leased += int64(s.leases()) })
+		hits, leased := sh.memoryHitsLocked()
 		sh.mu.RUnlock()
+		st.MemoryHits += hits
+		st.Leased += leased
 	}
 	st.Acquires += st.MemoryHits
 	st.HealthCheckSkips = st.MemoryHits
