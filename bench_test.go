@@ -64,13 +64,17 @@ var benchUsers, benchProjects = func() ([]string, []string) {
 // id with the very string it stored: the pool keeps its own copy of every
 // pair's ids, and a map filled with benchUsers would otherwise match by
 // pointer, without reading a byte.
-var reqUsers, reqProjects = func() ([]string, []string) {
-	u, p := make([]string, benchPairs), make([]string, benchPairs)
-	for i := range u {
-		u[i], p[i] = strings.Clone(benchUsers[i]), strings.Clone(benchProjects[i])
+var reqUsers, reqProjects = cloneIDs(indexOrder)
+
+// cloneIDs returns copies of the ids of the pairs in order, one string each,
+// allocated in that order.
+func cloneIDs(order []int) (users, projects []string) {
+	users, projects = make([]string, len(order)), make([]string, len(order))
+	for j, i := range order {
+		users[j], projects[j] = strings.Clone(benchUsers[i]), strings.Clone(benchProjects[i])
 	}
-	return u, p
-}()
+	return users, projects
+}
 
 // nullProvider creates sandboxes that cost nothing to keep: the benchmarks
 // measure the pool, not a fake's bookkeeping.
@@ -291,10 +295,8 @@ func (r requests) len() int {
 
 func inArrival(order []int) requests {
 	return fixture(fmt.Sprintf("arrival-%p", order), func() (requests, func()) {
-		r := requests{users: make([]string, len(order)), projects: make([]string, len(order))}
-		for j, i := range order {
-			r.users[j], r.projects[j] = strings.Clone(benchUsers[i]), strings.Clone(benchProjects[i])
-		}
+		var r requests
+		r.users, r.projects = cloneIDs(order)
 		return r, func() {}
 	})
 }

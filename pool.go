@@ -149,7 +149,7 @@ type shard struct {
 	n  int // slots in idx
 	// hits are the memory hits of slots that have left idx, and those
 	// folded from slots still in it: the shard's memory hits are hits plus
-	// the count in each slot of idx (see pool.hits).
+	// the count in each slot of idx (see hitsAndLeasesLocked).
 	hits    int64
 	flights map[pairKey]*flight
 	// peakFlights is the flights map's peak size since it was last rebuilt:
@@ -329,9 +329,9 @@ func (sh *shard) foldHits(s *slot) {
 	sh.mu.Unlock()
 }
 
-// memoryHitsLocked returns the shard's memory hits and its slots' leases.
-// Caller must hold sh.mu (read or write).
-func (sh *shard) memoryHitsLocked() (hits, leased int64) {
+// hitsAndLeasesLocked returns the shard's memory hits and its slots'
+// leases. Caller must hold sh.mu (read or write).
+func (sh *shard) hitsAndLeasesLocked() (hits, leased int64) {
 	hits = sh.hits
 	sh.eachLocked(func(s *slot) {
 		w := s.ctl.Load()

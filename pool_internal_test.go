@@ -257,7 +257,7 @@ func TestHitCountFoldsIntoItsShard(t *testing.T) {
 		m.unlease(s)
 	}
 	sh.mu.RLock()
-	hits, leased := sh.memoryHitsLocked()
+	hits, leased := sh.hitsAndLeasesLocked()
 	sh.mu.RUnlock()
 	assert.EqualValues(t, hitFold+1, hits)
 	assert.EqualValues(t, 0, leased)
@@ -300,7 +300,7 @@ func TestHitsRacingRemovalAreCountedExactly(t *testing.T) {
 		require.True(t, p.detach(sh, s, stateDead, false))
 		wg.Wait()
 		sh.mu.RLock()
-		hits, _ := sh.memoryHitsLocked()
+		hits, _ := sh.hitsAndLeasesLocked()
 		sh.mu.RUnlock()
 		require.EqualValues(t, start+served.Load(), hits, "hits handed out: %d", served.Load())
 		require.EqualValues(t, 0, s.leases())

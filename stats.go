@@ -85,7 +85,7 @@ func (m *Manager) Stats() Stats {
 	for _, sh := range m.pool.shards {
 		st.Acquires += sh.slowAcquires.Load()
 		sh.mu.RLock()
-		hits, leased := sh.memoryHitsLocked()
+		hits, leased := sh.hitsAndLeasesLocked()
 		sh.mu.RUnlock()
 		st.MemoryHits += hits
 		st.Leased += leased
