@@ -4,7 +4,9 @@
 // processes one after another, as make bench does) is reported by the median
 // of each of its metrics, and a ratio by the median of the ratios of the runs
 // made side by side (run i of one against run i of its baseline), which a
-// noisy shared machine needs: its speed drifts between runs.
+// noisy shared machine needs: its speed drifts between runs. A second table
+// reads the figures against the library's performance targets (see
+// targets).
 package main
 
 import (
@@ -27,8 +29,13 @@ type result struct {
 
 var line = regexp.MustCompile(`^Benchmark(\S+?)(?:-(\d+))?\s+\d+\s+(.*)$`)
 
-// nsRuns holds every run's ns/op, in order, by name and GOMAXPROCS.
-var nsRuns = map[string][]float64{}
+// runValues holds every run's value of each metric, in order, by name and
+// GOMAXPROCS: ratios pair runs made side by side, and a target such as "0
+// allocations" is read against every run, not the median.
+var runValues = map[string]map[string][]float64{}
+
+// runsOf is r's runs of metric, in order.
+func runsOf(r result, metric string) []float64 { return runValues[runKey(r.name, r.procs)][metric] }
 
 func runKey(name string, procs int) string { return name + "/" + strconv.Itoa(procs) }
 
@@ -41,18 +48,13 @@ func ratio(r, base result) float64 {
 // ratioRuns is ratio with the lowest and highest run ratio and the number of
 // pairs of runs compared.
 func ratioRuns(r, base result) (med, lo, hi float64, n int) {
-	a, b := nsRuns[runKey(r.name, r.procs)], nsRuns[runKey(base.name, base.procs)]
-	n = min(len(a), len(b))
-	if n == 0 {
+	rs := runRatios(r, base)
+	if len(rs) == 0 {
 		x := r.metrics["ns/op"] / base.metrics["ns/op"]
 		return x, x, x, 1
 	}
-	rs := make([]float64, n)
-	for i := range n {
-		rs[i] = a[i] / b[i]
-	}
 	med, lo, hi = medianRange(rs)
-	return med, lo, hi, n
+	return med, lo, hi, len(rs)
 }
 
 // medianRange sorts the run ratios rs and returns their median, lowest and
@@ -78,20 +80,28 @@ func spread(r, base result, unit string) string {
 // the lowest and highest; at most 1 meets it. call is either the provider
 // call alone (k = 1.5) or a GET followed by the call (k = 0.5).
 func budget(warm, get, call result, k float64) (med, lo, hi float64, ok bool) {
-	w, g, c := nsRuns[runKey(warm.name, warm.procs)], nsRuns[runKey(get.name, get.procs)], nsRuns[runKey(call.name, call.procs)]
-	n := min(len(w), len(g), len(c))
-	if n == 0 {
+	rs := budgetRuns(warm, get, call, k)
+	if len(rs) == 0 {
 		return 0, 0, 0, false
-	}
-	rs := make([]float64, n)
-	for i := range n {
-		rs[i] = w[i] / (k*g[i] + c[i])
 	}
 	med, lo, hi = medianRange(rs)
 	return med, lo, hi, true
 }
 
+// budgetRuns is budget's fraction run by run.
+func budgetRuns(warm, get, call result, k float64) []float64 {
+	w, g, c := runsOf(warm, "ns/op"), runsOf(get, "ns/op"), runsOf(call, "ns/op")
+	rs := make([]float64, min(len(w), len(g), len(c)))
+	for i := range rs {
+		rs[i] = w[i] / (k*g[i] + c[i])
+	}
+	return rs
+}
+
+// parse reads benchmark lines, recording each run's values (see runValues),
+// and returns one result per benchmark holding its medians.
 func parse(in io.Reader) []result {
+	runValues = map[string]map[string][]float64{}
 	var runs []result
 	sc := bufio.NewScanner(in)
 	for sc.Scan() {
@@ -111,8 +121,12 @@ func parse(in io.Reader) []result {
 			}
 		}
 		runs = append(runs, r)
-		if v, ok := r.metrics["ns/op"]; ok {
-			nsRuns[runKey(r.name, r.procs)] = append(nsRuns[runKey(r.name, r.procs)], v)
+		k := runKey(r.name, r.procs)
+		if runValues[k] == nil {
+			runValues[k] = map[string][]float64{}
+		}
+		for m, v := range r.metrics {
+			runValues[k][m] = append(runValues[k][m], v)
 		}
 	}
 	return medians(runs)
@@ -149,20 +163,28 @@ func medians(runs []result) []result {
 	return out
 }
 
-func main() { table(os.Stdout, parse(os.Stdin)) }
+// find returns the result of benchmark name at GOMAXPROCS procs.
+func find(rs []result, name string, procs int) (result, bool) {
+	for _, r := range rs {
+		if r.name == name && r.procs == procs {
+			return r, true
+		}
+	}
+	return result{}, false
+}
+
+func main() {
+	rs := parse(os.Stdin)
+	table(os.Stdout, rs)
+	fmt.Println()
+	targets(os.Stdout, rs)
+}
 
 // table prints rs as one markdown table: each hot-path group against its
 // baseline (and puddle and the map of records, where they ran), the Redis
 // paths against a GET, then the contention, memory and reaper figures.
 func table(w io.Writer, rs []result) {
-	get := func(name string, procs int) (result, bool) {
-		for _, r := range rs {
-			if r.name == name && r.procs == procs {
-				return r, true
-			}
-		}
-		return result{}, false
-	}
+	get := func(name string, procs int) (result, bool) { return find(rs, name, procs) }
 	procsSeen := map[int]bool{}
 	for _, r := range rs {
 		procsSeen[r.procs] = true

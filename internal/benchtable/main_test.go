@@ -114,3 +114,47 @@ BenchmarkHotPathArrivalIDs/puddle-Acquire+Release-2        1000  125 ns/op
 		}
 	}
 }
+
+// The targets are read against every run, not only the medians: a count
+// (allocations, creates per pair) breaks its target if any run breaks it,
+// and a ratio's verdict is its median's, with the runs that contradict it
+// named.
+func TestTargetsReadEveryRun(t *testing.T) {
+	var out strings.Builder
+	targets(&out, parse(strings.NewReader(`
+BenchmarkHotPath/baseline-maphash64-2            1000  100 ns/op  0 allocs/op
+BenchmarkHotPath/sandboxpool-Acquire+Release-2   1000  150 ns/op  0 allocs/op
+BenchmarkHotPath/puddle-Acquire+Release-2        1000  140 ns/op  0 allocs/op
+BenchmarkHotPath/baseline-maphash64-2            1000  100 ns/op  0 allocs/op
+BenchmarkHotPath/sandboxpool-Acquire+Release-2   1000  250 ns/op  1 allocs/op
+BenchmarkHotPath/puddle-Acquire+Release-2        1000  140 ns/op  0 allocs/op
+BenchmarkHotPath/baseline-maphash64-2            1000  100 ns/op  0 allocs/op
+BenchmarkHotPath/sandboxpool-Acquire+Release-2   1000  130 ns/op  0 allocs/op
+BenchmarkHotPath/puddle-Acquire+Release-2        1000  140 ns/op  0 allocs/op
+BenchmarkContention/1000-goroutines-one-pair-2   1  5 ns/op  1 creates/pair
+BenchmarkContention/8-managers-100-pairs-2       1  5 ns/op  0.99 creates/pair
+BenchmarkMemoryPerPair-2                         1  5 ns/op  200 B/pair  11 heap-after-churn-%
+BenchmarkReaperTickIdle-2                        1000  30 ns/op
+`)))
+	for _, want := range []string{
+		// Runs 1.5, 2.5, 1.3: the median meets ≤ 2×, one run does not.
+		"| hot path ≤ 2× the bare map (100k pairs, random order, ids read by pair; GOMAXPROCS=2) | 1.50× (1.30–2.50), met in 2 of 3 runs: not in every run | yes |",
+		// Runs 1.07, 1.79, 0.93 against puddle: the median does not meet it.
+		"| hot path faster than puddle (100k pairs, random order, ids read by pair; GOMAXPROCS=2) | 1.07× (0.93–1.79), met in 1 of 3 runs | no |",
+		"| hot path allocates nothing | 1 allocs/op at most | no |",
+		"| contention: creates equal pairs | 0.99–1.00 creates per pair | no |",
+		"| ≤ 256 bytes per pooled pair at 1,000,000 pairs | 200.0 B at most | yes |",
+		"| heap within 10% of its start after churn | +11.00% at most | no |",
+		"| reaper tick < 1 ms with nothing due | 30 ns at most | yes |",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("targets lack %q:\n%s", want, out.String())
+		}
+	}
+	// A target whose benchmark did not run is left out, not reported met.
+	for _, absent := range []string{"Redis", "arrival order", "warm path"} {
+		if strings.Contains(out.String(), absent) {
+			t.Errorf("targets mention %q, whose benchmarks did not run:\n%s", absent, out.String())
+		}
+	}
+}
