@@ -53,7 +53,8 @@ func (p *e2bProvider) Connect(ctx context.Context, id string, timeout time.Durat
 
 // Check asks envd (no side effect on the deadline). When envd says the
 // sandbox is unreachable, the API's detail decides: gone or paused is
-// ErrSandboxNotFound; running is an ambiguous error (fail closed).
+// ErrSandboxNotFound; running is an ambiguous error (fail closed) matching
+// e2b.ErrUnreachable.
 func (p *e2bProvider) Check(ctx context.Context, sb Sandbox) error {
 	ok, err := p.c.Healthy(ctx, e2b.Sandbox{ID: sb.ID, Domain: sb.Domain, EnvdAccessToken: sb.AccessToken})
 	if err != nil || ok {
@@ -66,7 +67,7 @@ func (p *e2bProvider) Check(ctx context.Context, sb Sandbox) error {
 	case d.State == e2b.StatePaused:
 		return fmt.Errorf("e2b: sandbox %s is paused: %w", sb.ID, ErrSandboxNotFound)
 	default:
-		return fmt.Errorf("e2b: envd of sandbox %s unreachable while the API reports it %s", sb.ID, d.State)
+		return fmt.Errorf("envd of sandbox %s, which the API reports %s: %w", sb.ID, d.State, e2b.ErrUnreachable)
 	}
 }
 

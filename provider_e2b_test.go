@@ -122,7 +122,8 @@ func TestE2BPausedIsResumed(t *testing.T) {
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
 }
 
-// Ambiguous failures (envd 500, API 503) are returned and never replace.
+// Ambiguous failures (envd 500, envd unreachable while the API reports the
+// sandbox running) are returned and never replace.
 func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 	e := newE2BEnv(t, e2btest.Config{})
 	id := acquireID(t, e.m, "u", "p")
@@ -130,6 +131,16 @@ func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 	e.srv.Inject(e2btest.OpHealth, e2btest.Fault{Status: 500}) // not retryable: one answer decides
 	_, err := e.m.Acquire(context.Background(), "u", "p")
 	require.Error(t, err)
+	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
+
+	// envd's proxy says "not found" (502) while the API reports the sandbox
+	// running: unreachable, which a caller may retry, and not gone.
+	e.clock.Advance(time.Minute)
+	e.srv.Inject(e2btest.OpHealth, e2btest.Fault{Status: http.StatusBadGateway})
+	_, err = e.m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
 	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
 	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))

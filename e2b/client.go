@@ -265,12 +265,16 @@ func notSent(err error) bool {
 	return errors.As(err, &op) && op.Op == "dial"
 }
 
-// final wraps the last error of a call with its operation, marking a create
-// whose outcome is unknown.
+// final wraps the last error of a call with its operation, marking one that
+// got no answer (ErrUnreachable) and a create whose outcome is unknown.
 func (c *Client) final(cl call, err error) error {
 	var ae *APIError
-	if !errors.As(err, &ae) {
+	switch {
+	case errors.As(err, &ae):
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		err = fmt.Errorf("e2b: %s %s: %w", cl.op, cl.sandboxID, err)
+	default:
+		err = &transportError{op: cl.op, sandboxID: cl.sandboxID, err: err}
 	}
 	if !cl.idempotent && !notSent(err) {
 		if ae == nil || (ae.StatusCode >= 500 && ae.StatusCode != http.StatusNotImplemented) {

@@ -165,6 +165,38 @@ func TestIdempotentCallsRetryTransientFailures(t *testing.T) {
 	assert.Equal(t, 503, ae.StatusCode)
 }
 
+// A call that got no answer, after its retries, matches ErrUnreachable, so a
+// caller can tell "E2B could not be reached" from an answer (an *APIError)
+// and from its own context ending.
+func TestNoAnswerIsUnreachable(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+	drops := []e2btest.Fault{{Drop: true}, {Drop: true}, {Drop: true}, {Drop: true}, {Drop: true}}
+	srv.Inject(e2btest.OpGet, drops...)
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	assert.Contains(t, err.Error(), "e2b: get "+sb.ID+": ", "names the call")
+	var ae *e2b.APIError
+	assert.False(t, errors.As(err, &ae), "no answer is no *APIError")
+
+	srv.Inject(e2btest.OpCreate, e2btest.Fault{Drop: true, AfterEffect: true})
+	_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	require.ErrorIs(t, err, e2b.ErrOutcomeUnknown, "a create that got no answer may have happened")
+
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorAs(t, err, &ae)
+	assert.NotErrorIs(t, err, e2b.ErrUnreachable, "a 503 is an answer")
+
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	_, err = c.Get(cctx, sb.ID)
+	require.ErrorIs(t, err, context.Canceled)
+	assert.NotErrorIs(t, err, e2b.ErrUnreachable, "the caller's own context ended")
+}
+
 func TestCreateRetriedOnlyWhenNothingHappened(t *testing.T) {
 	c, srv, _ := setup(t, e2btest.Config{})
 	srv.Inject(e2btest.OpCreate, e2btest.Fault{Status: http.StatusTooManyRequests})

@@ -16,6 +16,12 @@ var (
 	// although no answer came back (a timeout, a dropped connection, a 5xx):
 	// a sandbox may exist. Find it by its metadata before creating again.
 	ErrOutcomeUnknown = errors.New("e2b: outcome unknown")
+	// ErrUnreachable is matched by an error of a call that got no answer
+	// from E2B (a refused or dropped connection, a failed read), after its
+	// retries: the API or the sandbox's envd could not be reached, and a
+	// later try may succeed. An *APIError is an answer and never matches it,
+	// nor does the end of the caller's context.
+	ErrUnreachable = errors.New("e2b: unreachable")
 )
 
 // APIError is an error answer from E2B's API. Its text never contains the
@@ -65,6 +71,17 @@ func retryableStatus(code int) bool {
 	}
 	return false
 }
+
+// transportError is a call's last error when no answer came back.
+type transportError struct {
+	op, sandboxID string
+	err           error
+}
+
+func (e *transportError) Error() string {
+	return fmt.Sprintf("e2b: %s %s: %v", e.op, e.sandboxID, e.err)
+}
+func (e *transportError) Unwrap() []error { return []error{e.err, ErrUnreachable} }
 
 // unknownOutcome wraps an error of a create that may have happened.
 type unknownOutcome struct{ err error }

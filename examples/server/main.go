@@ -197,7 +197,7 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 		status, code = http.StatusServiceUnavailable, "redis_unavailable"
 	case errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests:
 		status, code = http.StatusTooManyRequests, "provider_rate_limited"
-	case errors.As(err, &ae), errors.Is(err, e2b.ErrOutcomeUnknown):
+	case errors.As(err, &ae), errors.Is(err, e2b.ErrOutcomeUnknown), errors.Is(err, e2b.ErrUnreachable):
 		status, code = http.StatusServiceUnavailable, "provider_unavailable"
 	}
 	if ra, ok := sandboxpool.RetryAfter(err); ok && ra > 0 {
