@@ -233,10 +233,7 @@ func testStalledLockHolder(t *testing.T, newCluster func(*testing.T, ...func(*sa
 // sandbox by metadata and published it keeps that sandbox: killing it would
 // kill the pair's published sandbox.
 func TestRedisLostLockKeepsItsSandboxWhenTheWinnerAdoptedIt(t *testing.T) {
-	c := newMiniCluster(t)
-	gate := &gatedCreate{Provider: c.p, created: make(chan string, 1), proceed: make(chan struct{})}
-	m := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = gate })
-	done := acquireAsync(m, "u", "p")
+	c, gate, m, done := acquireGated(t)
 	ours := <-gate.created // made at the provider; the answer is held back
 	c.stealLock(t, "u", "p")
 	c.publish(t, "u", "p", ours) // the new holder found ours by metadata
@@ -251,8 +248,94 @@ func TestRedisLostLockKeepsItsSandboxWhenTheWinnerAdoptedIt(t *testing.T) {
 	assert.Equal(t, ours, acquireID(t, m, "u", "p"))
 }
 
-// gatedCreate holds back the answer of each create until proceed is closed,
-// as a slow network would after the provider acted.
+// A creator whose lock expired with nothing published and nobody holding
+// the lock keeps its sandbox: it retakes the lock and publishes, instead of
+// killing a good sandbox and failing its callers.
+func TestRedisLostLockWithNothingPublishedKeepsItsSandbox(t *testing.T) {
+	c, gate, m, done := acquireGated(t)
+	ours := <-gate.created
+	c.expireLock(t, "u", "p")
+	gate.proceed <- struct{}{}
+
+	r := <-done
+	require.NoError(t, r.err)
+	assert.Equal(t, ours, r.id)
+	assert.Equal(t, []string{ours}, c.p.Alive(), "nothing killed")
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill))
+	assert.Equal(t, ours, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "published under the retaken lock")
+	n, err := c.rdb.Exists(context.Background(), "sandboxpool:{u:p}:lock").Result()
+	require.NoError(t, err)
+	assert.Zero(t, n, "the retaken lock is let go")
+	assert.EqualValues(t, 1, m.Stats().LockLost)
+}
+
+// A creator whose lock another creator now holds, with nothing published
+// yet, kills its own sandbox, waits for the other creator and adopts what
+// it publishes.
+func TestRedisLostLockWaitsForTheNewHolder(t *testing.T) {
+	c, gate, m, done := acquireGated(t)
+	ours := <-gate.created
+	c.stealLock(t, "u", "p")
+	gate.proceed <- struct{}{}
+	require.Eventually(t, func() bool { return c.p.Calls(fp.OpKill) == 1 }, 5*time.Second, time.Millisecond, "ours is not the pair's: killed")
+
+	// The new holder publishes its sandbox and lets the lock go.
+	winner, err := c.p.Create(context.Background(), sandboxpool.CreateRequest{Template: "base", Timeout: 5 * time.Minute})
+	require.NoError(t, err)
+	c.publish(t, "u", "p", winner.ID)
+	c.expireLock(t, "u", "p")
+
+	r := <-done
+	require.NoError(t, r.err)
+	assert.Equal(t, winner.ID, r.id)
+	assert.NotEqual(t, ours, r.id)
+	assert.Equal(t, []string{winner.ID}, c.p.Alive())
+	assert.Empty(t, gate.created, "no second create")
+	assert.EqualValues(t, 1, m.Stats().LockLost)
+}
+
+// A fill that loses its lock twice with nothing published stops and says
+// so with ErrUnavailable: locks are vanishing, and the caller is told to
+// retry rather than kept waiting.
+func TestRedisLockLostTwiceIsUnavailable(t *testing.T) {
+	c, gate, m, done := acquireGated(t)
+	for i := range 2 {
+		select {
+		case <-gate.created:
+		case r := <-done:
+			t.Fatalf("create %d never came: Acquire returned %+v", i+1, r)
+		}
+		c.stealLock(t, "u", "p")
+		gate.proceed <- struct{}{}
+		require.Eventually(t, func() bool { return c.p.Calls(fp.OpKill) == int64(i+1) }, 5*time.Second, time.Millisecond)
+		c.expireLock(t, "u", "p") // the other creator went away, publishing nothing
+	}
+
+	r := <-done
+	require.ErrorIs(t, r.err, sandboxpool.ErrUnavailable)
+	assert.Contains(t, r.err.Error(), "create u/p")
+	assert.Empty(t, c.p.Alive(), "both of ours killed, nothing else made")
+	assert.Empty(t, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	assert.EqualValues(t, 2, m.Stats().LockLost)
+}
+
+// expireLock deletes the pair's create lock, as its expiry would.
+func (c *cluster) expireLock(t *testing.T, user, project string) {
+	t.Helper()
+	require.NoError(t, c.rdb.Del(context.Background(), "sandboxpool:{"+user+":"+project+"}:lock").Err())
+}
+
+// acquireGated starts an Acquire of u/p on an instance whose creates wait
+// for the test (see gatedCreate).
+func acquireGated(t *testing.T) (*cluster, *gatedCreate, *sandboxpool.Manager, <-chan acquireResult) {
+	c := newMiniCluster(t)
+	gate := &gatedCreate{Provider: c.p, created: make(chan string, 1), proceed: make(chan struct{}, 1)}
+	m := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = gate })
+	return c, gate, m, acquireAsync(m, "u", "p")
+}
+
+// gatedCreate holds back the answer of each create until the test sends on
+// proceed (or closes it), as a slow network would after the provider acted.
 type gatedCreate struct {
 	*fp.Provider
 	created chan string

@@ -24,8 +24,11 @@ var (
 	// answer of a Provider. Only this error makes the Manager replace a
 	// cached sandbox.
 	ErrSandboxNotFound = errors.New("sandboxpool: sandbox not found")
-	// ErrUnavailable is returned when the Manager will not create a sandbox
-	// because Redis is unreachable and Config.RefuseCreatesWhenDegraded is set.
+	// ErrUnavailable is returned when the Manager cannot coordinate a create
+	// with other instances: Redis is unreachable and
+	// Config.RefuseCreatesWhenDegraded is set, or the pair's create lock
+	// vanished under two creates in a row with no sandbox published (a
+	// failover or an evicting Redis). Retrying later may succeed.
 	ErrUnavailable = errors.New("sandboxpool: coordination store unavailable")
 )
 

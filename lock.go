@@ -50,6 +50,33 @@ func (m *Manager) obtainLock(ctx context.Context, k pairKey) (*pairLock, error) 
 	return pl, nil
 }
 
+// publishIfLockFree takes the pair's lock if nobody holds it, publishes s
+// under it and lets it go; it reports whether s was published. It is for a
+// creator whose lock expired with nothing published in its place: nobody
+// holding the lock means nobody else is creating, so its sandbox can still
+// be the pair's, and killing it would only make the next caller wait for
+// another create.
+func (m *Manager) publishIfLockFree(ctx context.Context, s *slot) bool {
+	var l *redislock.Lock
+	err := m.store.do(ctx, func(ctx context.Context) (err error) {
+		l, err = m.store.locker.Obtain(ctx, m.store.lockKey(s.key), m.cfg.LockTTL, nil)
+		if errors.Is(err, redislock.ErrNotObtained) {
+			return nil // held: someone else is creating
+		}
+		return err
+	})
+	if err != nil || l == nil {
+		return false
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+		defer cancel()
+		_ = l.Release(ctx)
+	}()
+	ok, err := m.store.publish(ctx, s, l.Token())
+	return err == nil && ok
+}
+
 func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 	defer pl.wg.Done()
 	t := time.NewTicker(ttl / 3)

@@ -377,10 +377,10 @@ func (m *Manager) createLocal(ctx context.Context, k pairKey, withRate bool) (*s
 }
 
 // createCoordinated is the cold path across instances: cluster-wide
-// admission, the pair's Redis lock, a second read of Redis (another
-// instance may have just published), adopt-or-create, and a publish that
-// succeeds only while our lock holds. A creator that lost its lock kills
-// what it made and adopts the winner's sandbox.
+// admission, then a create under the pair's Redis lock (createUnderLock).
+// A create whose lock was lost with nothing published in its place is tried
+// again, once: the second attempt waits for whoever holds the lock now and
+// adopts what it publishes.
 func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
 	if err := m.reserveRemote(ctx, k, m.clock.precise()); err != nil {
 		m.countRefusal(err)
@@ -389,6 +389,36 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 		}
 		return nil, pairErr("create", k, err)
 	}
+	for attempt := 1; ; attempt++ {
+		s, err := m.createUnderLock(ctx, sh, k)
+		if !errors.Is(err, errLockLost) {
+			return s, err
+		}
+		if attempt == lostLockAttempts {
+			return nil, pairErr("create", k, fmt.Errorf("%w: %w (%d times)", ErrUnavailable, err, attempt))
+		}
+	}
+}
+
+// lostLockAttempts bounds the creates of one fill that may lose their lock
+// with nothing published: a lock lost once is a create that outlived a
+// refresh (a stall, a failover); lost again at once, locks are vanishing,
+// and the caller is better told so than kept waiting.
+const lostLockAttempts = 2
+
+// errLockLost is a create whose lock expired before it could publish, with
+// no other sandbox published for the pair.
+var errLockLost = errors.New("the create lock was lost and no sandbox was published")
+
+// createUnderLock takes the pair's Redis lock, reads Redis again (another
+// instance may have just published), adopts or creates, and publishes only
+// while the lock holds. A creator that lost its lock keeps its sandbox if
+// it is the pair's published one, or can still be (the lock is free and
+// nothing is published); otherwise it kills what it made and adopts the
+// winner's, or returns errLockLost when there is none. The remote
+// reservation is kept on success and dropped when this fails under the
+// lock.
+func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
 	lock, err := m.obtainLock(ctx, k)
 	if err != nil {
 		_ = m.store.unreserve(ctx, k)
@@ -412,8 +442,9 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 		m.markUnpublished(s)
 	case !ok: // our lock expired: another instance may have published meanwhile
 		m.ctr.lockLost.Add(1)
-		if rec, found, err := m.store.get(ctx, k); err == nil && found && rec.id == s.id {
-			break // its new holder found ours by metadata and published it: keep it
+		rec, found, err := m.store.get(ctx, k)
+		if err == nil && (found && rec.id == s.id || !found && m.publishIfLockFree(ctx, s)) {
+			break // ours is the pair's: its new holder found it by metadata, or nobody took the lock
 		}
 		if s.clearFlag(flagCounted) {
 			m.admit.release(k.user)
@@ -426,7 +457,7 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 		if w, err := m.fromCache(ctx, sh, k); w != nil || err != nil {
 			return w, err
 		}
-		return nil, pairErr("create", k, errors.New("create lock lost and no winner published"))
+		return nil, errLockLost
 	}
 	m.park(sh, s)
 	if m.cfg.MaxPerUser > 0 || m.cfg.MaxSandboxes > 0 { // move the provisional reservation to the real deadline

@@ -115,6 +115,10 @@ func (s *soak) countErr(err error) {
 		kind = fmt.Sprintf("e2b %d", ae.StatusCode)
 	case errors.Is(err, e2b.ErrOutcomeUnknown):
 		kind = "e2b outcome unknown"
+	case errors.Is(err, e2b.ErrUnreachable):
+		kind = "e2b unreachable"
+	case errors.Is(err, sandboxpool.ErrUnavailable):
+		kind = "unavailable (Redis, or create locks lost)"
 	}
 	v, _ := s.errs.LoadOrStore(kind, new(atomic.Int64))
 	v.(*atomic.Int64).Add(1)
