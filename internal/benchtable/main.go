@@ -201,7 +201,8 @@ func table(w io.Writer, rs []result) {
 		fmt.Fprintf(w, "| %s | %d | %.1f | %.0f | %.0f | %s | %s |\n", r.name, r.procs, r.metrics["ns/op"], r.metrics["allocs/op"], r.metrics["B/op"], ratio, note)
 	}
 	for _, p := range procs {
-		for _, group := range []string{"HotPath", "HotPathArrivalIDs", "HotPathIndexOrder", "HotPathCacheResident"} {
+		for _, g := range hotGroups {
+			group := g.name
 			base, ok := get(group+"/baseline-maphash64", p)
 			if !ok {
 				continue

@@ -31,8 +31,8 @@ const (
 
 // targets prints the targets against the figures in rs: each
 // target, the figure it is read on (a ratio with its range and how many of
-// the side-by-side runs met it; a count at its highest in any run) and the
-// verdict. A ratio's verdict is its median's; "not in every run" says that
+// the side-by-side runs met it; a count at its highest in any run, or its
+// range where too few is as wrong as too many) and the verdict. A ratio's verdict is its median's; "not in every run" says that
 // some runs did not meet it. A target whose benchmark did not run is left
 // out.
 func targets(w io.Writer, rs []result) {
