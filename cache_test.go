@@ -257,7 +257,7 @@ func TestRedisLostLockWithNothingPublishedKeepsItsSandbox(t *testing.T) {
 	c.expireLock(t, "u", "p")
 	gate.proceed <- struct{}{}
 
-	r := <-done
+	r := result(t, done)
 	require.NoError(t, r.err)
 	assert.Equal(t, ours, r.id)
 	assert.Equal(t, []string{ours}, c.p.Alive(), "nothing killed")
@@ -285,7 +285,7 @@ func TestRedisLostLockWaitsForTheNewHolder(t *testing.T) {
 	c.publish(t, "u", "p", winner.ID)
 	c.expireLock(t, "u", "p")
 
-	r := <-done
+	r := result(t, done)
 	require.NoError(t, r.err)
 	assert.Equal(t, winner.ID, r.id)
 	assert.NotEqual(t, ours, r.id)
@@ -311,12 +311,25 @@ func TestRedisLockLostTwiceIsUnavailable(t *testing.T) {
 		c.expireLock(t, "u", "p") // the other creator went away, publishing nothing
 	}
 
-	r := <-done
+	r := result(t, done)
 	require.ErrorIs(t, r.err, sandboxpool.ErrUnavailable)
 	assert.Contains(t, r.err.Error(), "create u/p")
 	assert.Empty(t, c.p.Alive(), "both of ours killed, nothing else made")
 	assert.Empty(t, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
 	assert.EqualValues(t, 2, m.Stats().LockLost)
+}
+
+// result waits for an acquireAsync's result, failing the test rather than
+// hanging it when the Acquire never returns.
+func result(t *testing.T, done <-chan acquireResult) acquireResult {
+	t.Helper()
+	select {
+	case r := <-done:
+		return r
+	case <-time.After(10 * time.Second):
+		t.Fatal("Acquire did not return within 10s")
+		return acquireResult{}
+	}
 }
 
 // expireLock deletes the pair's create lock, as its expiry would.
