@@ -323,7 +323,8 @@ func (sh *shard) retireLocked(s *slot, to uint32, onlyIdle bool) bool {
 func (sh *shard) foldHits(s *slot) {
 	sh.mu.Lock()
 	if w := s.ctl.Load(); stateOf(w) == stateLive && hitsOf(w) >= hitFold {
-		s.ctl.Add(^uint64(hitFold<<hitShift - 1)) // subtracts hitFold hits
+		fold := uint64(hitFold) << hitShift
+		s.ctl.Add(-fold)
 		sh.hits += hitFold
 	}
 	sh.mu.Unlock()

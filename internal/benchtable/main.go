@@ -15,6 +15,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -133,32 +134,23 @@ func parse(in io.Reader) []result {
 }
 
 // medians folds repeated runs of a benchmark into one result holding the
-// median of each metric, keeping the order of first appearance.
+// median of each metric (over its runs in runValues), keeping the order of
+// first appearance.
 func medians(runs []result) []result {
-	type id struct {
-		name  string
-		procs int
-	}
-	var order []id
-	values := map[id]map[string][]float64{}
+	seen := map[string]bool{}
+	var out []result
 	for _, r := range runs {
-		k := id{r.name, r.procs}
-		if values[k] == nil {
-			values[k] = map[string][]float64{}
-			order = append(order, k)
+		k := runKey(r.name, r.procs)
+		if seen[k] {
+			continue
 		}
-		for m, v := range r.metrics {
-			values[k][m] = append(values[k][m], v)
+		seen[k] = true
+		med := result{name: r.name, procs: r.procs, metrics: map[string]float64{}}
+		for m, vs := range runValues[k] {
+			sorted := slices.Sorted(slices.Values(vs)) // a copy: runValues keeps run order for pairing
+			med.metrics[m] = sorted[len(sorted)/2]
 		}
-	}
-	out := make([]result, 0, len(order))
-	for _, k := range order {
-		r := result{name: k.name, procs: k.procs, metrics: map[string]float64{}}
-		for m, vs := range values[k] {
-			sort.Float64s(vs)
-			r.metrics[m] = vs[len(vs)/2]
-		}
-		out = append(out, r)
+		out = append(out, med)
 	}
 	return out
 }
