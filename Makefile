@@ -34,9 +34,18 @@ race:
 unit:
 	$(GO) test -short -count=1 ./...
 
-### lint: go vet and gofmt
+# STATICCHECK runs honnef.co/go/tools at a pinned version through go run,
+# so the linter and its dependencies stay out of the library's go.mod (a
+# tool requirement there would take part in every importer's version
+# selection).
+STATICCHECK ?= $(GO) run honnef.co/go/tools/cmd/staticcheck@v0.8.2
+
+### lint: go vet, gofmt and staticcheck (the soak's build tag included)
 lint:
 	$(GO) vet ./...
+	$(GO) vet -tags soak .
+	$(STATICCHECK) ./...
+	$(STATICCHECK) -tags soak .
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 

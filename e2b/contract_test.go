@@ -60,14 +60,13 @@ func routerFor(t *testing.T, doc *openapi3.T, base string) routers.Router {
 
 // validatingTransport checks each exchange against the published specs.
 type validatingTransport struct {
-	t            *testing.T
-	base         http.RoundTripper
-	api, envd    routers.Router
-	envdHost     string
-	mu           sync.Mutex
-	seen         map[string]int // "METHOD /path/template STATUS" → count
-	failures     []string
-	sentRequests []string
+	t         *testing.T
+	base      http.RoundTripper
+	api, envd routers.Router
+	envdHost  string
+	mu        sync.Mutex
+	seen      map[string]int // "METHOD /path/template STATUS" → count
+	failures  []string
 }
 
 func (v *validatingTransport) RoundTrip(req *http.Request) (*http.Response, error) {

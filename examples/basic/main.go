@@ -6,6 +6,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log"
 	"os"
 
@@ -15,29 +16,36 @@ import (
 )
 
 func main() {
+	if err := run(context.Background(), os.Stdout); err != nil {
+		log.Fatal(err)
+	}
+}
+
+func run(ctx context.Context, out io.Writer) error {
 	cfg, err := sandboxpool.ConfigFromEnv() // E2B_API_KEY, REDIS_URL, SANDBOXPOOL_*
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
 	if os.Getenv("E2B_API_KEY") == "" {
 		fake := e2btest.Start(e2btest.Config{})
 		defer fake.Close()
 		client, err := e2b.New(fake.ClientOptions())
 		if err != nil {
-			log.Fatal(err)
+			return err
 		}
 		cfg.Provider = sandboxpool.NewE2BProvider(client)
 	}
 	m, err := sandboxpool.New(cfg)
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
-	defer m.Close(context.Background())
+	defer m.Close(ctx)
 
-	lease, err := m.Acquire(context.Background(), "alice", "my-project")
+	lease, err := m.Acquire(ctx, "alice", "my-project")
 	if err != nil {
-		log.Fatal(err)
+		return err
 	}
 	defer lease.Release()
-	fmt.Println("sandbox", lease.Sandbox().ID, "envd at", lease.Sandbox().EnvdURL())
+	_, err = fmt.Fprintln(out, "sandbox", lease.Sandbox().ID, "envd at", lease.Sandbox().EnvdURL())
+	return err
 }
