@@ -53,6 +53,7 @@ lint:
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzPairKey$$' -fuzztime $(FUZZTIME) .
 	$(GO) test -run '^$$' -fuzz '^FuzzMetadataQuery$$' -fuzztime $(FUZZTIME) ./e2b
+	$(GO) test -run '^$$' -fuzz '^FuzzRetryAfter$$' -fuzztime $(FUZZTIME) ./e2b
 
 ### generate: regenerate the E2B client from internal/e2bapi/openapi.yml
 generate:

@@ -301,12 +301,19 @@ func (c *Client) apiError(cl call, resp *http.Response, body []byte) *APIError {
 	return ae
 }
 
-// parseRetryAfter reads delay-seconds or an HTTP date.
+// parseRetryAfter reads delay-seconds or an HTTP date. It never returns a
+// negative duration: a number of seconds too large for a Duration is read
+// as the most whole seconds one holds, which exceeds any MaxRetryWait, so
+// the call returns at once; it used to wrap around instead (a fuzz test
+// found "9223372037" read as minus 292 years, and retried with backoff).
 func parseRetryAfter(v string) time.Duration {
 	if v == "" {
 		return 0
 	}
-	if s, err := strconv.Atoi(strings.TrimSpace(v)); err == nil && s >= 0 {
+	if s, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64); err == nil || errors.Is(err, strconv.ErrRange) {
+		if s > uint64(math.MaxInt64/time.Second) {
+			return math.MaxInt64 / time.Second * time.Second // whole seconds, as sent
+		}
 		return time.Duration(s) * time.Second
 	}
 	if t, err := http.ParseTime(v); err == nil {

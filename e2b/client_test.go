@@ -4,9 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"math/big"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -131,6 +136,38 @@ func TestRetriesHonourRetryAfter(t *testing.T) {
 	require.NoError(t, err)
 	assert.GreaterOrEqual(t, time.Since(start), time.Second, "waited as Retry-After said")
 	assert.EqualValues(t, 2, srv.Calls(e2btest.OpConnect))
+}
+
+// A Retry-After longer than MaxRetryWait is not waited out: the call returns
+// at once with the hint, however large the number the server sent.
+func TestRetryAfterBeyondMaxRetryWaitReturnsAtOnce(t *testing.T) {
+	for _, c := range []struct {
+		header string
+		want   time.Duration
+	}{
+		{"60", time.Minute},
+		{"99999999999", math.MaxInt64 / time.Second * time.Second}, // too large for a Duration
+	} {
+		t.Run(c.header, func(t *testing.T) {
+			var calls atomic.Int64
+			ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				calls.Add(1)
+				w.Header().Set("Retry-After", c.header)
+				http.Error(w, "slow down", http.StatusTooManyRequests)
+			}))
+			defer ts.Close()
+			cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL, MaxRetryWait: 30 * time.Second})
+			require.NoError(t, err)
+			defer cl.CloseIdleConnections()
+			start := time.Now()
+			_, err = cl.List(ctx, nil)
+			var ae *e2b.APIError
+			require.ErrorAs(t, err, &ae)
+			assert.Equal(t, c.want, ae.RetryAfter)
+			assert.EqualValues(t, 1, calls.Load(), "not retried")
+			assert.Less(t, time.Since(start), 5*time.Second)
+		})
+	}
 }
 
 func TestRetryGivesUpWhenContextCannotWait(t *testing.T) {
@@ -373,6 +410,32 @@ func mustUnescape(t *testing.T, s string) string {
 	v, err := url.QueryUnescape(url.QueryEscape(s))
 	require.NoError(t, err)
 	return v
+}
+
+// FuzzRetryAfter: whatever a server sends as Retry-After, the wait read
+// from it is never negative, and a number of seconds is read as exactly
+// that many, or as the longest wait when it is too large for a Duration.
+func FuzzRetryAfter(f *testing.F) {
+	for _, v := range []string{"", "0", "5", " 120 ", "-1", "+3", "9223372036", "9223372037", "18446744073709551616",
+		"Wed, 21 Oct 2015 07:28:00 GMT", "Fri, 31 Dec 9999 23:59:59 GMT", "soon"} {
+		f.Add(v)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		d := e2b.ParseRetryAfter(v)
+		require.GreaterOrEqual(t, d, time.Duration(0), "Retry-After %q", v)
+		digits := strings.TrimSpace(v)
+		if digits == "" || strings.Trim(digits, "0123456789") != "" {
+			return
+		}
+		n, ok := new(big.Int).SetString(digits, 10)
+		require.True(t, ok)
+		want := new(big.Int).Mul(n, big.NewInt(int64(time.Second)))
+		if want.IsInt64() {
+			require.Equal(t, time.Duration(want.Int64()), d, "Retry-After %q", v)
+		} else {
+			require.Equal(t, math.MaxInt64/time.Second*time.Second, d, "Retry-After %q", v)
+		}
+	})
 }
 
 // FuzzMetadataQuery: whatever keys and values a caller uses, the filter our

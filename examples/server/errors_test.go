@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"testing"
@@ -37,6 +38,7 @@ func TestWriteErrorStatuses(t *testing.T) {
 		{wrap(sandboxpool.ErrClosed), http.StatusServiceUnavailable, "shutting_down", ""},
 		{wrap(fmt.Errorf("%w: lost twice", sandboxpool.ErrUnavailable)), http.StatusServiceUnavailable, "redis_unavailable", ""},
 		{wrap(&e2b.APIError{Op: "create", StatusCode: http.StatusTooManyRequests, RetryAfter: 3 * time.Second}), http.StatusTooManyRequests, "provider_rate_limited", "3"},
+		{wrap(&e2b.APIError{Op: "create", StatusCode: http.StatusTooManyRequests, RetryAfter: math.MaxInt64}), http.StatusTooManyRequests, "provider_rate_limited", "9223372037"},
 		{wrap(&e2b.APIError{Op: "connect", SandboxID: "i1", StatusCode: http.StatusBadGateway}), http.StatusServiceUnavailable, "provider_unavailable", ""},
 		{wrap(fmt.Errorf("e2b: connect i1: %w", e2b.ErrUnreachable)), http.StatusServiceUnavailable, "provider_unavailable", ""},
 		{wrap(errors.New("a bug")), http.StatusInternalServerError, "internal", ""},

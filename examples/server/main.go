@@ -201,7 +201,11 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 		status, code = http.StatusServiceUnavailable, "provider_unavailable"
 	}
 	if ra, ok := sandboxpool.RetryAfter(err); ok && ra > 0 {
-		w.Header().Set("Retry-After", strconv.Itoa(int((ra+time.Second-1)/time.Second)))
+		secs := ra / time.Second // whole seconds, rounded up without overflowing
+		if ra%time.Second != 0 {
+			secs++
+		}
+		w.Header().Set("Retry-After", strconv.FormatInt(int64(secs), 10))
 	}
 	level := slog.LevelWarn
 	if status >= 500 {
