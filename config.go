@@ -27,6 +27,10 @@ const (
 	DefaultShards           = 64
 )
 
+// minLockTTL is the shortest Config.LockTTL: Redis keeps a key's expiry in
+// whole milliseconds and refuses an expiry of 0.
+const minLockTTL = time.Millisecond
+
 // maxShards bounds Config.Shards: beyond this the shard array costs more
 // memory than contention it saves on a machine with a sane core count.
 const maxShards = 1 << 16
@@ -98,7 +102,7 @@ type Config struct {
 
 	// LockTTL is the expiry of the per-pair create lock in Redis; it is
 	// refreshed every LockTTL/3 while the create runs, so a holder that
-	// dies frees the pair within LockTTL. default: 10 seconds.
+	// dies frees the pair within LockTTL. At least 1ms. default: 10 seconds.
 	LockTTL time.Duration
 
 	// MaxSandboxes caps the sandboxes alive at once (cluster-wide with
@@ -210,6 +214,11 @@ func (c *Config) validate() error {
 	}
 	if c.MaxAge < c.IdleTimeout {
 		bad("MaxAge (%s) must be >= IdleTimeout (%s)", c.MaxAge, c.IdleTimeout)
+	}
+	if c.LockTTL > 0 && c.LockTTL < minLockTTL {
+		// Redis would refuse the lock's expiry, and every create would run
+		// uncoordinated, counted only as a Redis error.
+		bad("LockTTL must be at least %s: Redis expiries are whole milliseconds (got %s)", minLockTTL, c.LockTTL)
 	}
 	if c.IdleTimeout > 0 && c.IdleTimeout < time.Second {
 		bad("IdleTimeout must be at least 1s: E2B timeouts are whole seconds (got %s)", c.IdleTimeout)

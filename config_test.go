@@ -23,6 +23,7 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"negative idle", sandboxpool.Config{Provider: p, IdleTimeout: -time.Second}, "IdleTimeout must not be negative"},
 		{"negative reap", sandboxpool.Config{Provider: p, ReapInterval: -1}, "ReapInterval must not be negative"},
 		{"max age below idle", sandboxpool.Config{Provider: p, IdleTimeout: 10 * time.Minute, MaxAge: time.Minute}, "MaxAge (1m0s) must be >= IdleTimeout (10m0s)"},
+		{"sub-millisecond lock", sandboxpool.Config{Provider: p, LockTTL: 500 * time.Microsecond}, "LockTTL must be at least 1ms"},
 		{"sub-second idle", sandboxpool.Config{Provider: p, IdleTimeout: time.Millisecond, MaxAge: time.Minute}, "at least 1s"},
 		{"bad namespace", sandboxpool.Config{Provider: p, Namespace: "a:b"}, "Namespace: invalid namespace"},
 		{"namespace glob", sandboxpool.Config{Provider: p, Namespace: "ns*"}, "Namespace"},
