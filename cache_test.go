@@ -364,6 +364,74 @@ func (g *gatedCreate) Create(ctx context.Context, req sandboxpool.CreateRequest)
 	return sb, err
 }
 
+// misanswering is a provider whose answers name another sandbox than the
+// one it made or was asked for, or none, as a faulty provider's might.
+type misanswering struct {
+	*fp.Provider
+	createID  func(id string) string // the id a create's answer names
+	connectID func(id string) string // the id a connect's answer names
+}
+
+func (p *misanswering) Create(ctx context.Context, req sandboxpool.CreateRequest) (sandboxpool.Sandbox, error) {
+	sb, err := p.Provider.Create(ctx, req)
+	if err == nil && p.createID != nil {
+		sb.ID = p.createID(sb.ID)
+	}
+	return sb, err
+}
+
+func (p *misanswering) Connect(ctx context.Context, id string, timeout time.Duration) (sandboxpool.Sandbox, error) {
+	sb, err := p.Provider.Connect(ctx, id, timeout)
+	if err == nil && p.connectID != nil {
+		sb.ID = p.connectID(sb.ID)
+	}
+	return sb, err
+}
+
+// A create answered without a sandbox id is an unknown outcome: the Manager
+// finds the sandbox by its metadata and publishes its real id. Publishing an
+// empty id would have made every instance read the pair as having no
+// sandbox, and create another.
+func TestProviderCreateWithoutIDIsFoundByMetadata(t *testing.T) {
+	c := newMiniCluster(t)
+	m := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.Provider = &misanswering{Provider: c.p, createID: func(string) string { return "" }}
+	})
+	id := acquireID(t, m, "u", "p")
+	assert.NotEmpty(t, id)
+	assert.Equal(t, []string{id}, c.p.Alive())
+	assert.Equal(t, id, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	st := m.Stats()
+	assert.EqualValues(t, 1, st.CreateErrors)
+	assert.EqualValues(t, 1, st.Reconciled)
+	assert.Equal(t, id, acquireID(t, c.instance(t), "u", "p"), "another instance reuses it")
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+}
+
+// A reconnect answered with another sandbox's id fails closed: the pair
+// keeps the sandbox Redis names, and nothing is created or killed. An
+// answer that leaves the id out is the sandbox asked for.
+func TestProviderConnectNamingAnotherSandboxFailsClosed(t *testing.T) {
+	c := newMiniCluster(t)
+	id := acquireID(t, c.instance(t), "u", "p")
+	m := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.Provider = &misanswering{Provider: c.p, connectID: func(string) string { return "iother" }}
+	})
+	_, err := m.Acquire(context.Background(), "u", "p")
+	require.Error(t, err)
+	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	assert.Contains(t, err.Error(), "another sandbox, iother")
+	assert.Equal(t, id, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	assert.Equal(t, []string{id}, c.p.Alive())
+	assert.Empty(t, c.p.Killed())
+
+	blank := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.Provider = &misanswering{Provider: c.p, connectID: func(string) string { return "" }}
+	})
+	assert.Equal(t, id, acquireID(t, blank, "u", "p"))
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+}
+
 // With several instances, a sandbox past MaxAge that another instance still
 // leases is not killed by the instance that released it: the holder's
 // keepalive keeps it alive, and once the holder releases it the provider

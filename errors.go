@@ -32,6 +32,12 @@ var (
 	ErrUnavailable = errors.New("sandboxpool: coordination store unavailable")
 )
 
+// errNoSandboxID is a provider's answer to a create that does not name the
+// sandbox. The sandbox may exist all the same, so the create's outcome is
+// unknown (see outcomeUnknown): publishing an empty id would make every
+// instance read the pair as having no sandbox, and create another.
+var errNoSandboxID = errors.New("provider answered the create without a sandbox id")
+
 // RetryAfterError carries how long a caller should wait before retrying.
 // It wraps ErrRateLimited, ErrQuotaExceeded or a provider error.
 type RetryAfterError struct {

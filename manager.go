@@ -513,6 +513,9 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 	sort.Slice(found, func(i, j int) bool { return found[i].CreatedAt.After(found[j].CreatedAt) })
 	now := m.clock.precise()
 	for i, sb := range found {
+		if sb.ID == "" {
+			continue // nothing to connect to (see Provider.List)
+		}
 		if now+m.guard >= sb.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
 			// Past MaxAge: never handed out again. It may still be leased
 			// (here or elsewhere), so it is left to its holder and to its
@@ -524,7 +527,7 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 			m.ctr.adopted.Add(1)
 			if m.store == nil { // alone: older duplicates are an earlier process's leftovers
 				for _, dup := range found[i+1:] {
-					if now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
+					if dup.ID != "" && now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
 						_ = m.killID(ctx, dup.ID, "duplicate sandbox of the pair") // counted and logged
 					}
 				}
@@ -548,6 +551,9 @@ func (m *Manager) createNew(ctx context.Context, k pairKey) (*slot, error) {
 		meta[key] = v
 	}
 	sb, err := m.provider.Create(ctx, CreateRequest{Template: m.cfg.Template, Timeout: m.cfg.IdleTimeout, Metadata: meta})
+	if err == nil && sb.ID == "" {
+		err = errNoSandboxID
+	}
 	if err != nil {
 		m.ctr.createErrors.Add(1)
 		return nil, pairErr("create sandbox", k, err)
@@ -566,6 +572,13 @@ func (m *Manager) createNew(ctx context.Context, k pairKey) (*slot, error) {
 func (m *Manager) connect(ctx context.Context, k pairKey, id string, createdAt, now int64) (*slot, error) {
 	deadline := min(now+int64(m.cfg.IdleTimeout), createdAt+int64(m.cfg.MaxAge))
 	sb, err := m.provider.Connect(ctx, id, time.Duration(deadline-now))
+	switch {
+	case err != nil:
+	case sb.ID == "":
+		sb.ID = id
+	case sb.ID != id: // not a not-found: the sandbox asked for is kept (fail closed)
+		err = fmt.Errorf("provider answered with another sandbox, %s", sb.ID)
+	}
 	if err != nil {
 		return nil, pairErr("connect sandbox "+id, k, err)
 	}
@@ -673,6 +686,9 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 		errs = append(errs, pairErr("list sandboxes", k, err))
 	}
 	for _, sb := range found {
+		if sb.ID == "" {
+			continue
+		}
 		if err := m.killID(ctx, sb.ID, "removed"); err != nil {
 			errs = append(errs, err)
 		}

@@ -2,7 +2,10 @@ package sandboxpool
 
 import (
 	"context"
+	"errors"
 	"time"
+
+	"github.com/sandboxpool/sandboxpool/e2b"
 )
 
 // EnvdPort is the port E2B's in-sandbox daemon (envd) listens on.
@@ -18,10 +21,14 @@ const EnvdPort = 49983
 // Manager replaces a cached sandbox only on ErrSandboxNotFound.
 type Provider interface {
 	// Create starts a new sandbox with req.Timeout as its provider-side
-	// deadline and req.Metadata attached.
+	// deadline and req.Metadata attached, and returns it with its ID. A
+	// Sandbox without an ID is taken as a create whose outcome is unknown:
+	// the Manager looks for the sandbox by metadata before it creates again.
 	Create(ctx context.Context, req CreateRequest) (Sandbox, error)
 	// Connect attaches to an existing sandbox, resuming it if paused, and
-	// sets its provider-side deadline to at least now+timeout.
+	// sets its provider-side deadline to at least now+timeout. The Sandbox
+	// returned may leave ID empty (it is id); naming another sandbox is an
+	// error, and the Manager keeps the one it asked for.
 	Connect(ctx context.Context, id string, timeout time.Duration) (Sandbox, error)
 	// Check reports whether sb is alive without changing its deadline. It
 	// returns an error wrapping ErrSandboxNotFound when sb is gone.
@@ -31,8 +38,15 @@ type Provider interface {
 	// Kill destroys the sandbox. It returns nil when the sandbox is already gone.
 	Kill(ctx context.Context, id string) error
 	// List returns the sandboxes (running or paused) whose metadata contains
-	// every key/value pair of metadata.
+	// every key/value pair of metadata. The Manager ignores any without an ID.
 	List(ctx context.Context, metadata map[string]string) ([]Sandbox, error)
+}
+
+// outcomeUnknown reports a create error after which a sandbox may exist: E2B
+// got the request and its answer was lost, or a provider's answer did not
+// name the sandbox.
+func outcomeUnknown(err error) bool {
+	return errors.Is(err, e2b.ErrOutcomeUnknown) || errors.Is(err, errNoSandboxID)
 }
 
 // CreateRequest describes a sandbox to create.

@@ -96,9 +96,6 @@ func mapNotFound(err error) error {
 	return err
 }
 
-// outcomeUnknown reports a create error after which a sandbox may exist.
-func outcomeUnknown(err error) bool { return errors.Is(err, e2b.ErrOutcomeUnknown) }
-
 // e2bFromEnv builds the E2B provider when E2B_API_KEY is set.
 func e2bFromEnv(env envSource, c *Config) error {
 	key, ok := env(EnvE2BAPIKey)
