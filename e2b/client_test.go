@@ -138,6 +138,26 @@ func TestRetriesHonourRetryAfter(t *testing.T) {
 	assert.EqualValues(t, 2, srv.Calls(e2btest.OpConnect))
 }
 
+// A create answered 201 with a body that names no sandbox may still have
+// made one: its outcome is unknown, and it is not retried.
+func TestCreateAnswerWithoutIDIsAnUnknownOutcome(t *testing.T) {
+	var calls atomic.Int64
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusCreated)
+		_, _ = w.Write([]byte(`{"templateID":"base","clientID":"c","envdVersion":"0.2.0"}`))
+	}))
+	defer ts.Close()
+	cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL})
+	require.NoError(t, err)
+	defer cl.CloseIdleConnections()
+	_, err = cl.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.ErrorIs(t, err, e2b.ErrOutcomeUnknown)
+	assert.Contains(t, err.Error(), "names no sandbox")
+	assert.EqualValues(t, 1, calls.Load())
+}
+
 // A Retry-After longer than MaxRetryWait is not waited out: the call returns
 // at once with the hint, however large the number the server sent.
 func TestRetryAfterBeyondMaxRetryWaitReturnsAtOnce(t *testing.T) {

@@ -3,6 +3,7 @@ package e2b
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"maps"
 	"net/http"
@@ -102,6 +103,9 @@ func (c *Client) Create(ctx context.Context, p CreateParams) (Sandbox, error) {
 	var out e2bapi.Sandbox
 	if err := jsonUnmarshal(raw, &out); err != nil {
 		return Sandbox{}, &unknownOutcome{err: fmt.Errorf("e2b: create: decoding response: %w", err)}
+	}
+	if out.SandboxID == "" { // created, perhaps, but nothing to name it by; the body may hold a token, so it is not quoted
+		return Sandbox{}, &unknownOutcome{err: errors.New("e2b: create: the answer names no sandbox")}
 	}
 	return c.fromAPI(out), nil
 }
