@@ -272,7 +272,7 @@ func (c *Client) final(cl call, err error) error {
 	switch {
 	case errors.As(err, &ae):
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		err = fmt.Errorf("e2b: %s %s: %w", cl.op, cl.sandboxID, err)
+		err = fmt.Errorf("e2b: %s: %w", opName(cl.op, cl.sandboxID), err)
 	default:
 		err = &transportError{op: cl.op, sandboxID: cl.sandboxID, err: err}
 	}

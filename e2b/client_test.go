@@ -138,6 +138,27 @@ func TestRetriesHonourRetryAfter(t *testing.T) {
 	assert.EqualValues(t, 2, srv.Calls(e2btest.OpConnect))
 }
 
+// A listing whose page token comes back is an error, not an endless walk.
+func TestListStopsWhenAPageTokenRepeats(t *testing.T) {
+	var calls atomic.Int64
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := calls.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Next-Token", fmt.Sprint("t", min(n, 3))) // t1, t2, t3, t3, ...
+		_, _ = fmt.Fprintf(w, `[{"sandboxID":"i%d","templateID":"base","clientID":"c","envdVersion":"0.2.0","cpuCount":2,"memoryMB":512,"diskSizeMB":512,"startedAt":"2026-11-25T12:00:00Z","endAt":"2026-11-25T12:05:00Z","state":"running"}]`, n)
+	}))
+	defer ts.Close()
+	cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL})
+	require.NoError(t, err)
+	defer cl.CloseIdleConnections()
+	lctx, cancel := context.WithTimeout(ctx, 5*time.Second) // the walk it replaces ended only with its context
+	defer cancel()
+	_, err = cl.List(lctx, map[string]string{"k": "v"})
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "repeated an earlier page token")
+	assert.EqualValues(t, 4, calls.Load(), "stops at the first repeat")
+}
+
 // A create answered 201 with a body that names no sandbox may still have
 // made one: its outcome is unknown, and it is not retried.
 func TestCreateAnswerWithoutIDIsAnUnknownOutcome(t *testing.T) {
@@ -241,6 +262,7 @@ func TestNoAnswerIsUnreachable(t *testing.T) {
 	_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
 	require.ErrorIs(t, err, e2b.ErrUnreachable)
 	require.ErrorIs(t, err, e2b.ErrOutcomeUnknown, "a create that got no answer may have happened")
+	assert.True(t, strings.HasPrefix(err.Error(), "e2b: create: "), "a call with no sandbox is named by its operation alone: %v", err)
 
 	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
 	_, err = c.Get(ctx, sb.ID)
@@ -252,6 +274,9 @@ func TestNoAnswerIsUnreachable(t *testing.T) {
 	_, err = c.Get(cctx, sb.ID)
 	require.ErrorIs(t, err, context.Canceled)
 	assert.NotErrorIs(t, err, e2b.ErrUnreachable, "the caller's own context ended")
+	_, err = c.List(cctx, nil)
+	require.ErrorIs(t, err, context.Canceled)
+	assert.True(t, strings.HasPrefix(err.Error(), "e2b: list: "), "%v", err)
 }
 
 func TestCreateRetriedOnlyWhenNothingHappened(t *testing.T) {

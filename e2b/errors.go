@@ -37,10 +37,7 @@ type APIError struct {
 }
 
 func (e *APIError) Error() string {
-	s := fmt.Sprintf("e2b: %s", e.Op)
-	if e.SandboxID != "" {
-		s += " " + e.SandboxID
-	}
+	s := "e2b: " + opName(e.Op, e.SandboxID)
 	s += fmt.Sprintf(": %d %s", e.StatusCode, http.StatusText(e.StatusCode))
 	if e.Message != "" {
 		s += ": " + e.Message
@@ -79,7 +76,16 @@ type transportError struct {
 }
 
 func (e *transportError) Error() string {
-	return fmt.Sprintf("e2b: %s %s: %v", e.op, e.sandboxID, e.err)
+	return fmt.Sprintf("e2b: %s: %v", opName(e.op, e.sandboxID), e.err)
+}
+
+// opName names a call in an error: its operation, and the sandbox it
+// concerns when there is one.
+func opName(op, sandboxID string) string {
+	if sandboxID == "" {
+		return op
+	}
+	return op + " " + sandboxID
 }
 func (e *transportError) Unwrap() []error { return []error{e.err, ErrUnreachable} }
 

@@ -162,6 +162,7 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 		params.Metadata = &q
 	}
 	var out []Sandbox
+	seen := map[string]bool{} // page tokens already followed
 	for {
 		resp, raw, err := c.do(ctx, call{op: "list", idempotent: true, ok: []int{http.StatusOK}},
 			func() (*http.Response, error) { return c.api.GetV2Sandboxes(ctx, &params) })
@@ -187,6 +188,12 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 		if next == "" {
 			return out, nil
 		}
+		if seen[next] {
+			// A server that hands back a token it gave before would be
+			// followed, and its pages gathered, until ctx ends.
+			return nil, fmt.Errorf("e2b: list: page %d: the server repeated an earlier page token", len(seen)+1)
+		}
+		seen[next] = true
 		params.NextToken = &next
 	}
 }
