@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -31,6 +32,21 @@ const (
 // refusal such as a quota), after which the create path may degrade.
 var errRedisUnavailable = errors.New("redis unavailable")
 
+// errCorruptRecord is a pair's record that Redis returned but that does not
+// parse: another program's key, or a hand edit. The next publish rewrites
+// it.
+var errCorruptRecord = errors.New("corrupt record")
+
+// answered reports an error that Redis itself is well: a missing key, a
+// record that does not parse, or a key of another type (WRONGTYPE). The
+// breaker does not count them, and they do not degrade the create path: a
+// few bad keys must not switch every pair to uncoordinated creates.
+func answered(err error) bool {
+	var re redis.Error
+	return errors.Is(err, redis.Nil) || errors.Is(err, errCorruptRecord) ||
+		errors.As(err, &re) && strings.HasPrefix(re.Error(), "WRONGTYPE")
+}
+
 // store is the Manager's Redis: client, breaker, lock and rate limiter.
 type store struct {
 	rdb     redis.UniversalClient
@@ -52,8 +68,8 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		MaxRequests: 1,
 		Timeout:     cooldown,
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrips },
-		// A missing key is an answer, not a failure.
-		IsSuccessful: func(err error) bool { return err == nil || errors.Is(err, redis.Nil) },
+		// A missing key or a bad one is an answer, not a failure.
+		IsSuccessful: func(err error) bool { return err == nil || answered(err) },
 		// The caller giving up says nothing about Redis.
 		IsExcluded: func(err error) bool { return errors.Is(err, context.Canceled) },
 		OnStateChange: func(_ string, from, to gobreaker.State) {
@@ -63,8 +79,9 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 	return st
 }
 
-// do runs one Redis call with its own timeout, through the breaker. Errors
-// other than redis.Nil wrap errRedisUnavailable.
+// do runs one Redis call with its own timeout, through the breaker. A
+// missing key is no error; other answered errors (see answered) are
+// returned as they are, and every other error wraps errRedisUnavailable.
 func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	return st.run(ctx, st.timeout, fn)
 }
@@ -83,6 +100,9 @@ func (st *store) run(ctx context.Context, timeout time.Duration, fn func(context
 		return nil
 	}
 	st.errs.Add(1)
+	if answered(err) {
+		return err
+	}
 	return fmt.Errorf("%w: %w", errRedisUnavailable, err)
 }
 

@@ -100,7 +100,7 @@ func (st *store) get(ctx context.Context, k pairKey) (rec record, ok bool, err e
 		c, err1 := strconv.ParseInt(vals[fieldCreated], 10, 64)
 		d, err2 := strconv.ParseInt(vals[fieldDeadline], 10, 64)
 		if err := errors.Join(err1, err2); err != nil {
-			return fmt.Errorf("corrupt record %s: %w", st.sbxKey(k), err)
+			return fmt.Errorf("%w %s: %w", errCorruptRecord, st.sbxKey(k), err)
 		}
 		rec.created, rec.deadline = msToNs(c), msToNs(d)
 		return nil

@@ -2,6 +2,7 @@ package sandboxpool
 
 import (
 	"context"
+	"fmt"
 	"runtime"
 	"strings"
 	"sync"
@@ -9,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -101,4 +104,40 @@ func TestBackgroundJobsAcceptedDuringCloseRun(t *testing.T) {
 	assert.Equal(t, accepted.Load(), ranAtClose, "a job accepted before Close returned had not run, or one was accepted after")
 	assert.Equal(t, ranAtClose, ran.Load(), "a job ran after Close returned")
 	assert.False(t, m.goBackground(func() {}), "accepted after Close")
+}
+
+// Records Redis returns but that do not parse, and keys of another type,
+// are errors of those pairs, not of Redis: they never open the breaker, so a
+// few bad keys cannot switch every pair to uncoordinated creates.
+func TestBadRecordsDoNotOpenTheBreaker(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	defer rdb.Close()
+	m, err := New(Config{Provider: stubProvider{}, Redis: rdb})
+	require.NoError(t, err)
+	defer m.Close(context.Background())
+	ctx := context.Background()
+	for i := range 2 * breakerTrips {
+		k := pairKey{"u", fmt.Sprint("p", i)}
+		if i%2 == 0 {
+			mr.HSet(m.store.sbxKey(k), fieldID, "i1", fieldCreated, "yesterday", fieldDeadline, "1")
+		} else {
+			require.NoError(t, mr.Set(m.store.sbxKey(k), "a string"))
+		}
+		_, _, err := m.store.get(ctx, k)
+		require.Error(t, err)
+		assert.NotErrorIs(t, err, errRedisUnavailable, "pair %d", i)
+		if i%2 == 0 {
+			assert.ErrorIs(t, err, errCorruptRecord)
+		}
+	}
+	assert.False(t, m.store.degraded(), "breaker still closed")
+	assert.EqualValues(t, 2*breakerTrips, m.Stats().RedisErrors, "each is still counted")
+
+	mr.Close() // Redis itself failing still opens it
+	for range breakerTrips {
+		_, _, err := m.store.get(ctx, pairKey{"u", "p0"})
+		require.ErrorIs(t, err, errRedisUnavailable)
+	}
+	assert.True(t, m.store.degraded())
 }
