@@ -18,7 +18,9 @@ package sandboxpool_test
 //	                          round trips per call (go-redis hook) and latency
 //	                          vs one plain GET on the same client; the warm
 //	                          path also through the E2B provider against the
-//	                          fake E2B, vs a GET followed by one Connect to it
+//	                          fake E2B, vs a GET followed by one Connect to it;
+//	                          the warm path's time split into its I/O and the
+//	                          pool's own time
 //	BenchmarkContention/*     1,000 goroutines on one pair; 8 managers on 100 pairs
 //	BenchmarkMemoryPerPair    bytes per pooled pair at 1,000,000 pairs, and after churn
 //	BenchmarkReaperTickIdle   one reaper tick with 1,000,000 live pairs, nothing due
@@ -406,7 +408,7 @@ func hotPath(b *testing.B, pairs int, reqs requests, all bool) {
 		calls := fixture("hot-redis-calls", func() (*atomic.Int64, func()) { return new(atomic.Int64), func() {} })
 		m := filledManager("hot-redis", benchPairs, func() (redis.UniversalClient, func()) {
 			c, closer := openRedis(dbHotRedis)
-			c.AddHook(countingHook{calls})
+			c.AddHook(countingHook{n: calls})
 			return c, closer
 		})
 		calls.Store(0)
@@ -454,15 +456,46 @@ func benchPuddle(b *testing.B) {
 // background workers run fills.
 type refWorker chan func()
 
-// countingHook counts Redis round trips: one per command, one per pipeline.
-type countingHook struct{ n *atomic.Int64 }
+// countingHook counts Redis round trips: one per command, one per pipeline;
+// with ns set, it also sums the time they took (see ioTimer).
+type countingHook struct{ n, ns *atomic.Int64 }
 
 func (countingHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error { h.n.Add(1); return next(ctx, cmd) }
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		return h.count(func() error { return next(ctx, cmd) })
+	}
 }
 func (h countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(1); return next(ctx, cmds) }
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		return h.count(func() error { return next(ctx, cmds) })
+	}
+}
+
+func (h countingHook) count(call func() error) error {
+	h.n.Add(1)
+	if h.ns == nil {
+		return call()
+	}
+	start := time.Now()
+	err := call()
+	h.ns.Add(int64(time.Since(start)))
+	return err
+}
+
+// ioTimer is a Provider whose Connects are timed into ns, as countingHook
+// times Redis calls: together they split a warm Acquire into its I/O and
+// the pool's own time.
+type ioTimer struct {
+	sandboxpool.Provider
+	ns *atomic.Int64
+}
+
+func (p ioTimer) Connect(ctx context.Context, id string, timeout time.Duration) (sandboxpool.Sandbox, error) {
+	start := time.Now()
+	sb, err := p.Provider.Connect(ctx, id, timeout)
+	p.ns.Add(int64(time.Since(start)))
+	return sb, err
 }
 
 func BenchmarkRedisPaths(b *testing.B) {
@@ -522,7 +555,7 @@ func BenchmarkRedisPaths(b *testing.B) {
 	b.Run("cold-create", func(b *testing.B) {
 		rdb := benchRedis(b)
 		var calls atomic.Int64
-		rdb.AddHook(countingHook{&calls})
+		rdb.AddHook(countingHook{n: &calls})
 		m := benchManager(b, &nullProvider{}, rdb)
 		calls.Store(0)
 		b.ReportAllocs()
@@ -582,23 +615,28 @@ func BenchmarkRedisPaths(b *testing.B) {
 // benchWarm measures Acquire+Release by fresh instances using provider p on
 // pairs [0,n) that an owner instance created and Redis (database db)
 // records: a memory miss, a Redis hit and a reconnect each. An instance is
-// replaced after visiting all n.
+// replaced after visiting all n. Besides round trips, it reports the time
+// of the Acquire's I/O (its Redis calls and its Connect, timed where they
+// are made) and the rest, the pool's own time, each per call.
 func benchWarm(b *testing.B, key string, db, n int, p sandboxpool.Provider) {
 	type warm struct {
-		rdb   redis.UniversalClient
-		calls *atomic.Int64
+		rdb            redis.UniversalClient
+		calls, redisNs *atomic.Int64
 	}
 	w := fixture(key, func() (warm, func()) {
 		c, closer := openRedis(db)
 		owner := newBenchManager(p, c)
 		fill(nil, owner, n)
-		calls := new(atomic.Int64)
-		c.AddHook(countingHook{calls})
-		return warm{c, calls}, func() { _ = owner.Close(context.Background()); closer() }
+		calls, ns := new(atomic.Int64), new(atomic.Int64)
+		c.AddHook(countingHook{n: calls, ns: ns})
+		return warm{c, calls, ns}, func() { _ = owner.Close(context.Background()); closer() }
 	})
 	ctx := context.Background()
 	var reader *sandboxpool.Manager
+	connectNs := new(atomic.Int64)
+	p = ioTimer{p, connectNs}
 	w.calls.Store(0)
+	w.redisNs.Store(0)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for i := range b.N {
@@ -615,6 +653,9 @@ func benchWarm(b *testing.B, key string, db, n int, p sandboxpool.Provider) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(w.calls.Load())/float64(b.N), "redis-rt/op")
+	io := w.redisNs.Load() + connectNs.Load()
+	b.ReportMetric(float64(io)/float64(b.N)/1e3, "io-µs/op")
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds()-io)/float64(b.N)/1e3, "own-µs/op")
 }
 
 func percentiles(d []time.Duration) (p50, p99 time.Duration) {

@@ -89,6 +89,24 @@ func budget(warm, get, call result, k float64) (med, lo, hi float64, ok bool) {
 	return med, lo, hi, true
 }
 
+// ownTime describes how a warm Acquire's time splits (benchWarm's io-µs/op
+// and own-µs/op): its I/O, and the pool's own time with its fraction of a
+// GET, run by run (the median with the range). It is empty for a result
+// without the split.
+func ownTime(warm, get result) string {
+	own, g := runsOf(warm, "own-µs/op"), runsOf(get, "ns/op")
+	if len(own) == 0 || len(g) == 0 {
+		return ""
+	}
+	rs := make([]float64, min(len(own), len(g)))
+	for i := range rs {
+		rs[i] = own[i] * 1e3 / g[i]
+	}
+	med, lo, hi := medianRange(rs)
+	return fmt.Sprintf("; I/O %.1f µs/op, the pool's own time %.1f µs/op: %.2f of a GET (%.2f–%.2f)",
+		warm.metrics["io-µs/op"], warm.metrics["own-µs/op"], med, lo, hi)
+}
+
 // budgetRuns is budget's fraction run by run.
 func budgetRuns(warm, get, call result, k float64) []float64 {
 	w, g, c := runsOf(warm, "ns/op"), runsOf(get, "ns/op"), runsOf(call, "ns/op")
@@ -253,7 +271,7 @@ func table(w io.Writer, rs []result) {
 				[2]string{"RedisPaths/ref-GET-on-worker-with-deadlines", "reference: a GET handed to a waiting worker under a fill's two deadlines, as a fill is"})
 			for _, name := range []string{"RedisPaths/warm-redis-hit", "RedisPaths/cold-create"} {
 				if r, found := get(name, p); found {
-					row(r, spread(r, get1, " GET"), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"]))
+					row(r, spread(r, get1, " GET"), fmt.Sprintf("%.2f Redis round trips/op", r.metrics["redis-rt/op"])+ownTime(r, get1))
 				}
 			}
 			refRows([2]string{"RedisPaths/ref-e2b-Connect", "reference: one Connect to the fake E2B over HTTP, in a tight loop of Connects"},
@@ -269,6 +287,7 @@ func table(w io.Writer, rs []result) {
 				if med, lo, hi, ok := budget(r, get1, conn, 1.5); ok {
 					note += fmt.Sprintf("; %.2f with the Connect timed in a tight loop (%.2f–%.2f)", med, lo, hi)
 				}
+				note += ownTime(r, get1)
 				row(r, spread(r, get1, " GET"), note)
 			}
 		}

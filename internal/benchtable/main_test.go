@@ -92,6 +92,24 @@ BenchmarkBudget/warm   1000  200 ns/op
 	}
 }
 
+// A warm row that carries the split of its time reports the pool's own time
+// as a fraction of the GET of the same run, the median and range over runs.
+func TestWarmRowsSplitTheirTime(t *testing.T) {
+	var out strings.Builder
+	table(&out, parse(strings.NewReader(`
+BenchmarkRedisPaths/baseline-GET-2      1000  20000 ns/op
+BenchmarkRedisPaths/warm-redis-hit-2    1000  30000 ns/op   20 io-µs/op   10 own-µs/op   1 redis-rt/op
+BenchmarkRedisPaths/baseline-GET-2      1000  40000 ns/op
+BenchmarkRedisPaths/warm-redis-hit-2    1000  50000 ns/op   38 io-µs/op   12 own-µs/op   1 redis-rt/op
+BenchmarkRedisPaths/baseline-GET-2      1000  20000 ns/op
+BenchmarkRedisPaths/warm-redis-hit-2    1000  28000 ns/op   19 io-µs/op    9 own-µs/op   1 redis-rt/op
+`)))
+	want := "1.00 Redis round trips/op; I/O 20.0 µs/op, the pool's own time 10.0 µs/op: 0.45 of a GET (0.30–0.50) |"
+	if !strings.Contains(out.String(), want) {
+		t.Errorf("table lacks %q (runs 10/20, 12/40, 9/20):\n%s", want, out.String())
+	}
+}
+
 // Every hot-path group is printed against its own baseline, and the map of
 // records is read against puddle too: it is the floor for a pool that must
 // touch a record per pair, so its ratio to puddle says what such a pool can
