@@ -52,6 +52,7 @@ lint:
 ### fuzz: every fuzz target for FUZZTIME inputs each (FUZZTIME=30s for a duration)
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzPairKey$$' -fuzztime $(FUZZTIME) .
+	$(GO) test -run '^$$' -fuzz '^FuzzRemovalMessage$$' -fuzztime $(FUZZTIME) .
 	$(GO) test -run '^$$' -fuzz '^FuzzMetadataQuery$$' -fuzztime $(FUZZTIME) ./e2b
 	$(GO) test -run '^$$' -fuzz '^FuzzRetryAfter$$' -fuzztime $(FUZZTIME) ./e2b
 

@@ -37,14 +37,19 @@ var errRedisUnavailable = errors.New("redis unavailable")
 // it.
 var errCorruptRecord = errors.New("corrupt record")
 
-// answered reports an error that Redis itself is well: a missing key, a
-// record that does not parse, or a key of another type (WRONGTYPE). The
-// breaker does not count them, and they do not degrade the create path: a
-// few bad keys must not switch every pair to uncoordinated creates.
+// answered reports an error that says Redis itself is well: a missing key,
+// a record that does not parse, a key of another type (WRONGTYPE), or a
+// command the client's ACL does not allow (NOPERM). The breaker does not
+// count them, and they do not degrade the create path: a few bad keys, or a
+// user barred from one command, must not switch every pair to
+// uncoordinated creates.
 func answered(err error) bool {
 	var re redis.Error
-	return errors.Is(err, redis.Nil) || errors.Is(err, errCorruptRecord) ||
-		errors.As(err, &re) && strings.HasPrefix(re.Error(), "WRONGTYPE")
+	if errors.Is(err, redis.Nil) || errors.Is(err, errCorruptRecord) || !errors.As(err, &re) {
+		return errors.Is(err, redis.Nil) || errors.Is(err, errCorruptRecord)
+	}
+	msg := re.Error()
+	return strings.HasPrefix(msg, "WRONGTYPE") || strings.HasPrefix(msg, "NOPERM")
 }
 
 // store is the Manager's Redis: client, breaker, lock and rate limiter.

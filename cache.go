@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -324,3 +325,69 @@ func redisFromEnv(env envSource, c *Config) error {
 }
 
 func init() { envHooks = append(envHooks, redisFromEnv) }
+
+// removedChannel is the Redis Pub/Sub channel on which a Remove names the
+// sandboxes it killed, so that every instance forgets them at once instead
+// of handing them out from memory until its next probe.
+func (st *store) removedChannel() string { return st.ns + ":removed" }
+
+// announceRemoval publishes removalMessage(k, ids) on removedChannel.
+func (m *Manager) announceRemoval(ctx context.Context, k pairKey, ids []string) error {
+	if m.store == nil || len(ids) == 0 {
+		return nil
+	}
+	msg := removalMessage(k, ids)
+	return m.store.do(ctx, func(ctx context.Context) error { return m.store.rdb.Publish(ctx, m.store.removedChannel(), msg).Err() })
+}
+
+// removalMessage is "<user>:<project> <id> <id>…": valid ids hold no ':'
+// and no space, and sandbox ids no space, so it parses back exactly.
+func removalMessage(k pairKey, ids []string) string {
+	return pairMember(k) + " " + strings.Join(ids, " ")
+}
+
+// parseRemoval reads a removalMessage; ok is false for anything else
+// (another program publishing on the channel).
+func parseRemoval(msg string) (k pairKey, ids []string, ok bool) {
+	f := strings.Fields(msg)
+	if len(f) < 2 {
+		return pairKey{}, nil, false
+	}
+	user, project, found := strings.Cut(f[0], ":")
+	if !found || ValidateIDs(user, project) != nil {
+		return pairKey{}, nil, false
+	}
+	return pairKey{user, project}, f[1:], true
+}
+
+// removalLoop forgets the sandboxes other instances' Removes announce, until
+// Close. go-redis resubscribes after a lost connection; an announcement
+// missed meanwhile leaves the sandbox to be found gone at its next probe or
+// keepalive, as before there was a channel. A subscription Redis refuses
+// (an ACL without SUBSCRIBE) is given up at once, with one warning: nothing
+// would ever arrive on it.
+func (m *Manager) removalLoop() {
+	ps := m.store.rdb.Subscribe(m.baseCtx, m.store.removedChannel())
+	defer ps.Close()
+	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+	_, err := ps.Receive(ctx) // the confirmation, or the refusal
+	cancel()
+	if answered(err) {
+		m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
+		return
+	}
+	msgs := ps.Channel()
+	for {
+		select {
+		case <-m.done:
+			return
+		case msg, ok := <-msgs:
+			if !ok {
+				return
+			}
+			if k, ids, ok := parseRemoval(msg.Payload); ok {
+				m.dropRemoved(k, ids)
+			}
+		}
+	}
+}

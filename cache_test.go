@@ -1,12 +1,16 @@
 package sandboxpool_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -746,4 +750,128 @@ func TestRedisDataLossNeverKillsAnotherInstancesLease(t *testing.T) {
 	assert.Equal(t, id, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "b's next keepalive wrote the record again")
 	_, alive = c.p.Deadline(id)
 	assert.True(t, alive)
+}
+
+// waitSubscribers waits until n clients listen for removals in the default
+// namespace (each Manager with Redis subscribes when it starts).
+func (c *cluster) waitSubscribers(t *testing.T, n int64) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		got, err := c.rdb.PubSubNumSub(context.Background(), "sandboxpool:removed").Result()
+		return err == nil && got["sandboxpool:removed"] >= n
+	}, 5*time.Second, 5*time.Millisecond)
+}
+
+// A Remove on one instance makes every instance forget the sandbox at once:
+// another instance that held it in memory no longer hands it out, where it
+// used to until its next probe (HealthCheckAfter later).
+func TestRedisRemoveForgetsOnEveryInstance(t *testing.T) {
+	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+		c := newCluster(t)
+		a, b := c.instance(t), c.instance(t)
+		id := acquireID(t, a, "u", "p")
+		require.Equal(t, id, acquireID(t, b, "u", "p"))
+		c.waitSubscribers(t, 2)
+		require.NoError(t, a.Remove(context.Background(), "u", "p"))
+		require.Eventually(t, func() bool { return b.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+			"the other instance forgets the removed sandbox")
+		next := acquireID(t, b, "u", "p")
+		assert.NotEqual(t, id, next)
+		assert.Equal(t, []string{next}, c.p.Alive())
+		assert.Equal(t, next, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	})
+}
+
+// listGate, once armed, holds the next List until the test lets it go, so
+// that an Acquire can run while a Remove is between its kill and its
+// listing.
+type listGate struct {
+	*fp.Provider
+	armed            atomic.Bool
+	listing, proceed chan struct{}
+}
+
+func (g *listGate) List(ctx context.Context, md map[string]string) ([]sandboxpool.Sandbox, error) {
+	if g.armed.CompareAndSwap(true, false) {
+		close(g.listing)
+		<-g.proceed
+	}
+	return g.Provider.List(ctx, md)
+}
+
+// A sandbox created for the pair while a Remove ran is found and killed by
+// that Remove, and is not left in the pool to be handed out after it.
+func TestRemoveForgetsASandboxCreatedWhileItRan(t *testing.T) {
+	gate := &listGate{listing: make(chan struct{}), proceed: make(chan struct{})}
+	e := newEnv(t, func(cfg *sandboxpool.Config) {
+		gate.Provider = cfg.Provider.(*fp.Provider)
+		cfg.Provider = gate
+	})
+	e.acquire(t, "u", "p").Release()
+	require.Len(t, e.p.Alive(), 1)
+
+	gate.armed.Store(true)
+	done := make(chan error, 1)
+	go func() { done <- e.m.Remove(context.Background(), "u", "p") }()
+	<-gate.listing // the first sandbox is killed; Remove is about to list
+	during := e.acquire(t, "u", "p")
+	created := during.Sandbox().ID
+	during.Release()
+	close(gate.proceed)
+	require.NoError(t, <-done)
+
+	assert.Contains(t, e.p.Killed(), created, "Remove found it by metadata")
+	after := e.acquire(t, "u", "p")
+	defer after.Release()
+	assert.NotEqual(t, created, after.Sandbox().ID, "not handed out after Remove")
+	assert.NotContains(t, e.p.Killed(), after.Sandbox().ID)
+}
+
+// A deployment whose Redis user may not publish or subscribe still removes:
+// the announcement fails (logged), Remove succeeds, and the refusals, being
+// Redis's answers, never open the breaker.
+func TestRedisRemoveWithoutPubSubPermission(t *testing.T) {
+	srv := redistest.Start(t)
+	admin := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	defer admin.Close()
+	require.NoError(t, admin.Do(context.Background(), "ACL", "SETUSER", "pool", "on", ">secret", "~*", "&*", "+@all", "-publish", "-subscribe").Err())
+	c := newCluster(t, nil, srv.Addr)
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, Username: "pool", Password: "secret", MaxRetries: -1})
+	defer rdb.Close()
+	var logs syncBuffer
+	m := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.Redis = rdb
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "cannot subscribe") }, 5*time.Second, 5*time.Millisecond,
+		"a refused subscription is reported, and given up")
+	for i := range 5 {
+		project := fmt.Sprint("p", i)
+		id := acquireID(t, m, "u", project)
+		require.NoError(t, m.Remove(context.Background(), "u", project))
+		assert.Contains(t, c.p.Killed(), id)
+	}
+	st := m.Stats()
+	assert.False(t, st.RedisDegraded, "refused commands are answers, not an outage")
+	assert.EqualValues(t, 0, st.DegradedCreates)
+	assert.Equal(t, 1, strings.Count(logs.String(), "cannot subscribe"))
+	assert.Equal(t, 5, strings.Count(logs.String(), "announcing a removal to other instances failed"))
+}
+
+// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

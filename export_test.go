@@ -35,6 +35,17 @@ func SetDefaultBuilder(b func() (*Manager, error)) (restore func()) {
 	}
 }
 
+// RemovalMessage and ParseRemoval expose the removal announcement's format
+// to its fuzz test.
+func RemovalMessage(user, project string, ids []string) string {
+	return removalMessage(pairKey{user, project}, ids)
+}
+
+func ParseRemoval(msg string) (user, project string, ids []string, ok bool) {
+	k, ids, ok := parseRemoval(msg)
+	return k.user, k.project, ids, ok
+}
+
 // ConfigFrom exposes the environment parser with an explicit source.
 func ConfigFrom(env map[string]string) (Config, error) {
 	return configFrom(func(k string) (string, bool) { v, ok := env[k]; return v, ok })

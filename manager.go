@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -101,6 +102,7 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Redis != nil {
 		m.store = newStore(cfg, m.log, &m.ctr.redisErrors)
 		m.goBackground(func() { m.probeLoop(cfg.probeInterval) })
+		m.goBackground(m.removalLoop)
 	}
 	return m, nil
 }
@@ -652,7 +654,9 @@ func (m *Manager) park(sh *shard, s *slot) {
 
 // Remove destroys the pair's sandbox and forgets it everywhere, even if it is
 // leased (later Releases are harmless). It waits for an Acquire of the pair
-// that is in flight. Removing a pair that has no sandbox is not an error.
+// that is in flight. With Redis, it announces the sandboxes it killed to
+// the other instances, which forget them at once. Removing a pair that has
+// no sandbox is not an error.
 func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	if m.closed.Load() {
 		return ErrClosed
@@ -672,12 +676,14 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 		}
 	}
 	var errs []error
+	var removed []string // the pair's sandboxes, each killed (or already gone)
 	if s := sh.get(k); s != nil && m.pool.detach(sh, s, stateDead, false) {
 		m.reaper.unschedule(s)
 		if err := m.kill(ctx, s); err != nil {
 			errs = append(errs, err)
 		}
 		m.forget(ctx, s)
+		removed = append(removed, s.id)
 	}
 	// Sandboxes of the pair this process does not hold (another instance's,
 	// or an earlier process's) are found by metadata.
@@ -691,12 +697,37 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 		}
 		if err := m.killID(ctx, sb.ID, "removed"); err != nil {
 			errs = append(errs, err)
+			continue
 		}
+		removed = append(removed, sb.ID)
 	}
+	// An Acquire that ran meanwhile may have pooled one of them here; other
+	// instances may hold them in memory, where a hit would hand them out
+	// until a probe: tell everyone.
+	m.dropRemoved(k, removed)
 	if err := m.uncache(ctx, k); err != nil {
 		errs = append(errs, err)
 	}
+	if err := m.announceRemoval(ctx, k, removed); err != nil {
+		// The removal itself is done; instances not told find the
+		// sandboxes gone at their next probe.
+		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: announcing a removal to other instances failed", slog.String("pair", pairMember(k)), attrErr(err))
+	}
 	return errors.Join(errs...)
+}
+
+// dropRemoved forgets the pair's slot if it holds one of the sandboxes ids,
+// which a Remove (here or on another instance) killed. It does no I/O: the
+// remover killed them and deleted the record. Leases held on the slot end
+// harmlessly, as after a Remove here.
+func (m *Manager) dropRemoved(k pairKey, ids []string) {
+	sh := m.pool.shard(k)
+	s := sh.get(k)
+	if s == nil || !slices.Contains(ids, s.id) || !m.pool.detach(sh, s, stateDead, false) {
+		return
+	}
+	s.setFlag(flagKilled)
+	m.forgetLocal(s)
 }
 
 // inFlight returns the pair's running flight with a reference held, or nil.

@@ -2,6 +2,7 @@ package sandboxpool_test
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -101,4 +102,31 @@ func checkAccepted(t *testing.T, id string) {
 	for _, r := range id {
 		require.True(t, r > 0x20 && r < 0x7f, "%q", id)
 	}
+}
+
+// FuzzRemovalMessage: whatever is published on the removal channel, parsing
+// it never accepts an invalid pair or an empty id, and an announcement of a
+// valid pair's sandboxes parses back to exactly that pair and those ids.
+func FuzzRemovalMessage(f *testing.F) {
+	f.Add("u", "p", "i1", "i2", "u:p i1")
+	f.Add("a.b", "c-d", "x", "y", "bad:user:p i1")
+	f.Add("u", "p", "i 1", "", ":p i1")
+	f.Fuzz(func(t *testing.T, user, project, id1, id2, raw string) {
+		if u, p, ids, ok := sandboxpool.ParseRemoval(raw); ok {
+			require.NoError(t, sandboxpool.ValidateIDs(u, p), "%q", raw)
+			require.NotEmpty(t, ids)
+			for _, id := range ids {
+				require.NotEmpty(t, id)
+				require.Len(t, strings.Fields(id), 1)
+			}
+		}
+		ids := []string{id1, id2}
+		if sandboxpool.ValidateIDs(user, project) != nil || slices.ContainsFunc(ids, func(id string) bool { return len(strings.Fields(id)) != 1 || strings.TrimSpace(id) != id }) {
+			return // not a pair the Manager holds, or not an id E2B gives
+		}
+		u, p, got, ok := sandboxpool.ParseRemoval(sandboxpool.RemovalMessage(user, project, ids))
+		require.True(t, ok)
+		require.Equal(t, [2]string{user, project}, [2]string{u, p})
+		require.Equal(t, ids, got)
+	})
 }
