@@ -32,11 +32,6 @@ const (
 // refusal such as a quota), after which the create path may degrade.
 var errRedisUnavailable = errors.New("redis unavailable")
 
-// errCorruptRecord is a pair's record that Redis returned but that does not
-// parse: another program's key, or a hand edit. The next publish rewrites
-// it.
-var errCorruptRecord = errors.New("corrupt record")
-
 // answered reports an error that says Redis itself is well: a missing key,
 // a record that does not parse, a key of another type (WRONGTYPE), or a
 // command the client's ACL does not allow (NOPERM). The breaker does not
@@ -44,9 +39,12 @@ var errCorruptRecord = errors.New("corrupt record")
 // user barred from one command, must not switch every pair to
 // uncoordinated creates.
 func answered(err error) bool {
+	if errors.Is(err, redis.Nil) || errors.Is(err, errCorruptRecord) {
+		return true
+	}
 	var re redis.Error
-	if errors.Is(err, redis.Nil) || errors.Is(err, errCorruptRecord) || !errors.As(err, &re) {
-		return errors.Is(err, redis.Nil) || errors.Is(err, errCorruptRecord)
+	if !errors.As(err, &re) {
+		return false
 	}
 	msg := re.Error()
 	return strings.HasPrefix(msg, "WRONGTYPE") || strings.HasPrefix(msg, "NOPERM")

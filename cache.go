@@ -90,6 +90,11 @@ func nsToMs(ns int64) int64 { return ns / int64(time.Millisecond) }
 func (st *store) sbxKey(k pairKey) string  { return k.redisKey(st.ns, "sbx") }
 func (st *store) lockKey(k pairKey) string { return k.redisKey(st.ns, "lock") }
 
+// errCorruptRecord is a pair's record that Redis returned but that does not
+// parse: another program's key, or a hand edit. The next publish rewrites
+// it.
+var errCorruptRecord = errors.New("corrupt record")
+
 // get reads the pair's record; ok is false when there is none.
 func (st *store) get(ctx context.Context, k pairKey) (rec record, ok bool, err error) {
 	err = st.do(ctx, func(ctx context.Context) error {

@@ -676,14 +676,15 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 		}
 	}
 	var errs []error
-	var removed []string // the pair's sandboxes, each killed (or already gone)
+	var removed []string // the pair's sandboxes killed (or found already gone)
 	if s := sh.get(k); s != nil && m.pool.detach(sh, s, stateDead, false) {
 		m.reaper.unschedule(s)
 		if err := m.kill(ctx, s); err != nil {
 			errs = append(errs, err)
+		} else {
+			removed = append(removed, s.id)
 		}
 		m.forget(ctx, s)
-		removed = append(removed, s.id)
 	}
 	// Sandboxes of the pair this process does not hold (another instance's,
 	// or an earlier process's) are found by metadata.
