@@ -159,6 +159,27 @@ func TestListStopsWhenAPageTokenRepeats(t *testing.T) {
 	assert.EqualValues(t, 4, calls.Load(), "stops at the first repeat")
 }
 
+// A listing that never ends, each page with a new token, stops at a bound.
+func TestListStopsAfterItsPageBound(t *testing.T) {
+	var calls atomic.Int64
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n := calls.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Next-Token", fmt.Sprint("t", n))
+		_, _ = w.Write([]byte(`[]`))
+	}))
+	defer ts.Close()
+	cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL})
+	require.NoError(t, err)
+	defer cl.CloseIdleConnections()
+	lctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	_, err = cl.List(lctx, nil)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "more than 1000 pages")
+	assert.EqualValues(t, 1000, calls.Load())
+}
+
 // A create answered 201 with a body that names no sandbox may still have
 // made one: its outcome is unknown, and it is not retried.
 func TestCreateAnswerWithoutIDIsAnUnknownOutcome(t *testing.T) {

@@ -18,6 +18,12 @@ import (
 // listPageSize is the largest page E2B serves.
 const listPageSize = 100
 
+// maxListPages bounds one List: 1,000 pages are 100,000 sandboxes, far more
+// than one metadata filter (one pair, or one namespace) matches on a team's
+// concurrency limit. A server that keeps handing out new page tokens beyond
+// it is answered with an error rather than followed until ctx ends.
+const maxListPages = 1000
+
 // State is a sandbox's lifecycle state.
 type State string
 
@@ -187,6 +193,9 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 		next := resp.Header.Get("X-Next-Token")
 		if next == "" {
 			return out, nil
+		}
+		if len(seen)+1 >= maxListPages {
+			return nil, fmt.Errorf("e2b: list: more than %d pages", maxListPages)
 		}
 		if seen[next] {
 			// A server that hands back a token it gave before would be
