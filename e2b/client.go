@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -48,6 +49,16 @@ const (
 
 // maxErrorBody bounds how much of an error response is read.
 const maxErrorBody = 64 << 10
+
+// maxResponseBody bounds how much of a successful response is read: a list
+// page of 100 sandboxes with generous metadata is well under it, and a
+// longer answer is errResponseTooLong, not a truncated body that fails to
+// decode.
+const maxResponseBody = 16 << 20
+
+// errResponseTooLong is a successful answer longer than maxResponseBody. It
+// is an answer, so it is neither retried nor ErrUnreachable.
+var errResponseTooLong = fmt.Errorf("response longer than %d bytes", maxResponseBody)
 
 // Secret is a masked credential; it is the same type as sandboxpool.Secret.
 type Secret = secret.Secret
@@ -220,16 +231,18 @@ func (c *Client) once(cl call, send func() (*http.Response, error)) (*http.Respo
 		return nil, nil, err
 	}
 	defer resp.Body.Close()
-	body, rerr := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody<<4))
-	for _, code := range cl.ok {
-		if resp.StatusCode == code {
-			if rerr != nil {
-				return nil, nil, fmt.Errorf("reading response: %w", rerr)
-			}
-			return resp, body, nil
-		}
+	if !slices.Contains(cl.ok, resp.StatusCode) {
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, maxErrorBody))
+		return nil, nil, c.apiError(cl, resp, body)
 	}
-	return nil, nil, c.apiError(cl, resp, body)
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBody+1))
+	switch {
+	case err != nil:
+		return nil, nil, fmt.Errorf("reading response: %w", err)
+	case len(body) > maxResponseBody:
+		return nil, nil, errResponseTooLong
+	}
+	return resp, body, nil
 }
 
 // classify says whether err is worth retrying and after how long.
@@ -248,7 +261,7 @@ func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (b
 		if ae.RetryAfter > 0 {
 			return true, ae.RetryAfter
 		}
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.Is(err, errResponseTooLong):
 		return false, 0
 	case notSent(err):
 		// The connection was never made: safe for any call.
@@ -271,7 +284,7 @@ func (c *Client) final(cl call, err error) error {
 	var ae *APIError
 	switch {
 	case errors.As(err, &ae):
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.Is(err, errResponseTooLong):
 		err = fmt.Errorf("e2b: %s: %w", opName(cl.op, cl.sandboxID), err)
 	default:
 		err = &transportError{op: cl.op, sandboxID: cl.sandboxID, err: err}

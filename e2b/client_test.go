@@ -180,6 +180,44 @@ func TestListStopsAfterItsPageBound(t *testing.T) {
 	assert.EqualValues(t, 1000, calls.Load())
 }
 
+// A list page far larger than a transport's usual buffers (100 sandboxes
+// with 16 KiB of metadata each, 1.7 MB) decodes whole; an answer beyond the
+// client's bound is an error of its own, neither retried nor "unreachable".
+func TestLargeAnswersDecodeWholeAndHugeOnesAreRefused(t *testing.T) {
+	var calls atomic.Int64
+	pad := strings.Repeat("x", 16<<10)
+	var huge atomic.Bool
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		if huge.Load() {
+			_, _ = w.Write([]byte(`[{"sandboxID":"i1","metadata":{"pad":"` + strings.Repeat("y", 17<<20) + `"}}]`))
+			return
+		}
+		page := make([]string, 100)
+		for i := range page {
+			page[i] = fmt.Sprintf(`{"sandboxID":"i%d","templateID":"base","clientID":"c","envdVersion":"0.2.0","cpuCount":2,"memoryMB":512,"diskSizeMB":512,"startedAt":"2026-11-25T12:00:00Z","endAt":"2026-11-25T12:05:00Z","state":"running","metadata":{"pad":%q}}`, i, pad)
+		}
+		_, _ = w.Write([]byte("[" + strings.Join(page, ",") + "]"))
+	}))
+	defer ts.Close()
+	cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL})
+	require.NoError(t, err)
+	defer cl.CloseIdleConnections()
+	got, err := cl.List(ctx, nil)
+	require.NoError(t, err)
+	require.Len(t, got, 100)
+	assert.Len(t, got[99].Metadata["pad"], 16<<10)
+
+	huge.Store(true)
+	calls.Store(0)
+	_, err = cl.List(ctx, nil)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "e2b: list: response longer than")
+	assert.NotErrorIs(t, err, e2b.ErrUnreachable)
+	assert.EqualValues(t, 1, calls.Load(), "not retried")
+}
+
 // A create answered 201 with a body that names no sandbox may still have
 // made one: its outcome is unknown, and it is not retried.
 func TestCreateAnswerWithoutIDIsAnUnknownOutcome(t *testing.T) {
