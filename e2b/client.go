@@ -194,7 +194,10 @@ type call struct {
 	// idempotent calls are retried after any transient failure; others
 	// (create) only when the request certainly did not take effect.
 	idempotent bool
-	ok         []int // success statuses
+	// retryConflict retries a 409 as a transient answer: the sandbox is
+	// between states.
+	retryConflict bool
+	ok            []int // success statuses
 }
 
 // do runs send with retries and returns the successful response, body read.
@@ -250,7 +253,7 @@ func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (b
 	var ae *APIError
 	switch {
 	case errors.As(err, &ae):
-		if !ae.Temporary() {
+		if !ae.Temporary() && !(cl.retryConflict && ae.StatusCode == http.StatusConflict) {
 			return false, 0
 		}
 		// A 429 is a refusal: nothing happened, so even a create may be

@@ -218,6 +218,26 @@ func TestLargeAnswersDecodeWholeAndHugeOnesAreRefused(t *testing.T) {
 	assert.EqualValues(t, 1, calls.Load(), "not retried")
 }
 
+// A connect answered 409 (the sandbox is being paused, snapshotted or
+// killed) is retried: it resumes, or comes back 404 once the sandbox is gone,
+// which is the definitive not-found the pool replaces on.
+func TestConnectRetriesAConflict(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+	srv.Inject(e2btest.OpConnect, e2btest.Fault{Status: http.StatusConflict, Message: "Sandbox \"" + sb.ID + "\" is being paused"},
+		e2btest.Fault{Status: http.StatusConflict})
+	got, err := c.Connect(ctx, sb.ID, time.Minute)
+	require.NoError(t, err)
+	assert.Equal(t, sb.ID, got.ID)
+	assert.EqualValues(t, 3, srv.Calls(e2btest.OpConnect))
+
+	srv.Inject(e2btest.OpConnect, e2btest.Fault{Status: http.StatusConflict, Message: "Sandbox \"" + sb.ID + "\" is being killed"})
+	require.NoError(t, c.Kill(ctx, sb.ID))
+	_, err = c.Connect(ctx, sb.ID, time.Minute)
+	require.ErrorIs(t, err, e2b.ErrNotFound, "the retry finds it gone")
+}
+
 // A create answered 201 with a body that names no sandbox may still have
 // made one: its outcome is unknown, and it is not retried.
 func TestCreateAnswerWithoutIDIsAnUnknownOutcome(t *testing.T) {

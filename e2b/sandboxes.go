@@ -123,7 +123,9 @@ func (c *Client) Connect(ctx context.Context, id string, timeout time.Duration) 
 		timeout = c.defTimeout
 	}
 	body := e2bapi.ConnectSandbox{Timeout: seconds(timeout)}
-	_, raw, err := c.do(ctx, call{op: "connect", sandboxID: id, idempotent: true, ok: []int{http.StatusOK, http.StatusCreated}},
+	// A 409 says the sandbox is changing state (being paused, snapshotted or
+	// killed): retried, it resumes, or comes back 404 once it is gone.
+	_, raw, err := c.do(ctx, call{op: "connect", sandboxID: id, idempotent: true, retryConflict: true, ok: []int{http.StatusOK, http.StatusCreated}},
 		func() (*http.Response, error) { return c.api.PostSandboxesSandboxIDConnect(ctx, id, body) })
 	if err != nil {
 		return Sandbox{}, err
