@@ -26,9 +26,11 @@ func (l *Lease) Outcome() Outcome { return l.outcome }
 // not created for it).
 func (l *Lease) Reused() bool { return l.outcome != OutcomeCreated }
 
-// Release ends the lease. It is idempotent and safe after Close.
+// Release ends the lease. It is idempotent, safe after Close, and a no-op
+// on a nil Lease (what Acquire returns with an error), so a deferred
+// Release written before the error check cannot panic.
 func (l *Lease) Release() {
-	if l.released.CompareAndSwap(false, true) {
+	if l != nil && l.released.CompareAndSwap(false, true) {
 		l.s.shape.m.release(l.s)
 	}
 }

@@ -269,6 +269,14 @@ func TestRemove(t *testing.T) {
 	require.ErrorIs(t, e.m.Remove(context.Background(), "bad:user", "p"), sandboxpool.ErrInvalidID)
 }
 
+func TestReleaseOfANilLeaseIsANoOp(t *testing.T) {
+	e := newEnv(t)
+	l, err := e.m.Acquire(context.Background(), "bad:user", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrInvalidID)
+	require.Nil(t, l)
+	assert.NotPanics(t, l.Release)
+}
+
 func TestReleaseIdempotent(t *testing.T) {
 	e := newEnv(t)
 	l := e.acquire(t, "u", "p")
