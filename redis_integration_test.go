@@ -7,6 +7,7 @@ package sandboxpool_test
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -225,4 +226,33 @@ func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
 	assert.EqualValues(t, 100, p.Calls(fp.OpCreate))
 	assert.Len(t, p.Alive(), 100)
 	t.Logf("cluster: 2000 acquires over 100 pairs on 8 instances: %d creates", st.Creates)
+
+	// A Remove on one instance is heard by all eight through the cluster's
+	// Pub/Sub: none hands the removed sandbox out afterwards.
+	ctx := context.Background()
+	held := make([]string, len(ms))
+	for i, m := range ms {
+		l, err := m.Acquire(ctx, "user0", "proj0")
+		require.NoError(t, err)
+		held[i] = l.Sandbox().ID
+		l.Release()
+	}
+	removed := held[0]
+	require.Equal(t, slices.Repeat([]string{removed}, len(ms)), held, "every instance holds the pair's sandbox")
+	require.NoError(t, ms[0].Remove(ctx, "user0", "proj0"))
+	require.Eventually(t, func() bool {
+		for _, m := range ms[1:] {
+			l, err := m.Acquire(ctx, "user0", "proj0")
+			if err != nil {
+				return false
+			}
+			id := l.Sandbox().ID
+			l.Release()
+			if id == removed {
+				return false
+			}
+		}
+		return true
+	}, 10*time.Second, 10*time.Millisecond, "every instance forgets the removed sandbox")
+	assert.NotContains(t, p.Alive(), removed)
 }
