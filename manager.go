@@ -487,7 +487,7 @@ func (m *Manager) pairMetadata(k pairKey) map[string]string {
 // usable one; only when there is none does it create. A failed lookup is
 // returned: creating blind could duplicate.
 func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
-	found, err := m.provider.List(ctx, m.pairMetadata(k))
+	found, err := m.listPair(ctx, k)
 	if err != nil {
 		return nil, pairErr("list sandboxes", k, err)
 	}
@@ -498,7 +498,7 @@ func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
 	if err != nil && outcomeUnknown(err) {
 		// The create may have happened: reconcile by metadata before
 		// anything creates again, and adopt what it made.
-		if again, lerr := m.provider.List(ctx, m.pairMetadata(k)); lerr == nil && len(again) > 0 {
+		if again, lerr := m.listPair(ctx, k); lerr == nil && len(again) > 0 {
 			m.ctr.reconciled.Add(1)
 			if s, aerr := m.adoptFound(ctx, k, again); s != nil {
 				return s, aerr
@@ -508,6 +508,13 @@ func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
 	return s, err
 }
 
+// listPair lists the pair's sandboxes by metadata, leaving out any the
+// provider reports without an ID: there is nothing to connect to or kill.
+func (m *Manager) listPair(ctx context.Context, k pairKey) ([]Sandbox, error) {
+	found, err := m.provider.List(ctx, m.pairMetadata(k))
+	return slices.DeleteFunc(found, func(sb Sandbox) bool { return sb.ID == "" }), err
+}
+
 // adoptFound connects to the newest of the pair's sandboxes that is younger
 // than MaxAge (and, without Redis, kills the older ones). It returns nil,
 // nil when none can be adopted.
@@ -515,9 +522,6 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 	sort.Slice(found, func(i, j int) bool { return found[i].CreatedAt.After(found[j].CreatedAt) })
 	now := m.clock.precise()
 	for i, sb := range found {
-		if sb.ID == "" {
-			continue // nothing to connect to (see Provider.List)
-		}
 		if now+m.guard >= sb.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
 			// Past MaxAge: never handed out again. It may still be leased
 			// (here or elsewhere), so it is left to its holder and to its
@@ -529,7 +533,7 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 			m.ctr.adopted.Add(1)
 			if m.store == nil { // alone: older duplicates are an earlier process's leftovers
 				for _, dup := range found[i+1:] {
-					if dup.ID != "" && now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
+					if now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
 						_ = m.killID(ctx, dup.ID, "duplicate sandbox of the pair") // counted and logged
 					}
 				}
@@ -688,14 +692,11 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	}
 	// Sandboxes of the pair this process does not hold (another instance's,
 	// or an earlier process's) are found by metadata.
-	found, err := m.provider.List(ctx, m.pairMetadata(k))
+	found, err := m.listPair(ctx, k)
 	if err != nil {
 		errs = append(errs, pairErr("list sandboxes", k, err))
 	}
 	for _, sb := range found {
-		if sb.ID == "" {
-			continue
-		}
 		if err := m.killID(ctx, sb.ID, "removed"); err != nil {
 			errs = append(errs, err)
 			continue

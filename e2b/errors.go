@@ -79,6 +79,8 @@ func (e *transportError) Error() string {
 	return fmt.Sprintf("e2b: %s: %v", opName(e.op, e.sandboxID), e.err)
 }
 
+func (e *transportError) Unwrap() []error { return []error{e.err, ErrUnreachable} }
+
 // opName names a call in an error: its operation, and the sandbox it
 // concerns when there is one.
 func opName(op, sandboxID string) string {
@@ -87,7 +89,6 @@ func opName(op, sandboxID string) string {
 	}
 	return op + " " + sandboxID
 }
-func (e *transportError) Unwrap() []error { return []error{e.err, ErrUnreachable} }
 
 // unknownOutcome wraps an error of a create that may have happened.
 type unknownOutcome struct{ err error }

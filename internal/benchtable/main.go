@@ -94,17 +94,14 @@ func budget(warm, get, call result, k float64) (med, lo, hi float64, ok bool) {
 // GET, run by run (the median with the range). It is empty for a result
 // without the split.
 func ownTime(warm, get result) string {
-	own, g := runsOf(warm, "own-µs/op"), runsOf(get, "ns/op")
-	if len(own) == 0 || len(g) == 0 {
+	rs := divideRuns(runsOf(warm, "own-µs/op"), runsOf(get, "ns/op"))
+	if len(rs) == 0 {
 		return ""
 	}
-	rs := make([]float64, min(len(own), len(g)))
-	for i := range rs {
-		rs[i] = own[i] * 1e3 / g[i]
-	}
 	med, lo, hi := medianRange(rs)
+	const nsPerµs = 1e3
 	return fmt.Sprintf("; I/O %.1f µs/op, the pool's own time %.1f µs/op: %.2f of a GET (%.2f–%.2f)",
-		warm.metrics["io-µs/op"], warm.metrics["own-µs/op"], med, lo, hi)
+		warm.metrics["io-µs/op"], warm.metrics["own-µs/op"], med*nsPerµs, lo*nsPerµs, hi*nsPerµs)
 }
 
 // budgetRuns is budget's fraction run by run.

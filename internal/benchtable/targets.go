@@ -157,7 +157,12 @@ func (b bound) holds(x float64) bool { return x < b.limit || !b.strict && x == b
 
 // runRatios is r's ns/op over base's, run by run.
 func runRatios(r, base result) []float64 {
-	a, b := runsOf(r, "ns/op"), runsOf(base, "ns/op")
+	return divideRuns(runsOf(r, "ns/op"), runsOf(base, "ns/op"))
+}
+
+// divideRuns divides the values of side-by-side runs, a[i] / b[i], over the
+// runs both have.
+func divideRuns(a, b []float64) []float64 {
 	out := make([]float64, min(len(a), len(b)))
 	for i := range out {
 		out[i] = a[i] / b[i]
