@@ -42,6 +42,8 @@
 //     the breaker once Redis answers and publishes what was created meanwhile.
 //  10. Caller cancellation does not strand work: a create that has started
 //     finishes within Config.CreateTimeout and is kept for the next caller.
+//     A caller whose context has already ended starts nothing: Acquire
+//     returns the context's error, even for a pooled pair.
 //
 // # The way through Acquire
 //

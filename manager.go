@@ -158,7 +158,9 @@ func (m *Manager) worker(fn func()) {
 // Acquire returns a lease on the pair's sandbox, creating the sandbox if the
 // pair has none. Concurrent Acquires for one pair share one sandbox and cause
 // at most one create. If ctx ends first, Acquire returns its error, but a
-// create already started finishes and is kept for the next Acquire.
+// create already started finishes and is kept for the next Acquire. If ctx
+// has already ended, Acquire returns its error and starts nothing, even
+// for a pooled pair, as database/sql and pgxpool do.
 func (m *Manager) Acquire(ctx context.Context, user, project string) (l *Lease, err error) {
 	// This wrapper is kept small enough to be inlined into the caller, so
 	// the Lease is allocated in the caller's frame: it stays on the stack,
@@ -176,6 +178,12 @@ func (m *Manager) Acquire(ctx context.Context, user, project string) (l *Lease, 
 func (m *Manager) acquire(ctx context.Context, l *Lease, user, project string) error {
 	if m.closed.Load() {
 		return ErrClosed
+	}
+	// A caller already gone gets its context's error, as from database/sql
+	// and pgxpool: not a lease, and above all no create started on its
+	// behalf. The ids are not quoted: they are not validated yet.
+	if ctx.Err() != nil {
+		return fmt.Errorf("sandboxpool: acquire: %w", context.Cause(ctx))
 	}
 	var start time.Time
 	if m.cfg.OnAcquire != nil {

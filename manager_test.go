@@ -220,6 +220,32 @@ func TestCancelledCallerParksCreate(t *testing.T) {
 	assert.EqualValues(t, 0, e.m.Stats().KeyLocks)
 }
 
+// A caller whose context has already ended gets its error and nothing
+// else, as from database/sql and pgxpool: no create is started on its
+// behalf (the request is gone, and the sandbox would cost money until its
+// idle timeout), and a pooled pair is not leased to it either.
+func TestAcquireWithEndedContextStartsNothing(t *testing.T) {
+	e := newEnv(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := e.m.Acquire(ctx, "u", "new")
+	require.ErrorIs(t, err, context.Canceled)
+	called := false
+	err = e.m.Use(ctx, "u", "new", func(sandboxpool.Sandbox) error { called = true; return nil })
+	require.ErrorIs(t, err, context.Canceled)
+	assert.False(t, called, "Use ran fn for an ended context")
+
+	e.acquire(t, "u", "pooled").Release()
+	hits := e.m.Stats().MemoryHits
+	_, err = e.m.Acquire(ctx, "u", "pooled")
+	require.ErrorIs(t, err, context.Canceled)
+
+	require.NoError(t, e.m.Close(context.Background())) // waits for any fill started
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate), "creates: only the pooled pair's")
+	assert.Equal(t, hits, e.m.Stats().MemoryHits, "a memory hit was served to an ended context")
+	assert.Zero(t, e.m.Stats().Leased)
+}
+
 // A new Manager adopts the pair's sandbox left by an earlier process instead
 // of creating a second one (found by metadata).
 func TestAdoptAfterRestart(t *testing.T) {
