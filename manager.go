@@ -668,7 +668,8 @@ func (m *Manager) park(sh *shard, s *slot) {
 // leased (later Releases are harmless). It waits for an Acquire of the pair
 // that is in flight. With Redis, it announces the sandboxes it killed to
 // the other instances, which forget them at once. Removing a pair that has
-// no sandbox is not an error.
+// no sandbox is not an error. With a ctx that has already ended, Remove
+// returns its error and changes nothing.
 func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	if m.closed.Load() {
 		return ErrClosed
@@ -677,6 +678,9 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 		return err
 	}
 	k := pairKey{user, project}
+	if ctx.Err() != nil { // half a removal would let the pair go here and leave it named in Redis
+		return pairErr("remove", k, context.Cause(ctx))
+	}
 	sh := m.pool.shard(k)
 	if f := m.inFlight(sh, k); f != nil {
 		select {

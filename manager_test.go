@@ -295,6 +295,24 @@ func TestRemove(t *testing.T) {
 	require.ErrorIs(t, e.m.Remove(context.Background(), "bad:user", "p"), sandboxpool.ErrInvalidID)
 }
 
+// Remove with a context that has already ended changes nothing: before, it
+// took the pair out of memory, failed to kill its sandbox, and left Redis
+// naming a sandbox this instance had let go.
+func TestRemoveWithEndedContextChangesNothing(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	l.Release()
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	require.ErrorIs(t, e.m.Remove(ctx, "u", "p"), context.Canceled)
+	assert.Empty(t, e.p.Killed())
+	assert.EqualValues(t, 0, e.p.Calls(fp.OpKill))
+	assert.EqualValues(t, 1, e.m.Stats().Active, "the pair left the pool")
+	l2 := e.acquire(t, "u", "p")
+	defer l2.Release()
+	assert.Equal(t, sandboxpool.OutcomeMemoryHit, l2.Outcome())
+}
+
 func TestReleaseOfANilLeaseIsANoOp(t *testing.T) {
 	e := newEnv(t)
 	l, err := e.m.Acquire(context.Background(), "bad:user", "p")
