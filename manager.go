@@ -674,13 +674,15 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	if m.closed.Load() {
 		return ErrClosed
 	}
+	// As in Acquire, an ended context wins, before the ids are looked at:
+	// half a removal would let the pair go here and leave it named in Redis.
+	if ctx.Err() != nil {
+		return fmt.Errorf("sandboxpool: remove: %w", context.Cause(ctx))
+	}
 	if err := ValidateIDs(user, project); err != nil {
 		return err
 	}
 	k := pairKey{user, project}
-	if ctx.Err() != nil { // half a removal would let the pair go here and leave it named in Redis
-		return pairErr("remove", k, context.Cause(ctx))
-	}
 	sh := m.pool.shard(k)
 	if f := m.inFlight(sh, k); f != nil {
 		select {
