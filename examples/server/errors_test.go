@@ -10,6 +10,7 @@ import (
 	"math"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -51,4 +52,25 @@ func TestWriteErrorStatuses(t *testing.T) {
 		assert.Equal(t, c.code, body["error"], "%v", c.err)
 		assert.Equal(t, c.retryAfter, rec.Header().Get("Retry-After"), "%v", c.err)
 	}
+}
+
+// A client that hung up is not a failure of the service: it is logged at
+// Info, not as an error, and gets a 499 it will never read. A cancellation
+// while the client is still there (a fill cut short by Close) is not
+// mistaken for it.
+func TestClientGoneIsNotLoggedAsAnError(t *testing.T) {
+	var logs strings.Builder
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	err := fmt.Errorf("sandboxpool: acquire: %w", context.Canceled)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	rec := httptest.NewRecorder()
+	writeError(rec, httptest.NewRequest(http.MethodPost, "/v1/users/u/projects/p/sandbox", nil).WithContext(ctx), log, err)
+	assert.Equal(t, statusClientClosed, rec.Code)
+	assert.Contains(t, logs.String(), "level=INFO")
+	assert.NotContains(t, logs.String(), "level=ERROR")
+
+	rec = httptest.NewRecorder()
+	writeError(rec, httptest.NewRequest(http.MethodPost, "/v1/users/u/projects/p/sandbox", nil), log, err)
+	assert.NotEqual(t, statusClientClosed, rec.Code, "the client is still there")
 }

@@ -176,6 +176,10 @@ func routes(m *sandboxpool.Manager, reg *prometheus.Registry, timeout time.Durat
 	return mux
 }
 
+// statusClientClosed is nginx's "client closed request": the status logged
+// for a request whose client hung up. No response reaches that client.
+const statusClientClosed = 499
+
 // writeError maps the library's errors to HTTP statuses. The message is the
 // error's text, which the library keeps free of credentials.
 func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
@@ -185,6 +189,11 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 	switch {
 	case errors.As(err, &ve):
 		status, code = http.StatusBadRequest, "invalid_id"
+	case r.Context().Err() != nil && errors.Is(err, context.Canceled):
+		// The request's own context ended: its client hung up. (A fill
+		// cancelled by Close also reads context.Canceled, with the client
+		// still there.)
+		status, code = statusClientClosed, "client_gone"
 	case errors.Is(err, sandboxpool.ErrRateLimited):
 		status, code = http.StatusTooManyRequests, "rate_limited"
 	case errors.Is(err, sandboxpool.ErrQuotaExceeded):
@@ -208,7 +217,10 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 		w.Header().Set("Retry-After", strconv.FormatInt(int64(secs), 10))
 	}
 	level := slog.LevelWarn
-	if status >= 500 {
+	switch {
+	case status == statusClientClosed:
+		level = slog.LevelInfo // nothing went wrong on this side
+	case status >= 500:
 		level = slog.LevelError
 	}
 	log.LogAttrs(r.Context(), level, "request failed", slog.String("path", r.URL.Path), slog.Int("status", status), slog.Any("error", err))
