@@ -12,7 +12,8 @@ var (
 	// ErrInvalidID reports a user or project id that fails validation. The
 	// wrapped *ValidationError names the field and the reason.
 	ErrInvalidID = errors.New("sandboxpool: invalid id")
-	// ErrClosed is returned by calls made after Close.
+	// ErrClosed is returned by calls made after Close, and by an Acquire
+	// still waiting when Close cancels background work (wrapping the cause).
 	ErrClosed = errors.New("sandboxpool: manager closed")
 	// ErrQuotaExceeded is returned when creating a sandbox would exceed
 	// MaxSandboxes or MaxPerUser. Reuse of an existing sandbox is never refused.

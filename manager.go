@@ -277,6 +277,11 @@ func (m *Manager) runFill(sh *shard, k pairKey, f *flight) {
 	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.CreateTimeout)
 	defer cancel()
 	s, o, err := m.fill(ctx, sh, k)
+	if err != nil && m.baseCtx.Err() != nil {
+		// Close gave up waiting and cancelled the fill: its waiters learn
+		// that the Manager closed, with the cause kept.
+		err = fmt.Errorf("%w: %w", ErrClosed, err)
+	}
 	m.pool.finish(sh, k, f, s, o, err)
 }
 
@@ -869,8 +874,9 @@ func (m *Manager) forgetLocal(s *slot) {
 
 // Close stops the Manager: later Acquire and Remove calls return ErrClosed,
 // background work stops, and Close waits for it, including fills in flight,
-// until ctx ends (then they are cancelled, and Close still waits for them to
-// return). Sandboxes are left running: their provider deadlines reap them, or
+// until ctx ends (then they are cancelled, their waiting Acquires return
+// ErrClosed, and Close still waits for them to return). Sandboxes are left
+// running: their provider deadlines reap them, or
 // a new Manager reuses them. A second Close returns nil.
 func (m *Manager) Close(ctx context.Context) error {
 	m.bgMu.Lock()

@@ -465,6 +465,28 @@ func TestCloseWaitsForFill(t *testing.T) {
 	require.ErrorIs(t, m.Close(cctx), context.DeadlineExceeded)
 }
 
+// An Acquire still waiting when Close gives up on background work learns
+// that the Manager closed, not only that something was cancelled: a
+// handler can answer "shutting down" rather than an internal error.
+func TestAcquireCutShortByCloseReturnsErrClosed(t *testing.T) {
+	p := fp.New()
+	p.SetLatency(fp.OpCreate, time.Hour)
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: p})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() {
+		_, err := m.Acquire(context.Background(), "u", "p")
+		done <- err
+	}()
+	require.Eventually(t, func() bool { return p.Calls(fp.OpCreate) == 1 }, 5*time.Second, time.Millisecond)
+	cctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, m.Close(cctx), context.DeadlineExceeded)
+	err = <-done
+	require.ErrorIs(t, err, sandboxpool.ErrClosed)
+	assert.ErrorIs(t, err, context.Canceled, "the cause stays readable")
+}
+
 func TestDefaultBuiltOnce(t *testing.T) {
 	var builds int
 	var mu sync.Mutex

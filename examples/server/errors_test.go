@@ -37,6 +37,7 @@ func TestWriteErrorStatuses(t *testing.T) {
 		{wrap(sandboxpool.ErrQuotaExceeded), http.StatusTooManyRequests, "quota_exceeded", ""},
 		{wrap(context.DeadlineExceeded), http.StatusGatewayTimeout, "timeout", ""},
 		{wrap(sandboxpool.ErrClosed), http.StatusServiceUnavailable, "shutting_down", ""},
+		{wrap(fmt.Errorf("%w: create: %w", sandboxpool.ErrClosed, context.Canceled)), http.StatusServiceUnavailable, "shutting_down", ""},
 		{wrap(fmt.Errorf("%w: lost twice", sandboxpool.ErrUnavailable)), http.StatusServiceUnavailable, "redis_unavailable", ""},
 		{wrap(&e2b.APIError{Op: "create", StatusCode: http.StatusTooManyRequests, RetryAfter: 3 * time.Second}), http.StatusTooManyRequests, "provider_rate_limited", "3"},
 		{wrap(&e2b.APIError{Op: "create", StatusCode: http.StatusTooManyRequests, RetryAfter: math.MaxInt64}), http.StatusTooManyRequests, "provider_rate_limited", "9223372037"},

@@ -190,9 +190,10 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 	case errors.As(err, &ve):
 		status, code = http.StatusBadRequest, "invalid_id"
 	case r.Context().Err() != nil && errors.Is(err, context.Canceled):
-		// The request's own context ended: its client hung up. (A fill
-		// cancelled by Close also reads context.Canceled, with the client
-		// still there.)
+		// The request's own context ended: its client hung up. (An
+		// Acquire cut short by Close also wraps context.Canceled, with the
+		// client still there: it wraps ErrClosed too, and is answered below
+		// as a shutdown.)
 		status, code = statusClientClosed, "client_gone"
 	case errors.Is(err, sandboxpool.ErrRateLimited):
 		status, code = http.StatusTooManyRequests, "rate_limited"
