@@ -876,8 +876,8 @@ func (m *Manager) forgetLocal(s *slot) {
 // background work stops, and Close waits for it, including fills in flight,
 // until ctx ends (then they are cancelled, their waiting Acquires return
 // ErrClosed, and Close still waits for them to return). Sandboxes are left
-// running: their provider deadlines reap them, or
-// a new Manager reuses them. A second Close returns nil.
+// running: their provider deadlines reap them, or a new Manager reuses them.
+// A second Close returns nil.
 func (m *Manager) Close(ctx context.Context) error {
 	m.bgMu.Lock()
 	if m.closed.Load() {
