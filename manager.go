@@ -179,11 +179,8 @@ func (m *Manager) acquire(ctx context.Context, l *Lease, user, project string) e
 	if m.closed.Load() {
 		return ErrClosed
 	}
-	// A caller already gone gets its context's error, as from database/sql
-	// and pgxpool: not a lease, and above all no create started on its
-	// behalf. The ids are not quoted: they are not validated yet.
-	if ctx.Err() != nil {
-		return fmt.Errorf("sandboxpool: acquire: %w", context.Cause(ctx))
+	if ctx.Err() != nil { // not a lease, and above all no create started
+		return endedErr(ctx, "acquire")
 	}
 	var start time.Time
 	if m.cfg.OnAcquire != nil {
@@ -240,6 +237,14 @@ func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox
 	}
 	defer m.release(l.s)
 	return fn(l.s.sandbox())
+}
+
+// endedErr is op's error for a caller whose ctx had already ended when it
+// called. Acquire and Remove check for that first, as database/sql and
+// pgxpool do: a caller already gone starts nothing. The ids are not quoted:
+// they are not validated yet, and an ended context wins over invalid ones.
+func endedErr(ctx context.Context, op string) error {
+	return fmt.Errorf("sandboxpool: %s: %w", op, context.Cause(ctx))
 }
 
 // acquireSlow waits for (or starts) the pair's flight and leases its result.
@@ -679,10 +684,8 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	if m.closed.Load() {
 		return ErrClosed
 	}
-	// As in Acquire, an ended context wins, before the ids are looked at:
-	// half a removal would let the pair go here and leave it named in Redis.
-	if ctx.Err() != nil {
-		return fmt.Errorf("sandboxpool: remove: %w", context.Cause(ctx))
+	if ctx.Err() != nil { // half a removal would leave the pair named in Redis
+		return endedErr(ctx, "remove")
 	}
 	if err := ValidateIDs(user, project); err != nil {
 		return err

@@ -248,6 +248,13 @@ func (c *Client) once(cl call, send func() (*http.Response, error)) (*http.Respo
 	return resp, body, nil
 }
 
+// settled reports an error that is neither an API answer nor a transport
+// failure: the caller's context ended, or the answer was too long. It is
+// not retried, and not ErrUnreachable.
+func settled(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, errResponseTooLong)
+}
+
 // classify says whether err is worth retrying and after how long.
 func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (bool, time.Duration) {
 	var ae *APIError
@@ -264,7 +271,7 @@ func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (b
 		if ae.RetryAfter > 0 {
 			return true, ae.RetryAfter
 		}
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.Is(err, errResponseTooLong):
+	case settled(err):
 		return false, 0
 	case notSent(err):
 		// The connection was never made: safe for any call.
@@ -287,7 +294,7 @@ func (c *Client) final(cl call, err error) error {
 	var ae *APIError
 	switch {
 	case errors.As(err, &ae):
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.Is(err, errResponseTooLong):
+	case settled(err):
 		err = fmt.Errorf("e2b: %s: %w", opName(cl.op, cl.sandboxID), err)
 	default:
 		err = &transportError{op: cl.op, sandboxID: cl.sandboxID, err: err}
