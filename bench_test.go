@@ -43,6 +43,7 @@ import (
 	"github.com/alicebob/miniredis/v2"
 	"github.com/jackc/puddle/v2"
 	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
 
 	"github.com/sandboxpool/sandboxpool"
 	"github.com/sandboxpool/sandboxpool/e2b"
@@ -808,4 +809,26 @@ func envInt(name string, def int) int {
 		return n
 	}
 	return def
+}
+
+// TestCountingHookLeavesOutTheHandshake: a fresh client's first command
+// dials, and go-redis's handshake on the new connection (HELLO, then SELECT
+// for a database other than 0) runs through the hooks; the hook counts the
+// command alone.
+func TestCountingHookLeavesOutTheHandshake(t *testing.T) {
+	mr := miniredis.RunT(t)
+	n := new(atomic.Int64)
+	c := redis.NewClient(&redis.Options{Addr: mr.Addr(), DB: 1})
+	defer c.Close()
+	c.AddHook(countingHook{n: n})
+	ctx := context.Background()
+	require.NoError(t, c.Set(ctx, "k", "v", 0).Err())
+	require.Equal(t, int64(1), n.Load(), "one SET, on a connection dialed for it")
+	_, err := c.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.Get(ctx, "k")
+		p.Get(ctx, "k")
+		return nil
+	})
+	require.NoError(t, err)
+	require.Equal(t, int64(2), n.Load(), "a pipeline is one round trip")
 }
