@@ -60,6 +60,7 @@ type Manager struct {
 	baseCtx context.Context // cancelled by Close when its ctx runs out
 	cancel  context.CancelFunc
 	done    chan struct{} // closed by Close: stops the background loops
+	stopped chan struct{} // closed once every background goroutine has returned, after Close
 
 	jobs chan func() // unbuffered: a send succeeds only when a worker is idle
 
@@ -88,6 +89,7 @@ func New(cfg Config) (*Manager, error) {
 		guard:      int64(hotGuard),
 		touchAhead: int64(cfg.IdleTimeout / 2),
 		done:       make(chan struct{}),
+		stopped:    make(chan struct{}),
 		jobs:       make(chan func()),
 
 		unpublished: make(map[*slot]struct{}),
@@ -880,26 +882,27 @@ func (m *Manager) forgetLocal(s *slot) {
 // until ctx ends (then they are cancelled, their waiting Acquires return
 // ErrClosed, and Close still waits for them to return). Sandboxes are left
 // running: their provider deadlines reap them, or a new Manager reuses them.
-// A second Close returns nil.
+//
+// Close may be called more than once, from any goroutine (a signal handler
+// and a deferred Close, say): every call returns only once background work
+// has stopped, as the first does, and returns nil unless its own ctx ended
+// first and cut that work short.
 func (m *Manager) Close(ctx context.Context) error {
 	m.bgMu.Lock()
-	if m.closed.Load() {
-		m.bgMu.Unlock()
-		return nil
-	}
+	first := !m.closed.Load()
 	m.closed.Store(true)
 	m.bgMu.Unlock()
-	close(m.done)
-
-	waited := make(chan struct{})
-	go func() { m.bg.Wait(); close(waited) }()
+	if first {
+		close(m.done)
+		go func() { m.bg.Wait(); close(m.stopped) }()
+	}
 	var err error
 	select {
-	case <-waited:
+	case <-m.stopped:
 	case <-ctx.Done():
 		err = fmt.Errorf("sandboxpool: close: background work cancelled: %w", context.Cause(ctx))
 		m.cancel()
-		<-waited
+		<-m.stopped
 	}
 	m.cancel()
 	return err

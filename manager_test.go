@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unsafe"
@@ -485,6 +486,80 @@ func TestAcquireCutShortByCloseReturnsErrClosed(t *testing.T) {
 	err = <-done
 	require.ErrorIs(t, err, sandboxpool.ErrClosed)
 	assert.ErrorIs(t, err, context.Canceled, "the cause stays readable")
+}
+
+// gatedCreates holds each Create until gate is closed (or its ctx ends),
+// and records that one finished.
+type gatedCreates struct {
+	sandboxpool.Provider
+	gate              chan struct{}
+	entered, finished atomic.Bool
+}
+
+func (p *gatedCreates) Create(ctx context.Context, req sandboxpool.CreateRequest) (sandboxpool.Sandbox, error) {
+	p.entered.Store(true)
+	select {
+	case <-p.gate:
+	case <-ctx.Done():
+		return sandboxpool.Sandbox{}, ctx.Err()
+	}
+	sb, err := p.Provider.Create(ctx, req)
+	p.finished.Store(true)
+	return sb, err
+}
+
+// closing reports whether Close has begun on m, starting nothing: an
+// Acquire with an ended context returns ErrClosed once m is closed, and
+// the context's error before.
+func closing(m *sandboxpool.Manager) bool {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err := m.Acquire(ctx, "u", "p")
+	return errors.Is(err, sandboxpool.ErrClosed)
+}
+
+// closingWithFillInFlight starts an Acquire whose create p holds at its
+// gate, then a first Close of m with no deadline, and returns once that
+// Close has begun. acquired and first receive their errors.
+func closingWithFillInFlight(t *testing.T) (m *sandboxpool.Manager, p *gatedCreates, acquired, first chan error) {
+	p = &gatedCreates{Provider: fp.New(), gate: make(chan struct{})}
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: p})
+	require.NoError(t, err)
+	acquired, first = make(chan error, 1), make(chan error, 1)
+	go func() {
+		l, err := m.Acquire(context.Background(), "u", "p")
+		l.Release()
+		acquired <- err
+	}()
+	require.Eventually(t, p.entered.Load, 5*time.Second, time.Millisecond)
+	go func() { first <- m.Close(context.Background()) }()
+	require.Eventually(t, func() bool { return closing(m) }, 5*time.Second, time.Millisecond, "the first Close has begun")
+	return m, p, acquired, first
+}
+
+// Close called again while the first Close waits (a signal handler and a
+// deferred Close, say) returns only once background work has stopped, as
+// the first does; not at once, with a fill still running.
+func TestSecondCloseWaitsForBackgroundWork(t *testing.T) {
+	m, p, acquired, first := closingWithFillInFlight(t)
+	time.AfterFunc(50*time.Millisecond, func() { close(p.gate) })
+	require.NoError(t, m.Close(context.Background()))
+	assert.True(t, p.finished.Load(), "the second Close returned while the fill still ran")
+	require.NoError(t, <-first)
+	require.NoError(t, <-acquired, "a fill that ran to its end is handed out")
+}
+
+// A later Close whose ctx ends first cuts background work short, as the
+// first would: its error says so, and the waiting Acquire learns that the
+// Manager closed.
+func TestSecondCloseCutsBackgroundWorkShort(t *testing.T) {
+	m, p, acquired, first := closingWithFillInFlight(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, m.Close(ctx), context.DeadlineExceeded)
+	require.ErrorIs(t, <-acquired, sandboxpool.ErrClosed)
+	require.NoError(t, <-first, "the first Close's own ctx did not end")
+	assert.False(t, p.finished.Load())
 }
 
 func TestDefaultBuiltOnce(t *testing.T) {
