@@ -42,8 +42,12 @@ type Stats struct {
 
 // RedisPoolStats mirrors go-redis's pool statistics.
 type RedisPoolStats struct {
-	Hits, Misses, Timeouts            uint32
-	TotalConns, IdleConns, StaleConns uint32
+	Hits       uint32 // counter: connections reused from the pool
+	Misses     uint32 // counter: connections that had to be dialled
+	Timeouts   uint32 // counter: waits for a connection that timed out
+	TotalConns uint32 // gauge: connections open
+	IdleConns  uint32 // gauge: connections idle
+	StaleConns uint32 // counter: stale connections removed (go-redis only ever adds to it)
 }
 
 // counters are the Manager's counters. Only atomics: any goroutine may bump

@@ -20,6 +20,10 @@ import (
 type Metrics struct {
 	namespace string
 	latency   *prometheus.HistogramVec
+	// byOutcome is latency's child for each Outcome, looked up once: an
+	// observation then hashes no label on the request path, and every
+	// outcome's series exists from the start.
+	byOutcome [sandboxpool.OutcomeCreated + 1]prometheus.Observer
 }
 
 // latencyBuckets span a memory hit (sub-microsecond) to a cold create
@@ -28,22 +32,30 @@ var latencyBuckets = []float64{1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.
 
 // New returns Metrics whose names start with namespace ("" for none).
 func New(namespace string) *Metrics {
-	return &Metrics{namespace: namespace, latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+	x := &Metrics{namespace: namespace, latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Namespace: namespace, Subsystem: "sandboxpool", Name: "acquire_duration_seconds",
 		Help:    "Latency of Manager.Acquire by outcome (memory_hit, cache_hit, created, error).",
 		Buckets: latencyBuckets,
 	}, []string{"outcome"})}
+	for o := range x.byOutcome {
+		x.byOutcome[o] = x.latency.WithLabelValues(sandboxpool.Outcome(o).String())
+	}
+	return x
 }
 
 // ObserveAcquire records one Acquire; pass it as sandboxpool.Config.OnAcquire.
 func (x *Metrics) ObserveAcquire(o sandboxpool.Outcome, d time.Duration) {
-	x.latency.WithLabelValues(o.String()).Observe(d.Seconds())
+	if int(o) >= len(x.byOutcome) {
+		o = sandboxpool.OutcomeError // as Outcome.String names it
+	}
+	x.byOutcome[o].Observe(d.Seconds())
 }
 
 // Collector returns a prometheus.Collector for m's Stats and the latency
-// histograms. Register it once per Manager.
+// histograms. Register it once per Manager. Its Describe and Collect may
+// be called concurrently, as a registry serving several scrapes does.
 func (x *Metrics) Collector(m *sandboxpool.Manager) prometheus.Collector {
-	return &collector{m: m, x: x}
+	return &collector{m: m, x: x, stats: x.descs()}
 }
 
 type stat struct {
@@ -55,14 +67,12 @@ type stat struct {
 type collector struct {
 	m     *sandboxpool.Manager
 	x     *Metrics
-	stats []stat
+	stats []stat // built before the collector is handed out, then only read
 }
 
-func (c *collector) descs() []stat {
-	if c.stats != nil {
-		return c.stats
-	}
-	ns := c.x.namespace
+// descs describes every Stats field as a metric.
+func (x *Metrics) descs() []stat {
+	ns := x.namespace
 	counter := func(name, help string, v func(sandboxpool.Stats) int64) stat {
 		return stat{prometheus.NewDesc(prometheus.BuildFQName(ns, "sandboxpool", name+"_total"), help, nil, nil), prometheus.CounterValue,
 			func(s sandboxpool.Stats) float64 { return float64(v(s)) }}
@@ -70,7 +80,7 @@ func (c *collector) descs() []stat {
 	gauge := func(name, help string, v func(sandboxpool.Stats) float64) stat {
 		return stat{prometheus.NewDesc(prometheus.BuildFQName(ns, "sandboxpool", name), help, nil, nil), prometheus.GaugeValue, v}
 	}
-	c.stats = []stat{
+	return []stat{
 		counter("acquires", "Acquire calls that passed validation.", func(s sandboxpool.Stats) int64 { return s.Acquires }),
 		counter("memory_hits", "Acquires served from memory with no I/O.", func(s sandboxpool.Stats) int64 { return s.MemoryHits }),
 		counter("cache_hits", "Acquires that reconnected to a sandbox found in Redis or by metadata.", func(s sandboxpool.Stats) int64 { return s.CacheHits }),
@@ -107,13 +117,12 @@ func (c *collector) descs() []stat {
 		counter("redis_pool_timeouts", "Waits for a Redis connection that timed out.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Timeouts) }),
 		gauge("redis_pool_total_conns", "Redis connections in the pool.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.TotalConns) }),
 		gauge("redis_pool_idle_conns", "Idle Redis connections.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.IdleConns) }),
-		gauge("redis_pool_stale_conns", "Stale Redis connections removed from the pool.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.StaleConns) }),
+		counter("redis_pool_stale_conns", "Stale Redis connections removed from the pool.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.StaleConns) }),
 	}
-	return c.stats
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, s := range c.descs() {
+	for _, s := range c.stats {
 		ch <- s.desc
 	}
 	c.x.latency.Describe(ch)
@@ -121,7 +130,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	st := c.m.Stats()
-	for _, s := range c.descs() {
+	for _, s := range c.stats {
 		ch <- prometheus.MustNewConstMetric(s.desc, s.kind, s.value(st))
 	}
 	c.x.latency.Collect(ch)
