@@ -47,6 +47,29 @@ const (
 	EnvdPort = 49983
 )
 
+// DefaultMaxIdleConnsPerHost is how many idle connections to the API the
+// default HTTP client keeps. net/http keeps 2 per host: a burst of calls
+// wider than that (a sandboxpool reaper tick alone makes up to 16 at once,
+// and every Acquire that misses memory makes one) closes the rest when it
+// ends, and the next burst dials and handshakes TLS again for each.
+const DefaultMaxIdleConnsPerHost = 64
+
+// newTransport is the default client's transport: net/http's
+// DefaultTransport settings, with DefaultMaxIdleConnsPerHost. It is the
+// Client's own, so CloseIdleConnections closes no one else's connections.
+func newTransport() *http.Transport {
+	return &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          100,
+		MaxIdleConnsPerHost:   DefaultMaxIdleConnsPerHost,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+	}
+}
+
 // maxErrorBody bounds how much of an error response is read.
 const maxErrorBody = 64 << 10
 
@@ -79,7 +102,10 @@ type Options struct {
 	// the SDKs' E2B_SANDBOX_URL; requests then carry E2b-Sandbox-Id so a
 	// proxy (or a fake) can route them. default: https://49983-<id>.<domain>.
 	SandboxURL string
-	// HTTPClient sends every request. default: a client with a 60 s timeout.
+	// HTTPClient sends every request. default: a client of the Client's
+	// own with a 60 s timeout, net/http's default transport settings, and up
+	// to DefaultMaxIdleConnsPerHost idle connections kept (net/http's
+	// default keeps 2).
 	HTTPClient *http.Client
 	// DefaultTimeout is the sandbox lifetime sent on create when the caller
 	// gives none. default: 300 s.
@@ -135,7 +161,7 @@ func New(opts Options) (*Client, error) {
 		}
 	}
 	if opts.HTTPClient == nil {
-		opts.HTTPClient = &http.Client{Timeout: DefaultRequestTimeout}
+		opts.HTTPClient = &http.Client{Timeout: DefaultRequestTimeout, Transport: newTransport()}
 	}
 	if opts.DefaultTimeout == 0 {
 		opts.DefaultTimeout = DefaultSandboxTimeout

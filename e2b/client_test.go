@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/sandboxpool/sandboxpool/e2b"
 	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
@@ -573,4 +575,47 @@ func FuzzMetadataQuery(f *testing.F) {
 		require.NoError(t, err)
 		require.Equal(t, md, back)
 	})
+}
+
+// The default client keeps the connections of a burst of calls for the
+// next: net/http's default keeps 2 per host, and a burst of 16 (a reaper
+// tick's width) then dialled 14 new connections, each a TLS handshake
+// against E2B.
+func TestDefaultClientKeepsABurstsConnections(t *testing.T) {
+	const width = 16
+	var dials atomic.Int64
+	arrived := make(chan struct{})
+	var release atomic.Pointer[chan struct{}]
+	ts := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-*release.Load()
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	ts.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			dials.Add(1)
+		}
+	}
+	ts.Start()
+	defer ts.Close()
+	cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL})
+	require.NoError(t, err)
+	defer cl.CloseIdleConnections()
+	burst := func() {
+		ch := make(chan struct{})
+		release.Store(&ch)
+		var g errgroup.Group
+		for i := range width {
+			g.Go(func() error { return cl.Kill(ctx, fmt.Sprintf("i%d", i)) })
+		}
+		for range width { // every call holds a connection of its own
+			<-arrived
+		}
+		close(ch)
+		require.NoError(t, g.Wait())
+	}
+	burst()
+	require.EqualValues(t, width, dials.Load())
+	burst()
+	assert.EqualValues(t, width, dials.Load(), "the second burst dialled again")
 }
