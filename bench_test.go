@@ -234,7 +234,7 @@ const (
 // emptied, else for an in-process miniredis, and a func that closes it.
 func openRedis(db int) (redis.UniversalClient, func()) {
 	if addr := os.Getenv("SANDBOXPOOL_BENCH_REDIS"); addr != "" {
-		c := redis.NewClient(&redis.Options{Addr: addr, DB: db, PoolSize: 64})
+		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, DB: db, PoolSize: 64})
 		_ = c.FlushDB(context.Background()).Err()
 		return c, func() { _ = c.Close() }
 	}
@@ -242,7 +242,7 @@ func openRedis(db int) (redis.UniversalClient, func()) {
 	if err != nil {
 		panic(err)
 	}
-	c := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
 	return c, func() { _ = c.Close(); mr.Close() }
 }
 
@@ -818,7 +818,7 @@ func envInt(name string, def int) int {
 func TestCountingHookLeavesOutTheHandshake(t *testing.T) {
 	mr := miniredis.RunT(t)
 	n := new(atomic.Int64)
-	c := redis.NewClient(&redis.Options{Addr: mr.Addr(), DB: 1})
+	c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), DB: 1})
 	defer c.Close()
 	c.AddHook(countingHook{n: n})
 	ctx := context.Background()

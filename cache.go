@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strconv"
 	"strings"
 	"time"
@@ -325,6 +326,7 @@ func redisFromEnv(env envSource, c *Config) error {
 	if err != nil {
 		return fmt.Errorf("%s is not a valid redis:// or rediss:// URL", EnvRedisURL)
 	}
+	opts.ContextTimeoutEnabled = true // RedisTimeout bounds each call (see Config.Redis)
 	c.Redis = redis.NewClient(opts)
 	return nil
 }
@@ -365,34 +367,81 @@ func parseRemoval(msg string) (k pairKey, ids []string, ok bool) {
 	return pairKey{user, project}, f[1:], true
 }
 
+// The removal subscriber's bounds. go-redis's own subscription channel
+// (PubSub.Channel) redials with no deadline, so against a stalled Redis its
+// handshake waits out the client's whole ReadTimeout (or for ever), and
+// Close with it; the subscriber therefore waits with deadlines of its own.
+const (
+	// removalPoll bounds each wait: for a message, or for a (re)connection
+	// and its SUBSCRIBE.
+	removalPoll = time.Second
+	// removalPingAfter is how long the subscription may stay quiet before
+	// the subscriber pings on it, so that a dead connection is found and
+	// redialled, as go-redis's channel health check does.
+	removalPingAfter = 3 * time.Second
+	// removalRetry is the pause after a receive that failed at once (Redis
+	// refusing connections while it restarts): no busy loop.
+	removalRetry = 100 * time.Millisecond
+)
+
 // removalLoop forgets the sandboxes other instances' Removes announce, until
-// Close. go-redis resubscribes after a lost connection; an announcement
-// missed meanwhile leaves the sandbox to be found gone at its next probe or
+// Close. It resubscribes after a lost connection; an announcement missed
+// meanwhile leaves the sandbox to be found gone at its next probe or
 // keepalive, as before there was a channel. A subscription Redis refuses
 // (an ACL without SUBSCRIBE) is given up at once, with one warning: nothing
 // would ever arrive on it.
 func (m *Manager) removalLoop() {
-	ps := m.store.rdb.Subscribe(m.baseCtx, m.store.removedChannel())
-	defer ps.Close()
 	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+	ps := m.store.rdb.Subscribe(ctx, m.store.removedChannel())
 	_, err := ps.Receive(ctx) // the confirmation, or the refusal
 	cancel()
 	if answered(err) {
+		_ = ps.Close()
 		m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
 		return
 	}
-	msgs := ps.Channel()
-	for {
+	// Close ends a wait at once: closing ps fails its blocked read.
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		<-m.done
+		_ = ps.Close()
+	}()
+	defer func() { <-closed }()
+	for heard := time.Now(); ; {
+		ctx, cancel := context.WithTimeout(m.baseCtx, removalPoll)
+		msg, err := ps.ReceiveTimeout(ctx, removalPoll)
+		cancel()
 		select {
 		case <-m.done:
 			return
-		case msg, ok := <-msgs:
-			if !ok {
-				return
+		default:
+		}
+		switch {
+		case err == nil:
+			heard = time.Now()
+			if msg, ok := msg.(*redis.Message); ok {
+				if k, ids, ok := parseRemoval(msg.Payload); ok {
+					m.dropRemoved(k, ids)
+				}
 			}
-			if k, ids, ok := parseRemoval(msg.Payload); ok {
-				m.dropRemoved(k, ids)
+		case timedOut(err):
+			if time.Since(heard) >= removalPingAfter {
+				ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+				_ = ps.Ping(ctx) // its answer arrives as a message; a failure redials
+				cancel()
+				heard = time.Now()
+			}
+		default:
+			if !pause(m.baseCtx, removalRetry) {
+				return
 			}
 		}
 	}
+}
+
+// timedOut reports whether err is a wait that ran out of time.
+func timedOut(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"strconv"
 	"strings"
@@ -59,7 +60,7 @@ func newCluster(t *testing.T, mr *miniredis.Miniredis, addr string, mutate ...fu
 	for _, f := range mutate {
 		f(&cfg)
 	}
-	rdb := redis.NewClient(&redis.Options{Addr: addr})
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr})
 	t.Cleanup(func() { _ = rdb.Close() })
 	return &cluster{mr: mr, addr: addr, rdb: rdb, p: p, clock: clk, base: cfg}
 }
@@ -94,7 +95,7 @@ func (c *cluster) instance(t *testing.T, mutate ...func(*sandboxpool.Config)) *s
 	t.Helper()
 	cfg := c.base
 	if cfg.Redis == nil {
-		rdb := redis.NewClient(&redis.Options{Addr: c.addr, MaxRetries: -1})
+		rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: c.addr, MaxRetries: -1})
 		t.Cleanup(func() { _ = rdb.Close() })
 		cfg.Redis = rdb
 	}
@@ -832,11 +833,11 @@ func TestRemoveForgetsASandboxCreatedWhileItRan(t *testing.T) {
 // Redis's answers, never open the breaker.
 func TestRedisRemoveWithoutPubSubPermission(t *testing.T) {
 	srv := redistest.Start(t)
-	admin := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	admin := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: srv.Addr})
 	defer admin.Close()
 	require.NoError(t, admin.Do(context.Background(), "ACL", "SETUSER", "pool", "on", ">secret", "~*", "&*", "+@all", "-publish", "-subscribe").Err())
 	c := newCluster(t, nil, srv.Addr)
-	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr, Username: "pool", Password: "secret", MaxRetries: -1})
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: srv.Addr, Username: "pool", Password: "secret", MaxRetries: -1})
 	defer rdb.Close()
 	var logs syncBuffer
 	m := c.instance(t, func(cfg *sandboxpool.Config) {
@@ -874,4 +875,65 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// stalledRedis is a server that accepts connections and never answers, as
+// a Redis stopped mid-flight or behind a black-holed route does. It closes
+// at test end.
+func stalledRedis(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	var mu sync.Mutex
+	var conns []net.Conn
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		<-done
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			_ = c.Close()
+		}
+	})
+	return ln.Addr().String()
+}
+
+// Against a Redis that never answers, each call gives up at RedisTimeout,
+// not at the client's socket timeout (10 s here): an Acquire degrades to a
+// create without the lock within a few RedisTimeouts, the create lock's
+// attempts included, and Close does not wait on the removal subscriber's
+// handshake either.
+func TestRedisTimeoutBoundsCallsToAStalledRedis(t *testing.T) {
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: stalledRedis(t), MaxRetries: -1,
+		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second})
+	defer rdb.Close()
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: fp.New(), Redis: rdb, RedisTimeout: 50 * time.Millisecond})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	l, err := m.Acquire(ctx, "u", "p")
+	elapsed := time.Since(start)
+	require.NoError(t, err)
+	l.Release()
+	assert.Less(t, elapsed, 5*time.Second, "a Redis call outlived RedisTimeout")
+	st := m.Stats()
+	assert.EqualValues(t, 1, st.DegradedCreates)
+	assert.Positive(t, st.RedisErrors)
+
+	start = time.Now()
+	require.NoError(t, m.Close(ctx))
+	assert.Less(t, time.Since(start), 5*time.Second, "Close waited on a stalled Redis")
 }

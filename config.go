@@ -59,7 +59,10 @@ type Config struct {
 	// Redis, when set, makes the pool safe to share between processes: it
 	// holds the pair → sandbox cache, the per-pair create lock, the idle
 	// clock, quotas and rate limits. Standalone, Sentinel and Cluster clients
-	// all work. default: nil, a single-process, memory-only pool.
+	// all work. The client must be built with ContextTimeoutEnabled: true
+	// (New refuses a go-redis client without it), or go-redis ignores
+	// RedisTimeout on a stalled server. default: nil, a single-process,
+	// memory-only pool.
 	Redis redis.UniversalClient
 
 	// Namespace prefixes every Redis key and is stored in each sandbox's
@@ -234,6 +237,10 @@ func (c *Config) validate() error {
 	} else if r.enabled() && r.interval() <= 0 {
 		bad("CreateLimit: Rate %d per %s is finer than 1ns", r.Rate, r.Per)
 	}
+	if c.Redis != nil && !honoursContextDeadlines(c.Redis) {
+		bad("Redis: build the go-redis client with ContextTimeoutEnabled: true, so that RedisTimeout (%s) bounds every call: "+
+			"without it go-redis ignores context deadlines on its socket and waits out its ReadTimeout (5s by default, forever at -1) on a stalled Redis", c.RedisTimeout)
+	}
 	if c.Shards < 1 || c.Shards > maxShards {
 		bad("Shards must be between 1 and %d (got %d)", maxShards, c.Shards)
 	}
@@ -246,6 +253,22 @@ func (c *Config) validate() error {
 		return fmt.Errorf("sandboxpool: invalid config: %w", errors.Join(errs...))
 	}
 	return nil
+}
+
+// honoursContextDeadlines reports whether rdb applies a call's context
+// deadline to its socket reads and writes, which a go-redis client does
+// only when built with ContextTimeoutEnabled. A client of another type (a
+// wrapper) is taken at its word.
+func honoursContextDeadlines(rdb redis.UniversalClient) bool {
+	switch c := rdb.(type) {
+	case *redis.Client:
+		return c.Options().ContextTimeoutEnabled
+	case *redis.ClusterClient:
+		return c.Options().ContextTimeoutEnabled
+	case *redis.Ring:
+		return c.Options().ContextTimeoutEnabled
+	}
+	return true
 }
 
 // Environment variables read by ConfigFromEnv.

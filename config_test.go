@@ -1,10 +1,12 @@
 package sandboxpool_test
 
 import (
+	"context"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -107,3 +109,39 @@ func TestConfigFromEnvRedisURL(t *testing.T) {
 	require.ErrorContains(t, err, "REDIS_URL")
 	assert.NotContains(t, err.Error(), "s3cret")
 }
+
+// go-redis applies a context's deadline to its socket only when built with
+// ContextTimeoutEnabled; without it RedisTimeout would bound nothing on a
+// stalled server, so New refuses such a client, of each go-redis type, and
+// takes a client of another type (a wrapper) at its word.
+func TestNewRefusesRedisClientsThatIgnoreContextDeadlines(t *testing.T) {
+	p := fakeprovider.New()
+	for _, c := range []struct {
+		name string
+		rdb  redis.UniversalClient
+		ok   bool
+	}{
+		{"client", redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"}), false},
+		{"client, ContextTimeoutEnabled", redis.NewClient(&redis.Options{Addr: "127.0.0.1:1", ContextTimeoutEnabled: true}), true},
+		{"failover client", redis.NewFailoverClient(&redis.FailoverOptions{MasterName: "m", SentinelAddrs: []string{"127.0.0.1:1"}}), false},
+		{"cluster client", redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{"127.0.0.1:1"}}), false},
+		{"cluster client, ContextTimeoutEnabled", redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{"127.0.0.1:1"}, ContextTimeoutEnabled: true}), true},
+		{"ring", redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "127.0.0.1:1"}}), false},
+		{"wrapper", wrappedClient{redis.NewClient(&redis.Options{Addr: "127.0.0.1:1"})}, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			defer c.rdb.Close()
+			m, err := sandboxpool.New(sandboxpool.Config{Provider: p, Redis: c.rdb})
+			if c.ok {
+				require.NoError(t, err)
+				require.NoError(t, m.Close(context.Background()))
+				return
+			}
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), "ContextTimeoutEnabled: true")
+		})
+	}
+}
+
+// wrappedClient is a UniversalClient that is not one of go-redis's types.
+type wrappedClient struct{ redis.UniversalClient }

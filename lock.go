@@ -24,25 +24,25 @@ type pairLock struct {
 	wg   sync.WaitGroup
 }
 
-// obtainLock waits for the pair's lock, as long as ctx allows.
+// obtainLock waits for the pair's lock, as long as ctx allows. Each attempt
+// is one Redis call, bounded by RedisTimeout like every other: a stalled
+// Redis fails it in RedisTimeout, not in the whole wait.
 func (m *Manager) obtainLock(ctx context.Context, k pairKey) (*pairLock, error) {
 	var l *redislock.Lock
-	err := m.store.run(ctx, 0, func(ctx context.Context) error {
-		// One breaker call for the whole wait: each attempt is bounded by
-		// ctx; a busy lock is not a Redis failure.
-		var err error
-		l, err = m.store.locker.Obtain(ctx, m.store.lockKey(k), m.cfg.LockTTL,
-			&redislock.Options{RetryStrategy: redislock.LinearBackoff(lockRetry)})
-		if errors.Is(err, redislock.ErrNotObtained) || errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
-			return nil // reported below, not counted by the breaker
+	for l == nil {
+		err := m.store.do(ctx, func(call context.Context) (err error) {
+			l, err = m.store.locker.Obtain(call, m.store.lockKey(k), m.cfg.LockTTL, nil)
+			if errors.Is(err, redislock.ErrNotObtained) || ctx.Err() != nil {
+				return nil // held by another instance, or the wait is over (reported below): not a Redis failure
+			}
+			return err
+		})
+		if err != nil {
+			return nil, err
 		}
-		return err
-	})
-	if err != nil {
-		return nil, err
-	}
-	if l == nil {
-		return nil, fmt.Errorf("waiting for the create lock of %s/%s: %w", k.user, k.project, context.Cause(ctx))
+		if l == nil && !pause(ctx, lockRetry) {
+			return nil, fmt.Errorf("waiting for the create lock of %s/%s: %w", k.user, k.project, context.Cause(ctx))
+		}
 	}
 	pl := &pairLock{lock: l, stop: make(chan struct{})}
 	pl.wg.Add(1)
@@ -75,6 +75,18 @@ func (m *Manager) publishIfLockFree(ctx context.Context, s *slot) bool {
 	}()
 	ok, err := m.store.publish(ctx, s, l.Token())
 	return err == nil && ok
+}
+
+// pause waits d, and reports false if ctx ended first.
+func pause(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
 }
 
 func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {

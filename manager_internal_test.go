@@ -111,7 +111,7 @@ func TestBackgroundJobsAcceptedDuringCloseRun(t *testing.T) {
 // few bad keys cannot switch every pair to uncoordinated creates.
 func TestBadRecordsDoNotOpenTheBreaker(t *testing.T) {
 	mr := miniredis.RunT(t)
-	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr()})
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
 	defer rdb.Close()
 	m, err := New(Config{Provider: stubProvider{}, Redis: rdb})
 	require.NoError(t, err)

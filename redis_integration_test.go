@@ -140,15 +140,21 @@ func TestRealRedisQuotasExact(t *testing.T) {
 
 // Redis killed mid-run and restarted: requests keep succeeding within their
 // timeouts, and every instance's breaker closes again.
-func TestRealRedisOutageAndRecovery(t *testing.T) {
-	srv := redistest.Start(t)
-	p := fp.New()
-	ms := instances(t, 4, p, func() redis.UniversalClient {
-		c := redis.NewClient(&redis.Options{Addr: srv.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
+// outageClient makes clients for addr whose calls fail fast while the
+// server is down; each is closed at test end.
+func outageClient(t *testing.T, addr string) func() redis.UniversalClient {
+	return func() redis.UniversalClient {
+		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
 			ReadTimeout: 200 * time.Millisecond, WriteTimeout: 200 * time.Millisecond})
 		t.Cleanup(func() { _ = c.Close() })
 		return c
-	})
+	}
+}
+
+func TestRealRedisOutageAndRecovery(t *testing.T) {
+	srv := redistest.Start(t)
+	p := fp.New()
+	ms := instances(t, 4, p, outageClient(t, srv.Addr))
 	require.Empty(t, stampede(t, ms, 200, 20, 5*time.Second)) // warm: 20 pairs
 
 	var failed, served atomic.Int64
@@ -255,4 +261,28 @@ func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
 		return true
 	}, 10*time.Second, 10*time.Millisecond, "every instance forgets the removed sandbox")
 	assert.NotContains(t, p.Alive(), removed)
+}
+
+// Removals still reach every instance after Redis restarts: the removal
+// subscriber notices the lost connection and subscribes again, on its own
+// deadlines, within moments of Redis coming back.
+func TestRealRedisRemovalsReachOtherInstancesAfterARestart(t *testing.T) {
+	srv := redistest.Start(t)
+	p := fp.New()
+	ms := instances(t, 2, p, outageClient(t, srv.Addr))
+	id := acquireID(t, ms[0], "u", "p")
+	require.Equal(t, id, acquireID(t, ms[1], "u", "p"))
+
+	srv.Stop()
+	srv.Start()
+	admin := srv.Client(t)
+	require.Eventually(t, func() bool {
+		n, err := admin.PubSubNumSub(context.Background(), "sandboxpool:removed").Result()
+		return err == nil && n["sandboxpool:removed"] == 2
+	}, 10*time.Second, 10*time.Millisecond, "both instances subscribe again")
+
+	require.NoError(t, ms[0].Remove(context.Background(), "u", "p"))
+	require.Eventually(t, func() bool { return ms[1].Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+		"the other instance forgets the removed sandbox at once, not at its next probe")
+	assert.NotEqual(t, id, acquireID(t, ms[1], "u", "p"))
 }

@@ -81,7 +81,7 @@ func (s *soak) closeManager(m *sandboxpool.Manager) {
 }
 
 func (s *soak) newManager() *sandboxpool.Manager {
-	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
 		ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond})
 	s.mu.Lock()
 	s.rdbs = append(s.rdbs, rdb)
@@ -208,7 +208,7 @@ func (s *soak) census() (c census) {
 
 // recordID is the sandbox the pair's Redis record names.
 func (s *soak) recordID(k [2]string) string {
-	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 	defer rdb.Close()
 	id, _ := rdb.HGet(context.Background(), "soak:{"+k[0]+":"+k[1]+"}:sbx", "id").Result()
 	return id
@@ -296,7 +296,7 @@ func TestSoak(t *testing.T) {
 			s.redis.Start()
 		}},
 		{"create-lock expiry", func(ctx context.Context, s *soak) {
-			rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
+			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 			defer rdb.Close()
 			var wg sync.WaitGroup
 			defer wg.Wait()
@@ -382,7 +382,7 @@ func TestSoak(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	leaked := len(s.fake.Running())
-	rdb := redis.NewClient(&redis.Options{Addr: s.redis.Addr})
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 	keys, _ := rdb.Keys(context.Background(), "soak:*").Result()
 	_ = rdb.Close()
 	if leaked > 0 {

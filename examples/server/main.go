@@ -100,7 +100,7 @@ func run(addr string, timeout time.Duration, log *slog.Logger) error {
 				}
 			}
 		}()
-		cfg.Redis = redis.NewClient(&redis.Options{Addr: mr.Addr()})
+		cfg.Redis = redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
 		log.Info("REDIS_URL is not set: using an embedded in-process Redis (miniredis)")
 	}
 	defer cfg.Redis.Close()

@@ -81,7 +81,7 @@ func (s *Server) Stop() {
 
 // Client returns a new client for the server, closed at test end.
 func (s *Server) Client(t testing.TB) *redis.Client {
-	c := redis.NewClient(&redis.Options{Addr: s.Addr, MaxRetries: -1, DialTimeout: time.Second, ReadTimeout: time.Second, WriteTimeout: time.Second})
+	c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.Addr, MaxRetries: -1, DialTimeout: time.Second, ReadTimeout: time.Second, WriteTimeout: time.Second})
 	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
@@ -118,7 +118,7 @@ func StartCluster(t testing.TB, n int) *Cluster {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	for _, addr := range c.Addrs { // wait until every node agrees the cluster is ok
-		cl := redis.NewClient(&redis.Options{Addr: addr})
+		cl := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr})
 		for {
 			info, err := cl.ClusterInfo(ctx).Result()
 			if err == nil && strings.Contains(info, "cluster_state:ok") {
@@ -137,7 +137,7 @@ func StartCluster(t testing.TB, n int) *Cluster {
 
 // Client returns a new cluster client, closed at test end.
 func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
-	cl := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs, DialTimeout: time.Second})
+	cl := redis.NewClusterClient(&redis.ClusterOptions{ContextTimeoutEnabled: true, Addrs: c.Addrs, DialTimeout: time.Second})
 	t.Cleanup(func() { _ = cl.Close() })
 	return cl
 }
@@ -170,7 +170,7 @@ func freePort(t testing.TB, bus bool) int {
 
 func waitReady(t testing.TB, addr, dir string) {
 	t.Helper()
-	c := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+	c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, MaxRetries: -1})
 	defer c.Close()
 	deadline := time.Now().Add(startTimeout)
 	for {
