@@ -4,8 +4,8 @@ package sandboxpool_test
 
 // The soak: several Managers against a real redis-server and the fake E2B
 // over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
-// Redis restarts, create-lock expiry, Manager restarts), checking the
-// invariants after each phase. Run: make soak DURATION=60s.
+// Redis restarts, a Redis stall, create-lock expiry, Manager restarts),
+// checking the invariants after each phase. Run: make soak DURATION=60s.
 
 import (
 	"context"
@@ -294,6 +294,12 @@ func TestSoak(t *testing.T) {
 			s.redis.Stop()
 			sleep(ctx, time.Second)
 			s.redis.Start()
+		}},
+		{"redis stall", func(ctx context.Context, s *soak) {
+			sleep(ctx, 300*time.Millisecond)
+			s.redis.Pause() // accepts connections, answers nothing
+			sleep(ctx, 1500*time.Millisecond)
+			s.redis.Resume()
 		}},
 		{"create-lock expiry", func(ctx context.Context, s *soak) {
 			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
