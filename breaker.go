@@ -82,21 +82,14 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 	return st
 }
 
-// do runs one Redis call with its own timeout, through the breaker. A
-// missing key is no error; other answered errors (see answered) are
-// returned as they are, and every other error wraps errRedisUnavailable.
+// do runs one Redis call with its own timeout (RedisTimeout), through the
+// breaker. A missing key is no error; other answered errors (see answered)
+// are returned as they are, and every other error wraps
+// errRedisUnavailable.
 func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
-	return st.run(ctx, st.timeout, fn)
-}
-
-// run is do with an explicit per-call timeout (0: ctx alone bounds it).
-func (st *store) run(ctx context.Context, timeout time.Duration, fn func(context.Context) error) error {
 	_, err := st.cb.Execute(func() (struct{}, error) {
-		if timeout > 0 {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, timeout)
-			defer cancel()
-		}
+		ctx, cancel := context.WithTimeout(ctx, st.timeout)
+		defer cancel()
 		return struct{}{}, fn(ctx)
 	})
 	if err == nil || errors.Is(err, redis.Nil) {
