@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"slices"
 	"strconv"
 	"strings"
@@ -877,46 +876,15 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// stalledRedis is a server that accepts connections and never answers, as
-// a Redis stopped mid-flight or behind a black-holed route does. It closes
-// at test end.
-func stalledRedis(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	var mu sync.Mutex
-	var conns []net.Conn
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		_ = ln.Close()
-		<-done
-		mu.Lock()
-		defer mu.Unlock()
-		for _, c := range conns {
-			_ = c.Close()
-		}
-	})
-	return ln.Addr().String()
-}
-
 // Against a Redis that never answers, each call gives up at RedisTimeout,
 // not at the client's socket timeout (10 s here): an Acquire degrades to a
 // create without the lock within a few RedisTimeouts, the create lock's
 // attempts included, and Close does not wait on the removal subscriber's
 // handshake either.
 func TestRedisTimeoutBoundsCallsToAStalledRedis(t *testing.T) {
-	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: stalledRedis(t), MaxRetries: -1,
+	srv := redistest.Start(t)
+	srv.Pause() // accepts connections, answers nothing; killed at test end
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: srv.Addr, MaxRetries: -1,
 		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second})
 	defer rdb.Close()
 	m, err := sandboxpool.New(sandboxpool.Config{Provider: fp.New(), Redis: rdb, RedisTimeout: 50 * time.Millisecond})

@@ -28,26 +28,42 @@ type pairLock struct {
 // is one Redis call, bounded by RedisTimeout like every other: a stalled
 // Redis fails it in RedisTimeout, not in the whole wait.
 func (m *Manager) obtainLock(ctx context.Context, k pairKey) (*pairLock, error) {
-	var l *redislock.Lock
-	for l == nil {
-		err := m.store.do(ctx, func(call context.Context) (err error) {
-			l, err = m.store.locker.Obtain(call, m.store.lockKey(k), m.cfg.LockTTL, nil)
-			if errors.Is(err, redislock.ErrNotObtained) || ctx.Err() != nil {
-				return nil // held by another instance, or the wait is over (reported below): not a Redis failure
-			}
-			return err
-		})
-		if err != nil {
+	for {
+		l, err := m.tryLock(ctx, k)
+		switch {
+		case err != nil:
 			return nil, err
-		}
-		if l == nil && !pause(ctx, lockRetry) {
+		case l != nil:
+			pl := &pairLock{lock: l, stop: make(chan struct{})}
+			pl.wg.Add(1)
+			go pl.refresh(m, m.cfg.LockTTL)
+			return pl, nil
+		case !pause(ctx, lockRetry):
 			return nil, fmt.Errorf("waiting for the create lock of %s/%s: %w", k.user, k.project, context.Cause(ctx))
 		}
 	}
-	pl := &pairLock{lock: l, stop: make(chan struct{})}
-	pl.wg.Add(1)
-	go pl.refresh(m, m.cfg.LockTTL)
-	return pl, nil
+}
+
+// tryLock makes one attempt at the pair's lock. It returns no lock and no
+// error when another instance holds it, or when ctx ended: neither is a
+// Redis failure, and the breaker does not count it.
+func (m *Manager) tryLock(ctx context.Context, k pairKey) (l *redislock.Lock, err error) {
+	err = m.store.do(ctx, func(call context.Context) (err error) {
+		l, err = m.store.locker.Obtain(call, m.store.lockKey(k), m.cfg.LockTTL, nil)
+		if errors.Is(err, redislock.ErrNotObtained) || ctx.Err() != nil {
+			return nil
+		}
+		return err
+	})
+	return l, err
+}
+
+// unlock releases l, under its own RedisTimeout: the caller's ctx may have
+// ended. A lock that expired meanwhile (ErrLockNotHeld) needs nothing.
+func (m *Manager) unlock(l *redislock.Lock) {
+	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+	defer cancel()
+	_ = l.Release(ctx)
 }
 
 // publishIfLockFree takes the pair's lock if nobody holds it, publishes s
@@ -57,22 +73,11 @@ func (m *Manager) obtainLock(ctx context.Context, k pairKey) (*pairLock, error) 
 // be the pair's, and killing it would only make the next caller wait for
 // another create.
 func (m *Manager) publishIfLockFree(ctx context.Context, s *slot) bool {
-	var l *redislock.Lock
-	err := m.store.do(ctx, func(ctx context.Context) (err error) {
-		l, err = m.store.locker.Obtain(ctx, m.store.lockKey(s.key), m.cfg.LockTTL, nil)
-		if errors.Is(err, redislock.ErrNotObtained) {
-			return nil // held: someone else is creating
-		}
-		return err
-	})
+	l, err := m.tryLock(ctx, s.key)
 	if err != nil || l == nil {
-		return false
+		return false // held: someone else is creating
 	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
-		defer cancel()
-		_ = l.Release(ctx)
-	}()
+	defer m.unlock(l)
 	ok, err := m.store.publish(ctx, s, l.Token())
 	return err == nil && ok
 }
@@ -114,7 +119,5 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 func (m *Manager) releaseLock(pl *pairLock) {
 	close(pl.stop)
 	pl.wg.Wait()
-	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
-	defer cancel()
-	_ = pl.lock.Release(ctx) // ErrLockNotHeld: it expired, publish already knew
+	m.unlock(pl.lock) // ErrLockNotHeld: it expired, publish already knew
 }
