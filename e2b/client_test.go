@@ -295,12 +295,15 @@ func TestRetryAfterBeyondMaxRetryWaitReturnsAtOnce(t *testing.T) {
 func TestRetryGivesUpWhenContextCannotWait(t *testing.T) {
 	c, srv, _ := setup(t, e2btest.Config{})
 	srv.Inject(e2btest.OpList, e2btest.Fault{Status: http.StatusTooManyRequests, RetryAfter: 30 * time.Second})
-	cctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	// The deadline is far from the call's own time and far short of the
+	// 30 s wait: a client that slept until it would take 10 s, one that
+	// gives up at once takes a round trip, with room for a loaded CI host.
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	start := time.Now()
 	_, err := c.List(cctx, nil)
 	require.Error(t, err)
-	assert.Less(t, time.Since(start), 150*time.Millisecond, "does not sleep past the caller's deadline")
+	assert.Less(t, time.Since(start), 5*time.Second, "does not sleep towards a wait the caller's deadline cannot cover")
 	var ae *e2b.APIError
 	require.ErrorAs(t, err, &ae)
 	assert.Equal(t, 30*time.Second, ae.RetryAfter)
