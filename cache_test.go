@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -626,6 +627,45 @@ func TestRedisReplacementKeepsItsQuotaPlace(t *testing.T) {
 	_, err := third.Acquire(context.Background(), "u", "q") // nothing local: Redis decides
 	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "the pair u/p still holds the only place")
 	assert.Equal(t, next, acquireID(t, a, "u", "p"))
+}
+
+// The largest time.Duration means no limit across instances too. A create
+// in flight keeps its quota place (its provisional place is scored at now +
+// CreateTimeout, a sum that overflowed, so the place read as long expired
+// and another instance's create took it), and another instance reconnects
+// to the pair's sandbox rather than read it as past MaxAge.
+func TestRedisLongestDurationsMeanNoLimit(t *testing.T) {
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) {
+		cfg.IdleTimeout, cfg.MaxAge, cfg.CreateTimeout, cfg.LockTTL = math.MaxInt64, math.MaxInt64, math.MaxInt64, math.MaxInt64
+		cfg.MaxSandboxes = 1
+	})
+	gated := &gatedCreates{Provider: c.p, gate: make(chan struct{})}
+	a, b := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = gated }), c.instance(t)
+	open := sync.OnceFunc(func() { close(gated.gate) })
+	t.Cleanup(open) // registered after the instances, so it runs before their Close, which waits for the create
+	acquired := make(chan string, 1)
+	go func() {
+		l, err := a.Acquire(context.Background(), "u", "p")
+		assert.NoError(t, err)
+		acquired <- l.Sandbox().ID
+		l.Release()
+	}()
+	require.Eventually(t, gated.entered.Load, 5*time.Second, time.Millisecond)
+	_, err := b.Acquire(context.Background(), "v", "q")
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "the create in flight holds the only place")
+	open()
+	id := <-acquired
+
+	c.advance(time.Hour)
+	l, err := b.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	assert.Equal(t, id, l.Sandbox().ID)
+	assert.Equal(t, sandboxpool.OutcomeCacheHit, l.Outcome())
+	l.Release()
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+	ttl := c.mr.TTL("sandboxpool:{u:p}:sbx")
+	assert.Greater(t, ttl, 50*365*24*time.Hour, "the record lives as long as the sandbox may")
+	assert.LessOrEqual(t, ttl, sandboxpool.MaxDuration)
 }
 
 // supersedeRecord makes the pair's Redis record name another sandbox of the

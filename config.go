@@ -31,6 +31,16 @@ const (
 // whole milliseconds and refuses an expiry of 0.
 const minLockTTL = time.Millisecond
 
+// MaxDuration is the longest duration a Config holds: New treats a longer
+// one as MaxDuration. A century outlasts any sandbox, so the largest
+// time.Duration, Go's usual "no limit", still means no limit (MaxAge:
+// math.MaxInt64 keeps a sandbox for as long as it is used; HealthCheckAfter:
+// math.MaxInt64 never probes a pooled one). The cap is what makes that safe:
+// the Manager keeps its deadlines as unix nanoseconds, each a timestamp plus
+// one duration, and with durations of at most a century those sums stay
+// below math.MaxInt64 until the year 2160.
+const MaxDuration = 100 * 365 * 24 * time.Hour
+
 // maxShards bounds Config.Shards: beyond this the shard array costs more
 // memory than contention it saves on a machine with a sane core count.
 const maxShards = 1 << 16
@@ -50,7 +60,8 @@ func (r RateLimit) interval() time.Duration { return r.Per / time.Duration(r.Rat
 
 // Config configures a Manager. The zero value of every field except Provider
 // selects the documented default. New copies the Config; later changes to the
-// caller's value have no effect.
+// caller's value have no effect. A duration longer than MaxDuration (a
+// century) counts as MaxDuration.
 type Config struct {
 	// Provider creates and manages sandboxes. Required. Use NewE2BProvider
 	// for E2B.
@@ -168,6 +179,10 @@ func (c Config) withDefaults() Config {
 	if c.CreateLimit.enabled() {
 		setDefault(&c.CreateLimit.Burst, c.CreateLimit.Rate)
 		setDefault(&c.CreateLimit.Per, time.Second)
+	}
+	for _, d := range []*time.Duration{&c.IdleTimeout, &c.MaxAge, &c.HealthCheckAfter, &c.ReapInterval,
+		&c.CreateTimeout, &c.RedisTimeout, &c.LockTTL, &c.CreateLimit.Per} {
+		*d = min(*d, MaxDuration)
 	}
 	if c.Shards > 0 && c.Shards <= maxShards {
 		c.Shards = 1 << bits.Len(uint(c.Shards-1))

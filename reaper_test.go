@@ -3,6 +3,7 @@ package sandboxpool_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"testing"
 	"time"
 
@@ -228,4 +229,36 @@ func TestPairInUseIsPushedBeforeItsHitsStop(t *testing.T) {
 	after := e.m.Stats()
 	assert.Equal(t, before.MemoryHits+1, after.MemoryHits, "a memory hit")
 	assert.Equal(t, before.Touches, after.Touches, "no deadline push on the request's path")
+}
+
+// The largest time.Duration, Go's usual "no limit", means no limit: a
+// sandbox in use is kept past any age and served from memory without
+// probes, and idleness still ends it. (Deadlines are unix-ns sums, which
+// such a duration overflowed: the sandbox read as past its MaxAge at once,
+// and every Acquire failed after creating three.)
+func TestLongestDurationsMeanNoLimit(t *testing.T) {
+	e := newEnv(t, func(cfg *sandboxpool.Config) {
+		cfg.MaxAge, cfg.HealthCheckAfter = math.MaxInt64, math.MaxInt64
+	})
+	first := e.acquire(t, "u", "p")
+	id := first.Sandbox().ID
+	first.Release()
+	for range 60 { // an hour, four times the default MaxAge, used every minute
+		e.run(time.Minute)
+		l := e.acquire(t, "u", "p")
+		require.Equal(t, id, l.Sandbox().ID)
+		assert.Equal(t, sandboxpool.OutcomeMemoryHit, l.Outcome())
+		l.Release()
+		_, ok := e.p.Deadline(id)
+		require.True(t, ok, "the provider must not reap a sandbox in use")
+	}
+	st := e.m.Stats()
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+	assert.EqualValues(t, 0, st.HealthChecks, "never probed")
+	assert.Greater(t, st.MemoryHits, int64(50), "served from memory: only a deadline push takes the slow path")
+	assert.Positive(t, st.Touches, "the provider deadline was pushed")
+
+	e.run(5*time.Minute + reapTick) // IdleTimeout without use
+	assert.EqualValues(t, 0, e.m.Stats().Active)
+	require.Eventually(t, func() bool { return len(e.p.Alive()) == 0 }, 5*time.Second, time.Millisecond)
 }
