@@ -758,8 +758,9 @@ func heapInUse() uint64 {
 func BenchmarkMemoryPerPair(b *testing.B) {
 	for range b.N {
 		clk := newFakeClock()
-		cfg := sandboxpool.Config{Provider: &nullProvider{}, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour, HealthCheckAfter: time.Hour, ReapInterval: time.Hour}
+		cfg := sandboxpool.Config{Provider: &nullProvider{}, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour, HealthCheckAfter: time.Hour}
 		sandboxpool.SetClock(&cfg, clk.Now)
+		sandboxpool.ManualReaper(&cfg)
 		m, err := sandboxpool.New(cfg)
 		if err != nil {
 			b.Fatal(err)
@@ -784,8 +785,9 @@ func BenchmarkMemoryPerPair(b *testing.B) {
 
 func BenchmarkReaperTickIdle(b *testing.B) {
 	m := fixture("reaper-1M", func() (*sandboxpool.Manager, func()) {
-		cfg := sandboxpool.Config{Provider: &nullProvider{}, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour, HealthCheckAfter: time.Hour, ReapInterval: time.Hour}
+		cfg := sandboxpool.Config{Provider: &nullProvider{}, IdleTimeout: time.Hour, MaxAge: 2 * time.Hour, HealthCheckAfter: time.Hour}
 		sandboxpool.SetClock(&cfg, newFakeClock().Now)
+		sandboxpool.ManualReaper(&cfg)
 		m, err := sandboxpool.New(cfg)
 		if err != nil {
 			panic(err)

@@ -54,8 +54,9 @@ func newCluster(t *testing.T, mr *miniredis.Miniredis, addr string, mutate ...fu
 	clk := newFakeClock()
 	p := fp.New()
 	p.Now = clk.Now
-	cfg := sandboxpool.Config{Provider: p, ReapInterval: time.Hour, IdleTimeout: 5 * time.Minute, MaxAge: 15 * time.Minute}
+	cfg := sandboxpool.Config{Provider: p, IdleTimeout: 5 * time.Minute, MaxAge: 15 * time.Minute}
 	sandboxpool.SetClock(&cfg, clk.Now)
+	sandboxpool.ManualReaper(&cfg)
 	sandboxpool.FastRedisRecovery(&cfg, 20*time.Millisecond)
 	for _, f := range mutate {
 		f(&cfg)

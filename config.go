@@ -41,6 +41,15 @@ const minLockTTL = time.Millisecond
 // below math.MaxInt64 until the year 2160.
 const MaxDuration = 100 * 365 * 24 * time.Hour
 
+// maxReapFraction bounds Config.ReapInterval at IdleTimeout/8. The reaper
+// first visits a sandbox in use visitLead (3/8 IdleTimeout with a slow
+// tick) before its provider deadline, to push that deadline, and a visit
+// runs at the first tick after it is due. With a tick of at most 1/8
+// IdleTimeout, that visit and a retry at the next tick both start at
+// least 1/8 IdleTimeout before the deadline, which leaves the push that
+// long for its I/O.
+const maxReapFraction = 8
+
 // maxShards bounds Config.Shards: beyond this the shard array costs more
 // memory than contention it saves on a machine with a sane core count.
 const maxShards = 1 << 16
@@ -103,7 +112,8 @@ type Config struct {
 	HealthCheckAfter time.Duration
 
 	// ReapInterval is how often the reaper looks for expired sandboxes. A
-	// tick costs O(sandboxes due), not O(pool size). default: 1 second.
+	// tick costs O(sandboxes due), not O(pool size). At most IdleTimeout/8
+	// (maxReapFraction). default: 1 second, or IdleTimeout/8 if shorter.
 	ReapInterval time.Duration
 
 	// CreateTimeout bounds a create (lock wait included) independently of
@@ -161,6 +171,8 @@ type Config struct {
 	breakerCooldown, probeInterval time.Duration
 	// workerIdle shortens a background worker's idle wait in tests.
 	workerIdle time.Duration
+	// manualReap leaves the reaper to tests, which tick it with a fake clock.
+	manualReap bool
 }
 
 // withDefaults returns a copy of c with zero fields set to their defaults.
@@ -171,7 +183,9 @@ func (c Config) withDefaults() Config {
 	setDefault(&c.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&c.MaxAge, DefaultMaxAge)
 	setDefault(&c.HealthCheckAfter, DefaultHealthCheckAfter)
-	setDefault(&c.ReapInterval, DefaultReapInterval)
+	if c.IdleTimeout > 0 {
+		setDefault(&c.ReapInterval, min(DefaultReapInterval, c.IdleTimeout/maxReapFraction))
+	}
 	setDefault(&c.CreateTimeout, DefaultCreateTimeout)
 	setDefault(&c.RedisTimeout, DefaultRedisTimeout)
 	setDefault(&c.LockTTL, DefaultLockTTL)
@@ -237,6 +251,11 @@ func (c *Config) validate() error {
 		// Redis would refuse the lock's expiry, and every create would run
 		// uncoordinated, counted only as a Redis error.
 		bad("LockTTL must be at least %s: Redis expiries are whole milliseconds (got %s)", minLockTTL, c.LockTTL)
+	}
+	if c.ReapInterval > c.IdleTimeout/maxReapFraction && c.IdleTimeout > 0 {
+		bad("ReapInterval (%s) must be at most IdleTimeout/%d (%s): the reaper pushes the provider deadline of a sandbox in use "+
+			"at its first tick after 3/8 of IdleTimeout before that deadline, and a slower tick lets the provider end a sandbox in use",
+			c.ReapInterval, maxReapFraction, c.IdleTimeout/maxReapFraction)
 	}
 	if c.IdleTimeout > 0 && c.IdleTimeout < time.Second {
 		bad("IdleTimeout must be at least 1s: E2B timeouts are whole seconds (got %s)", c.IdleTimeout)

@@ -2,6 +2,7 @@ package sandboxpool_test
 
 import (
 	"context"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -35,6 +36,10 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"too many shards", sandboxpool.Config{Provider: p, Shards: 1 << 20}, "Shards"},
 		{"reserved metadata", sandboxpool.Config{Provider: p, Metadata: map[string]string{"sandboxpool.user": "x"}}, "reserved prefix"},
 		{"probe below -1", sandboxpool.Config{Provider: p, HealthCheckAfter: -2}, "HealthCheckAfter"},
+		{"reap slower than IdleTimeout/8", sandboxpool.Config{Provider: p, IdleTimeout: time.Minute, ReapInterval: 30 * time.Second},
+			"ReapInterval (30s) must be at most IdleTimeout/8 (7.5s)"},
+		{"default reap with a short IdleTimeout set slower", sandboxpool.Config{Provider: p, IdleTimeout: 4 * time.Second, ReapInterval: time.Second},
+			"ReapInterval (1s) must be at most IdleTimeout/8 (500ms)"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -44,6 +49,24 @@ func TestNewValidatesConfig(t *testing.T) {
 			assert.Contains(t, err.Error(), tc.want)
 			assert.True(t, strings.HasPrefix(err.Error(), "sandboxpool: invalid config"))
 		})
+	}
+}
+
+// The default tick follows a short IdleTimeout down, so a Config that sets
+// only IdleTimeout is always valid.
+func TestDefaultReapIntervalFollowsIdleTimeout(t *testing.T) {
+	for idle, want := range map[time.Duration]time.Duration{
+		0:               sandboxpool.DefaultReapInterval,
+		time.Minute:     sandboxpool.DefaultReapInterval,
+		8 * time.Second: time.Second,
+		4 * time.Second: 500 * time.Millisecond,
+		time.Second:     125 * time.Millisecond,
+		math.MaxInt64:   sandboxpool.DefaultReapInterval,
+	} {
+		m, err := sandboxpool.New(sandboxpool.Config{Provider: fakeprovider.New(), IdleTimeout: idle, MaxAge: math.MaxInt64})
+		require.NoError(t, err, idle)
+		assert.Equal(t, want, sandboxpool.ReapInterval(m), idle)
+		require.NoError(t, m.Close(context.Background()))
 	}
 }
 

@@ -10,6 +10,13 @@ import (
 // SetClock makes a Manager built from cfg read time from now.
 func SetClock(cfg *Config, now func() time.Time) { cfg.now = now }
 
+// ManualReaper makes a Manager built from cfg tick its reaper only when
+// the test calls ReapNow.
+func ManualReaper(cfg *Config) { cfg.manualReap = true }
+
+// ReapInterval returns the reaper's period, defaulted.
+func ReapInterval(m *Manager) time.Duration { return m.cfg.ReapInterval }
+
 // ReapNow runs one reaper tick synchronously.
 func (m *Manager) ReapNow() { m.reapOnce() }
 

@@ -96,9 +96,10 @@ func newEnv(t testing.TB, mutate ...func(*sandboxpool.Config)) *env {
 		Provider:     p,
 		IdleTimeout:  5 * time.Minute,
 		MaxAge:       15 * time.Minute,
-		ReapInterval: time.Hour, // tests drive the reaper with ReapNow
+		ReapInterval: reapTick, // the period at which env.run ticks it
 	}
 	sandboxpool.SetClock(&cfg, clk.Now)
+	sandboxpool.ManualReaper(&cfg) // tests drive the reaper with ReapNow
 	for _, f := range mutate {
 		f(&cfg)
 	}

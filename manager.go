@@ -100,7 +100,9 @@ func New(cfg Config) (*Manager, error) {
 	}
 	m.baseCtx, m.cancel = context.WithCancel(context.Background())
 	m.goBackground(func() { m.clock.run(m.done) })
-	m.goBackground(m.reapLoop)
+	if !cfg.manualReap {
+		m.goBackground(m.reapLoop)
+	}
 	if cfg.Redis != nil {
 		m.store = newStore(cfg, m.log, &m.ctr.redisErrors)
 		m.goBackground(func() { m.probeLoop(cfg.probeInterval) })

@@ -255,8 +255,9 @@ func TestAdoptAfterRestart(t *testing.T) {
 	id := l.Sandbox().ID
 	l.Release()
 
-	cfg := sandboxpool.Config{Provider: e.p, ReapInterval: time.Hour}
+	cfg := sandboxpool.Config{Provider: e.p}
 	sandboxpool.SetClock(&cfg, e.clock.Now)
+	sandboxpool.ManualReaper(&cfg)
 	m2, err := sandboxpool.New(cfg)
 	require.NoError(t, err)
 	defer m2.Close(context.Background())

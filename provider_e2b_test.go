@@ -33,8 +33,9 @@ func newE2BEnv(t *testing.T, fake e2btest.Config, mutate ...func(*sandboxpool.Co
 	t.Cleanup(srv.Close)
 	client, err := e2b.New(srv.ClientOptions())
 	require.NoError(t, err)
-	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(client), ReapInterval: time.Hour}
+	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(client)}
 	sandboxpool.SetClock(&cfg, clk.Now)
+	sandboxpool.ManualReaper(&cfg)
 	for _, f := range mutate {
 		f(&cfg)
 	}

@@ -218,7 +218,10 @@ func TestLeaseTakenLateInTheIdleWindowIsKeptAlive(t *testing.T) {
 // for the deadline, so a request arriving between that point and the next
 // reaper tick is still a memory hit (no provider call on its path).
 func TestPairInUseIsPushedBeforeItsHitsStop(t *testing.T) {
-	e := newEnv(t, func(cfg *sandboxpool.Config) { cfg.HealthCheckAfter = time.Hour; cfg.MaxAge = time.Hour })
+	e := newEnv(t, func(cfg *sandboxpool.Config) {
+		cfg.HealthCheckAfter, cfg.MaxAge = time.Hour, time.Hour
+		cfg.ReapInterval = 30 * time.Second // the gap between ticks simulated below
+	})
 	e.acquire(t, "u", "p").Release() // created: deadline in 5 min, memory hits until 3m45s
 	e.run(time.Minute)
 	e.acquire(t, "u", "p").Release() // used at 1 min
@@ -261,4 +264,33 @@ func TestLongestDurationsMeanNoLimit(t *testing.T) {
 	e.run(5*time.Minute + reapTick) // IdleTimeout without use
 	assert.EqualValues(t, 0, e.m.Stats().Active)
 	require.Eventually(t, func() bool { return len(e.p.Alive()) == 0 }, 5*time.Second, time.Millisecond)
+}
+
+// With the slowest tick New accepts (IdleTimeout/8), a sandbox held under
+// one lease for half an hour is never reaped by its provider, whatever the
+// tick's phase against the sandbox's deadlines. (New accepted any tick
+// before, and with IdleTimeout 1m and a 30 s tick the provider ended a
+// sandbox in use within 90 s: the keepalive visit, due 3/8 IdleTimeout
+// before the deadline, waited for a tick that came after it.)
+func TestSlowestReapIntervalKeepsASandboxInUse(t *testing.T) {
+	for _, idle := range []time.Duration{time.Second, time.Minute, 5 * time.Minute} {
+		tick := idle / 8
+		for phase := time.Duration(0); phase < tick; phase += tick / 4 {
+			t.Run(fmt.Sprint(idle, "/", phase), func(t *testing.T) {
+				e := newEnv(t, func(cfg *sandboxpool.Config) {
+					cfg.IdleTimeout, cfg.MaxAge, cfg.ReapInterval = idle, 2*time.Hour, tick
+				})
+				e.clock.Advance(phase)
+				l := e.acquire(t, "u", "p")
+				defer l.Release()
+				id := l.Sandbox().ID
+				for elapsed := time.Duration(0); elapsed < 30*time.Minute; elapsed += tick {
+					e.clock.Advance(tick)
+					e.m.ReapNow()
+					_, alive := e.p.Deadline(id)
+					require.True(t, alive, "reaped under a lease after %v", elapsed+tick)
+				}
+			})
+		}
+	}
 }
