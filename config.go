@@ -270,6 +270,9 @@ func (c *Config) validate() error {
 		bad("CreateLimit fields must not be negative")
 	} else if r.enabled() && r.interval() <= 0 {
 		bad("CreateLimit: Rate %d per %s is finer than 1ns", r.Rate, r.Per)
+	} else if r.enabled() && r.Burst > int(MaxDuration/r.interval()) {
+		// The limiter keeps Burst × Per/Rate as nanoseconds.
+		bad("CreateLimit: a burst of %d at %d per %s spans more than MaxDuration", r.Burst, r.Rate, r.Per)
 	}
 	if c.Redis != nil && !honoursContextDeadlines(c.Redis) {
 		bad("Redis: build the go-redis client with ContextTimeoutEnabled: true, so that RedisTimeout (%s) bounds every call: "+

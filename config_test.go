@@ -36,6 +36,8 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"too many shards", sandboxpool.Config{Provider: p, Shards: 1 << 20}, "Shards"},
 		{"reserved metadata", sandboxpool.Config{Provider: p, Metadata: map[string]string{"sandboxpool.user": "x"}}, "reserved prefix"},
 		{"probe below -1", sandboxpool.Config{Provider: p, HealthCheckAfter: -2}, "HealthCheckAfter"},
+		{"burst spanning centuries", sandboxpool.Config{Provider: p, CreateLimit: sandboxpool.RateLimit{Rate: 1, Burst: 1000, Per: 365 * 24 * time.Hour}},
+			"a burst of 1000 at 1 per 8760h0m0s spans more than MaxDuration"},
 		{"reap slower than IdleTimeout/8", sandboxpool.Config{Provider: p, IdleTimeout: time.Minute, ReapInterval: 30 * time.Second},
 			"ReapInterval (30s) must be at most IdleTimeout/8 (7.5s)"},
 		{"default reap with a short IdleTimeout set slower", sandboxpool.Config{Provider: p, IdleTimeout: 4 * time.Second, ReapInterval: time.Second},
