@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"github.com/go-redis/redis_rate/v10"
 	"github.com/redis/go-redis/v9"
 	"github.com/sony/gobreaker/v2"
+	"golang.org/x/sync/semaphore"
 )
 
 const (
@@ -50,11 +52,25 @@ func answered(err error) bool {
 	return strings.HasPrefix(msg, "WRONGTYPE") || strings.HasPrefix(msg, "NOPERM")
 }
 
+// errNoTurn is a Redis call that never started: its context ended while it
+// waited for one of the Manager's Redis turns (see store.turns). It says
+// nothing about Redis, so the breaker does not count it.
+var errNoTurn = errors.New("waiting for a Redis connection")
+
 // store is the Manager's Redis: client, breaker, lock and rate limiter.
 type store struct {
 	rdb     redis.UniversalClient
 	ns      string
 	timeout time.Duration
+	// turns admits as many Redis calls at once as the client has pooled
+	// connections. A call waits for its turn here, for as long as its
+	// context allows (a create's CreateTimeout), and only then starts
+	// RedisTimeout, which so bounds the call itself. Without it a burst of
+	// creates queued in go-redis's pool under RedisTimeout: with 2 ms
+	// round trips, 1,000 cold pairs at once (or 3,000 with the default
+	// pool) timed out there, opened the breaker with Redis healthy, and
+	// created without the cross-instance lock.
+	turns   *semaphore.Weighted
 	cb      *gobreaker.CircuitBreaker[struct{}]
 	locker  *redislock.Client
 	limiter *redis_rate.Limiter
@@ -65,6 +81,7 @@ type store struct {
 func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 	cooldown := cfg.breakerCooldown
 	st := &store{rdb: cfg.Redis, ns: cfg.Namespace, timeout: cfg.RedisTimeout, log: log, errs: errs,
+		turns:  semaphore.NewWeighted(int64(poolSize(cfg.Redis))),
 		locker: redislock.New(cfg.Redis), limiter: redis_rate.NewLimiter(cfg.Redis)}
 	st.cb = gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        "sandboxpool-redis",
@@ -73,8 +90,9 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrips },
 		// A missing key or a bad one is an answer, not a failure.
 		IsSuccessful: func(err error) bool { return err == nil || answered(err) },
-		// The caller giving up says nothing about Redis.
-		IsExcluded: func(err error) bool { return errors.Is(err, context.Canceled) },
+		// The caller giving up, or waiting in its own queue, says nothing
+		// about Redis.
+		IsExcluded: func(err error) bool { return errors.Is(err, context.Canceled) || errors.Is(err, errNoTurn) },
 		OnStateChange: func(_ string, from, to gobreaker.State) {
 			log.LogAttrs(context.Background(), slog.LevelWarn, "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
 		},
@@ -82,18 +100,29 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 	return st
 }
 
-// do runs one Redis call with its own timeout (RedisTimeout), through the
-// breaker. A missing key is no error; other answered errors (see answered)
-// are returned as they are, and every other error wraps
-// errRedisUnavailable.
+// do runs one Redis call through the breaker (see bounded). A missing key
+// is no error; a call that never got its turn returns errNoTurn; other
+// answered errors (see answered) are returned as they are, and every other
+// error wraps errRedisUnavailable.
 func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	_, err := st.cb.Execute(func() (struct{}, error) {
-		ctx, cancel := context.WithTimeout(ctx, st.timeout)
-		defer cancel()
-		return struct{}{}, fn(ctx)
+		return struct{}{}, st.bounded(ctx, func(call context.Context) error {
+			if st.cb.State() == gobreaker.StateOpen {
+				// It opened while this call waited for its turn: behind a
+				// stalled Redis, calls queued for turns must fail now, as
+				// calls arriving now do, not take RedisTimeout each. (The
+				// breaker ignores the result of a call admitted before it
+				// opened.)
+				return gobreaker.ErrOpenState
+			}
+			return fn(call)
+		})
 	})
-	if err == nil || errors.Is(err, redis.Nil) {
+	switch {
+	case err == nil || errors.Is(err, redis.Nil):
 		return nil
+	case errors.Is(err, errNoTurn):
+		return err
 	}
 	st.errs.Add(1)
 	if answered(err) {
@@ -101,6 +130,41 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	}
 	return fmt.Errorf("%w: %w", errRedisUnavailable, err)
 }
+
+// bounded runs fn with a Redis turn held and RedisTimeout on its context;
+// ctx alone bounds the wait for the turn.
+func (st *store) bounded(ctx context.Context, fn func(context.Context) error) error {
+	if err := st.turns.Acquire(ctx, 1); err != nil {
+		return fmt.Errorf("%w: %w", errNoTurn, context.Cause(ctx))
+	}
+	defer st.turns.Release(1)
+	call, cancel := context.WithTimeout(ctx, st.timeout)
+	defer cancel()
+	return fn(call)
+}
+
+// poolSize is how many connections rdb pools: per node for a Cluster or a
+// Ring, times the nodes it was given. A size left to go-redis's default
+// (which a Ring's options still show as 0), and a client of another type
+// (a wrapper), count go-redis's default for one node.
+func poolSize(rdb redis.UniversalClient) int {
+	perNode, nodes := 0, 1
+	switch c := rdb.(type) {
+	case *redis.Client:
+		perNode = c.Options().PoolSize
+	case *redis.ClusterClient:
+		perNode, nodes = c.Options().PoolSize, len(c.Options().Addrs)
+	case *redis.Ring:
+		perNode, nodes = c.Options().PoolSize, len(c.Options().Addrs)
+	}
+	if perNode <= 0 {
+		perNode = defaultPoolSize * runtime.GOMAXPROCS(0)
+	}
+	return perNode * max(1, nodes)
+}
+
+// defaultPoolSize is go-redis's default pool size per GOMAXPROCS.
+const defaultPoolSize = 10
 
 // degraded reports whether the breaker is not closed.
 func (st *store) degraded() bool { return st.cb.State() != gobreaker.StateClosed }

@@ -59,11 +59,12 @@ func (m *Manager) tryLock(ctx context.Context, k pairKey) (l *redislock.Lock, er
 }
 
 // unlock releases l, under its own RedisTimeout: the caller's ctx may have
-// ended. A lock that expired meanwhile (ErrLockNotHeld) needs nothing.
+// ended. Its turn may wait up to LockTTL, when l expires anyway. A lock
+// that expired meanwhile (ErrLockNotHeld) needs nothing.
 func (m *Manager) unlock(l *redislock.Lock) {
-	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.LockTTL)
 	defer cancel()
-	_ = l.Release(ctx)
+	_ = m.store.bounded(ctx, func(call context.Context) error { return l.Release(call) })
 }
 
 // publishIfLockFree takes the pair's lock if nobody holds it, publishes s
@@ -103,10 +104,13 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 		case <-pl.stop:
 			return
 		case <-t.C:
-			ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
-			err := pl.lock.Refresh(ctx, ttl, nil)
+			// The turn may wait until the next refresh is due.
+			ctx, cancel := context.WithTimeout(m.baseCtx, ttl/3)
+			err := m.store.bounded(ctx, func(call context.Context) error { return pl.lock.Refresh(call, ttl, nil) })
 			cancel()
-			if err != nil {
+			switch {
+			case errors.Is(err, errNoTurn): // our own calls kept Redis busy: try again at the next tick
+			case err != nil:
 				// Lost or unreachable: publish will find out (it checks the token).
 				m.ctr.redisErrors.Add(1)
 				return

@@ -3,6 +3,7 @@ package sandboxpool
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"runtime"
 	"strings"
 	"sync"
@@ -140,4 +141,46 @@ func TestBadRecordsDoNotOpenTheBreaker(t *testing.T) {
 		require.ErrorIs(t, err, errRedisUnavailable)
 	}
 	assert.True(t, m.store.degraded())
+}
+
+// The Manager's Redis turns match the client's pooled connections; a size
+// left to go-redis's default (a Ring's options keep 0) is the default, never
+// zero turns, which would block every call.
+func TestRedisTurnsMatchThePool(t *testing.T) {
+	def := 10 * runtime.GOMAXPROCS(0)
+	for name, c := range map[string]struct {
+		rdb  redis.UniversalClient
+		want int
+	}{
+		"client default": {redis.NewClient(&redis.Options{}), def},
+		"client sized":   {redis.NewClient(&redis.Options{PoolSize: 7}), 7},
+		"cluster":        {redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{"a:1", "b:1", "c:1"}, PoolSize: 4}), 12},
+		"ring default":   {redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "a:1", "b": "b:1"}}), 2 * def},
+		"wrapper":        {struct{ redis.UniversalClient }{redis.NewClient(&redis.Options{PoolSize: 3})}, def},
+	} {
+		assert.Equal(t, c.want, poolSize(c.rdb), name)
+		_ = c.rdb.Close()
+	}
+}
+
+// A call that waits for a turn and gives up is errNoTurn, and neither the
+// breaker nor Stats counts it as a Redis failure.
+func TestWaitingForARedisTurnIsNoRedisFailure(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), PoolSize: 1})
+	defer rdb.Close()
+	var errs atomic.Int64
+	st := newStore(Config{Redis: rdb, RedisTimeout: time.Second, breakerCooldown: time.Minute}.withDefaults(), slog.New(slog.DiscardHandler), &errs)
+	require.True(t, st.turns.TryAcquire(1), "the only turn, held by another call")
+	for range 2 * breakerTrips {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+		err := st.do(ctx, func(ctx context.Context) error { return rdb.Ping(ctx).Err() })
+		cancel()
+		require.ErrorIs(t, err, errNoTurn)
+		assert.NotErrorIs(t, err, errRedisUnavailable)
+	}
+	assert.False(t, st.degraded())
+	assert.Zero(t, errs.Load())
+	st.turns.Release(1)
+	require.NoError(t, st.ping(context.Background()))
 }

@@ -40,13 +40,6 @@ func instances(t *testing.T, n int, p *fp.Provider, newClient func() redis.Unive
 	return ms
 }
 
-// patientRedis gives Redis calls 5 s instead of 500 ms. The stampede tests
-// check the cross-instance coordination on a healthy Redis; on a starved
-// test machine (the race detector, 2,000 goroutines, 2 CPUs), a call can
-// wait past 500 ms for a pooled connection, and three such waits in a row
-// would look like an outage and rightly degrade to uncoordinated creates.
-func patientRedis(c *sandboxpool.Config) { c.RedisTimeout = 5 * time.Second }
-
 func sumStats(ms []*sandboxpool.Manager) (total sandboxpool.Stats) {
 	for _, m := range ms {
 		st := m.Stats()
@@ -104,10 +97,12 @@ func TestRealRedisEightInstancesOneSandboxPerPair(t *testing.T) {
 	srv := redistest.Start(t)
 	p := fp.New()
 	p.SetLatency(fp.OpCreate, 20*time.Millisecond)
-	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) }, patientRedis)
+	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) })
 	errs := stampede(t, ms, 2000, 100, 30*time.Second)
 	st := sumStats(ms)
-	require.Empty(t, errs, "degraded creates %d, Redis errors %d", st.DegradedCreates, st.RedisErrors)
+	require.Empty(t, errs)
+	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
+	assert.EqualValues(t, 0, st.RedisErrors)
 	assert.EqualValues(t, 100, p.Calls(fp.OpCreate), "creates per pair: exactly one")
 	assert.EqualValues(t, 100, st.Creates)
 	assert.Len(t, p.Alive(), 100)
@@ -119,6 +114,53 @@ func TestRealRedisEightInstancesOneSandboxPerPair(t *testing.T) {
 	require.Empty(t, stampede(t, fresh, 100, 100, 10*time.Second))
 	assert.EqualValues(t, 0, fresh[0].Stats().Creates, "same sandboxes, zero creates")
 	assert.EqualValues(t, 100, fresh[0].Stats().CacheHits)
+}
+
+// A burst of cold pairs over a slow link (2 ms per request) to a healthy
+// Redis, with small connection pools, stays coordinated: each Redis call
+// waits for its turn within the create's deadline, and RedisTimeout bounds
+// only the call itself. (Before, calls queued in go-redis's pool under
+// RedisTimeout: they timed out there, opened the breaker, and the pairs
+// were created without the cross-instance lock.)
+func TestRealRedisBurstOverASlowLinkStaysCoordinated(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.StartSlowLink(t, srv.Addr, 2*time.Millisecond)
+	p := fp.New()
+	ms := instances(t, 2, p, func() redis.UniversalClient {
+		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: link.Addr, PoolSize: 2})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	})
+	errs := stampede(t, ms, 800, 400, time.Minute) // every pair from both instances at once
+	st := sumStats(ms)
+	require.Empty(t, errs)
+	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
+	assert.EqualValues(t, 0, st.RedisErrors)
+	assert.False(t, ms[0].Stats().RedisDegraded || ms[1].Stats().RedisDegraded, "breaker opened on a healthy Redis")
+	assert.EqualValues(t, 400, p.Calls(fp.OpCreate), "one create per pair")
+}
+
+// Behind a stalled Redis, calls queued for a Redis turn fail as soon as
+// the breaker opens, as new calls do, instead of each taking RedisTimeout
+// in turn: 200 cold pairs on a 2-connection pool all return in about two
+// RedisTimeouts (50 s when queued calls waited out theirs one pair of
+// turns at a time).
+func TestRealRedisBurstOnAStalledRedisFailsFast(t *testing.T) {
+	srv := redistest.Start(t)
+	p := fp.New()
+	ms := instances(t, 1, p, func() redis.UniversalClient {
+		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: srv.Addr, PoolSize: 2})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	})
+	srv.Pause()
+	defer srv.Resume()
+	start := time.Now()
+	errs := stampede(t, ms, 200, 200, time.Minute)
+	elapsed := time.Since(start)
+	assert.Empty(t, errs, "memory-only creates while Redis is out")
+	assert.EqualValues(t, 200, ms[0].Stats().DegradedCreates)
+	assert.Less(t, elapsed, 10*time.Second, "queued calls waited out RedisTimeout one turn at a time")
 }
 
 // Quotas hold exactly across instances under concurrency on a real Redis.
@@ -221,14 +263,16 @@ func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
 	p := fp.New()
 	p.SetLatency(fp.OpCreate, 20*time.Millisecond)
 	ms := instances(t, 8, p, func() redis.UniversalClient { return cl.Client(t) },
-		patientRedis, func(c *sandboxpool.Config) {
+		func(c *sandboxpool.Config) {
 			c.MaxSandboxes = 1000
 			c.MaxPerUser = 100
 			c.CreateLimit = sandboxpool.RateLimit{Rate: 1000, Per: time.Second}
 		})
 	errs := stampede(t, ms, 2000, 100, 30*time.Second)
 	st := sumStats(ms)
-	require.Empty(t, errs, "degraded creates %d, Redis errors %d", st.DegradedCreates, st.RedisErrors)
+	require.Empty(t, errs)
+	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
+	assert.EqualValues(t, 0, st.RedisErrors)
 	assert.EqualValues(t, 100, p.Calls(fp.OpCreate))
 	assert.Len(t, p.Alive(), 100)
 	t.Logf("cluster: 2000 acquires over 100 pairs on 8 instances: %d creates", st.Creates)
