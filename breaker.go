@@ -143,22 +143,26 @@ func (st *store) bounded(ctx context.Context, fn func(context.Context) error) er
 	return fn(call)
 }
 
-// poolSize is how many connections rdb pools: per node for a Cluster or a
-// Ring, times the nodes it was given. A size left to go-redis's default
-// (which a Ring's options still show as 0), and a client of another type
-// (a wrapper), count go-redis's default for one node.
+// poolSize is how many connections rdb pools: PoolSize, or MaxActiveConns
+// if that is smaller, per node for a Cluster or a Ring, times the nodes it
+// was given. A size left to go-redis's default (which a Ring's options
+// still show as 0), and a client of another type (a wrapper), count
+// go-redis's default for one node.
 func poolSize(rdb redis.UniversalClient) int {
-	perNode, nodes := 0, 1
+	perNode, active, nodes := 0, 0, 1
 	switch c := rdb.(type) {
 	case *redis.Client:
-		perNode = c.Options().PoolSize
+		perNode, active = c.Options().PoolSize, c.Options().MaxActiveConns
 	case *redis.ClusterClient:
-		perNode, nodes = c.Options().PoolSize, len(c.Options().Addrs)
+		perNode, active, nodes = c.Options().PoolSize, c.Options().MaxActiveConns, len(c.Options().Addrs)
 	case *redis.Ring:
-		perNode, nodes = c.Options().PoolSize, len(c.Options().Addrs)
+		perNode, active, nodes = c.Options().PoolSize, c.Options().MaxActiveConns, len(c.Options().Addrs)
 	}
 	if perNode <= 0 {
 		perNode = defaultPoolSize * runtime.GOMAXPROCS(0)
+	}
+	if active > 0 {
+		perNode = min(perNode, active)
 	}
 	return perNode * max(1, nodes)
 }

@@ -154,6 +154,7 @@ func TestRedisTurnsMatchThePool(t *testing.T) {
 	}{
 		"client default": {redis.NewClient(&redis.Options{}), def},
 		"client sized":   {redis.NewClient(&redis.Options{PoolSize: 7}), 7},
+		"client capped":  {redis.NewClient(&redis.Options{PoolSize: 7, MaxActiveConns: 3}), 3},
 		"cluster":        {redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{"a:1", "b:1", "c:1"}, PoolSize: 4}), 12},
 		"ring default":   {redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "a:1", "b": "b:1"}}), 2 * def},
 		"wrapper":        {struct{ redis.UniversalClient }{redis.NewClient(&redis.Options{PoolSize: 3})}, def},
