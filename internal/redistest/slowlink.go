@@ -9,13 +9,13 @@ import (
 )
 
 // SlowLink is a loopback TCP proxy to a Redis that delays every write from
-// a client by Delay before passing it on: a link with Delay of round-trip
-// time, as to a Redis in another zone. It is closed at test end, with every
+// a client before passing it on: a link with that much round-trip time, as
+// to a Redis in another zone. It is closed at test end, with every
 // connection through it.
 type SlowLink struct {
-	Addr  string // what clients dial
-	Delay time.Duration
+	Addr string // what clients dial
 
+	delay  time.Duration
 	ln     net.Listener
 	mu     sync.Mutex
 	conns  []net.Conn
@@ -30,7 +30,7 @@ func StartSlowLink(t testing.TB, target string, delay time.Duration) *SlowLink {
 	if err != nil {
 		t.Fatalf("slow link: %v", err)
 	}
-	l := &SlowLink{Addr: ln.Addr().String(), Delay: delay, ln: ln}
+	l := &SlowLink{Addr: ln.Addr().String(), delay: delay, ln: ln}
 	l.wg.Add(1)
 	go l.accept(target)
 	t.Cleanup(l.close)
@@ -58,14 +58,14 @@ func (l *SlowLink) accept(target string) {
 			_, _ = io.Copy(c, s)
 			_ = c.Close()
 		}()
-		go func() { // requests wait Delay
+		go func() { // requests wait the delay
 			defer l.wg.Done()
 			defer s.Close()
 			buf := make([]byte, 64<<10)
 			for {
 				n, err := c.Read(buf)
 				if n > 0 {
-					time.Sleep(l.Delay)
+					time.Sleep(l.delay)
 					if _, werr := s.Write(buf[:n]); werr != nil {
 						return
 					}
