@@ -68,8 +68,8 @@ type store struct {
 	// starts RedisTimeout, which so bounds the call itself. Without it a
 	// burst of creates queued in go-redis's pool under RedisTimeout: over a
 	// 2 ms link with a 2-connection pool, 400 cold pairs on two instances
-	// timed out there 558 times, opened the breaker with Redis healthy, and
-	// 397 were created without the cross-instance lock
+	// timed out there, opened the breaker with Redis healthy (558 Redis
+	// errors counted), and 397 were created without the cross-instance lock
 	// (TestRealRedisBurstOverASlowLinkStaysCoordinated).
 	turns   *semaphore.Weighted
 	cb      *gobreaker.CircuitBreaker[struct{}]
