@@ -145,27 +145,30 @@ func (st *store) bounded(ctx context.Context, fn func(context.Context) error) er
 }
 
 // poolSize is how many connections rdb pools: PoolSize, or MaxActiveConns
-// if that is smaller, per node for a Cluster or a Ring, times the nodes it
-// was given. A size left to go-redis's default (which a Ring's options
-// still show as 0), and a client of another type (a wrapper), count
-// go-redis's default for one node.
+// if that is smaller. A Cluster or a Ring pools that many per node, and
+// counts as one node: the calls of a burst need not spread evenly over the
+// nodes, and those queued at one node's pool would time out there
+// (multiplied by its three nodes, the turns let a Cluster stampede under
+// load count Redis errors in two runs of eight; per node, none in eight).
+// A size left to go-redis's default (which a Ring's options still show as
+// 0), and a client of another type (a wrapper), count go-redis's default.
 func poolSize(rdb redis.UniversalClient) int {
-	perNode, active, nodes := 0, 0, 1
+	size, active := 0, 0
 	switch c := rdb.(type) {
 	case *redis.Client:
-		perNode, active = c.Options().PoolSize, c.Options().MaxActiveConns
+		size, active = c.Options().PoolSize, c.Options().MaxActiveConns
 	case *redis.ClusterClient:
-		perNode, active, nodes = c.Options().PoolSize, c.Options().MaxActiveConns, len(c.Options().Addrs)
+		size, active = c.Options().PoolSize, c.Options().MaxActiveConns
 	case *redis.Ring:
-		perNode, active, nodes = c.Options().PoolSize, c.Options().MaxActiveConns, len(c.Options().Addrs)
+		size, active = c.Options().PoolSize, c.Options().MaxActiveConns
 	}
-	if perNode <= 0 {
-		perNode = defaultPoolSize * runtime.GOMAXPROCS(0)
+	if size <= 0 {
+		size = defaultPoolSize * runtime.GOMAXPROCS(0)
 	}
 	if active > 0 {
-		perNode = min(perNode, active)
+		size = min(size, active)
 	}
-	return perNode * max(1, nodes)
+	return size
 }
 
 // defaultPoolSize is go-redis's default pool size per GOMAXPROCS.

@@ -143,9 +143,10 @@ func TestBadRecordsDoNotOpenTheBreaker(t *testing.T) {
 	assert.True(t, m.store.degraded())
 }
 
-// The Manager's Redis turns match the client's pooled connections; a size
-// left to go-redis's default (a Ring's options keep 0) is the default, never
-// zero turns, which would block every call.
+// The Manager's Redis turns match the client's pooled connections (one
+// node's, for a Cluster or a Ring); a size left to go-redis's default (a
+// Ring's options keep 0) is the default, never zero turns, which would
+// block every call.
 func TestRedisTurnsMatchThePool(t *testing.T) {
 	def := 10 * runtime.GOMAXPROCS(0)
 	for name, c := range map[string]struct {
@@ -155,8 +156,8 @@ func TestRedisTurnsMatchThePool(t *testing.T) {
 		"client default": {redis.NewClient(&redis.Options{}), def},
 		"client sized":   {redis.NewClient(&redis.Options{PoolSize: 7}), 7},
 		"client capped":  {redis.NewClient(&redis.Options{PoolSize: 7, MaxActiveConns: 3}), 3},
-		"cluster":        {redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{"a:1", "b:1", "c:1"}, PoolSize: 4}), 12},
-		"ring default":   {redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "a:1", "b": "b:1"}}), 2 * def},
+		"cluster":        {redis.NewClusterClient(&redis.ClusterOptions{Addrs: []string{"a:1", "b:1", "c:1"}, PoolSize: 4}), 4},
+		"ring default":   {redis.NewRing(&redis.RingOptions{Addrs: map[string]string{"a": "a:1", "b": "b:1"}}), def},
 		"wrapper":        {struct{ redis.UniversalClient }{redis.NewClient(&redis.Options{PoolSize: 3})}, def},
 	} {
 		assert.Equal(t, c.want, poolSize(c.rdb), name)
