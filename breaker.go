@@ -53,9 +53,20 @@ func answered(err error) bool {
 }
 
 // errNoTurn is a Redis call that never started: its context ended while it
-// waited for one of the Manager's Redis turns (see store.turns). It says
-// nothing about Redis, so the breaker does not count it.
-var errNoTurn = errors.New("waiting for a Redis connection")
+// waited for one of the Manager's Redis turns (see store.turns).
+// errEndedByCaller is a call its caller's context ended before RedisTimeout
+// did (a Remove under a handler's short deadline). Neither says anything
+// about Redis, so the breaker does not count them (see endedHere).
+var (
+	errNoTurn        = errors.New("waiting for a Redis connection")
+	errEndedByCaller = errors.New("the caller's context ended the Redis call")
+)
+
+// endedHere reports a call that failed for a reason on this side: its
+// caller gave up, or it never got its turn.
+func endedHere(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, errNoTurn) || errors.Is(err, errEndedByCaller)
+}
 
 // store is the Manager's Redis: client, breaker, lock and rate limiter.
 type store struct {
@@ -93,7 +104,7 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		IsSuccessful: func(err error) bool { return err == nil || answered(err) },
 		// The caller giving up, or waiting in its own queue, says nothing
 		// about Redis.
-		IsExcluded: func(err error) bool { return errors.Is(err, context.Canceled) || errors.Is(err, errNoTurn) },
+		IsExcluded: endedHere,
 		OnStateChange: func(_ string, from, to gobreaker.State) {
 			log.LogAttrs(context.Background(), slog.LevelWarn, "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
 		},
@@ -102,9 +113,9 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 }
 
 // do runs one Redis call through the breaker (see bounded). A missing key
-// is no error; a call that never got its turn returns errNoTurn; other
-// answered errors (see answered) are returned as they are, and every other
-// error wraps errRedisUnavailable.
+// is no error; a call that ended on this side (see endedHere) returns its
+// error, not counted; other answered errors (see answered) are returned as
+// they are, and every other error wraps errRedisUnavailable.
 func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	_, err := st.cb.Execute(func() (struct{}, error) {
 		return struct{}{}, st.bounded(ctx, func(call context.Context) error {
@@ -122,7 +133,7 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	switch {
 	case err == nil || errors.Is(err, redis.Nil):
 		return nil
-	case errors.Is(err, errNoTurn):
+	case endedHere(err):
 		return err
 	}
 	st.errs.Add(1)
@@ -133,7 +144,9 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 }
 
 // bounded runs fn with a Redis turn held and RedisTimeout on its context;
-// ctx alone bounds the wait for the turn.
+// ctx alone bounds the wait for the turn. A call that fails once ctx has
+// ended was cut short by its caller, not by RedisTimeout: it returns
+// errEndedByCaller.
 func (st *store) bounded(ctx context.Context, fn func(context.Context) error) error {
 	if err := st.turns.Acquire(ctx, 1); err != nil {
 		return fmt.Errorf("%w: %w", errNoTurn, context.Cause(ctx))
@@ -141,7 +154,11 @@ func (st *store) bounded(ctx context.Context, fn func(context.Context) error) er
 	defer st.turns.Release(1)
 	call, cancel := context.WithTimeout(ctx, st.timeout)
 	defer cancel()
-	return fn(call)
+	err := fn(call)
+	if err != nil && ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", errEndedByCaller, err)
+	}
+	return err
 }
 
 // poolSize is how many connections rdb pools: PoolSize, or MaxActiveConns

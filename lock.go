@@ -109,7 +109,9 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 			err := m.store.bounded(ctx, func(call context.Context) error { return pl.lock.Refresh(call, ttl, nil) })
 			cancel()
 			switch {
-			case errors.Is(err, errNoTurn): // our own calls kept Redis busy: try again at the next tick
+			case errors.Is(err, errNoTurn), errors.Is(err, errEndedByCaller):
+				// Our own calls kept Redis busy, or the call outlasted the wait
+				// for the next tick: try again at that tick.
 			case err != nil:
 				// Lost or unreachable: publish will find out (it checks the token).
 				m.ctr.redisErrors.Add(1)

@@ -186,3 +186,33 @@ func TestWaitingForARedisTurnIsNoRedisFailure(t *testing.T) {
 	st.turns.Release(1)
 	require.NoError(t, st.ping(context.Background()))
 }
+
+// A call its caller's context ends before RedisTimeout does (a Remove under
+// a handler's short deadline) is no Redis failure either: three in a row
+// used to open the breaker, and every create then ran without the lock.
+func TestCallsTheirCallerEndsAreNoRedisFailure(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
+	defer rdb.Close()
+	var errs atomic.Int64
+	st := newStore(Config{Redis: rdb, RedisTimeout: time.Minute, breakerCooldown: time.Minute}.withDefaults(), slog.New(slog.DiscardHandler), &errs)
+	slow := func(call context.Context) error { <-call.Done(); return call.Err() } // a Redis slower than the caller
+	for range 2 * breakerTrips {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+		err := st.do(ctx, slow)
+		cancel()
+		require.ErrorIs(t, err, errEndedByCaller)
+		require.ErrorIs(t, err, context.DeadlineExceeded, "still the caller's deadline to errors.Is")
+		assert.NotErrorIs(t, err, errRedisUnavailable)
+	}
+	assert.False(t, st.degraded())
+	assert.Zero(t, errs.Load())
+
+	// RedisTimeout ending a call is a failure, as before.
+	st.timeout = time.Millisecond
+	for range breakerTrips {
+		require.ErrorIs(t, st.do(context.Background(), slow), errRedisUnavailable)
+	}
+	assert.True(t, st.degraded())
+	assert.EqualValues(t, breakerTrips, errs.Load())
+}

@@ -163,6 +163,31 @@ func TestRealRedisBurstOnAStalledRedisFailsFast(t *testing.T) {
 	assert.Less(t, elapsed, 10*time.Second, "queued calls waited out RedisTimeout one turn at a time")
 }
 
+// Removes under a handler's short deadline, over a link slower than that
+// deadline, fail with the deadline, and do not open the breaker: the caller
+// ended those calls, not RedisTimeout, so the next create still takes the
+// lock. (Three such Removes in a row opened it before.)
+func TestRealRedisCallerDeadlinesDoNotOpenTheBreaker(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.StartSlowLink(t, srv.Addr, 150*time.Millisecond)
+	p := fp.New()
+	m := instances(t, 1, p, func() redis.UniversalClient {
+		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: link.Addr})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}, func(c *sandboxpool.Config) { c.RedisTimeout = 5 * time.Second })[0] // the link is slow, not down
+	for range 4 {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		err := m.Remove(ctx, "u", "p")
+		cancel()
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+	}
+	require.False(t, m.Stats().RedisDegraded, "the breaker opened on the callers' deadlines")
+	assert.EqualValues(t, 0, m.Stats().RedisErrors)
+	acquireID(t, m, "u", "q")
+	assert.EqualValues(t, 0, m.Stats().DegradedCreates, "created without the lock")
+}
+
 // Quotas hold exactly across instances under concurrency on a real Redis.
 func TestRealRedisQuotasExact(t *testing.T) {
 	srv := redistest.Start(t)
