@@ -102,8 +102,7 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrips },
 		// A missing key or a bad one is an answer, not a failure.
 		IsSuccessful: func(err error) bool { return err == nil || answered(err) },
-		// The caller giving up, or waiting in its own queue, says nothing
-		// about Redis.
+		// The caller giving up says nothing about Redis.
 		IsExcluded: endedHere,
 		OnStateChange: func(_ string, from, to gobreaker.State) {
 			log.LogAttrs(context.Background(), slog.LevelWarn, "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
@@ -117,18 +116,13 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 // error, not counted; other answered errors (see answered) are returned as
 // they are, and every other error wraps errRedisUnavailable.
 func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
-	_, err := st.cb.Execute(func() (struct{}, error) {
-		return struct{}{}, st.bounded(ctx, func(call context.Context) error {
-			if st.cb.State() == gobreaker.StateOpen {
-				// It opened while this call waited for its turn: behind a
-				// stalled Redis, calls queued for turns must fail now, as
-				// calls arriving now do, not take RedisTimeout each. (The
-				// breaker ignores the result of a call admitted before it
-				// opened.)
-				return gobreaker.ErrOpenState
-			}
-			return fn(call)
-		})
+	// The turn comes before the breaker, so the breaker rules on a call
+	// when it can run: behind a stalled Redis, calls queued for turns fail
+	// as soon as it opens, as calls arriving then do, instead of taking
+	// RedisTimeout each.
+	err := st.bounded(ctx, func(call context.Context) error {
+		_, err := st.cb.Execute(func() (struct{}, error) { return struct{}{}, endedBy(ctx, fn(call)) })
+		return err
 	})
 	switch {
 	case err == nil || errors.Is(err, redis.Nil):
@@ -154,11 +148,16 @@ func (st *store) bounded(ctx context.Context, fn func(context.Context) error) er
 	defer st.turns.Release(1)
 	call, cancel := context.WithTimeout(ctx, st.timeout)
 	defer cancel()
-	err := fn(call)
-	if err != nil && ctx.Err() != nil {
-		return fmt.Errorf("%w: %w", errEndedByCaller, err)
+	return endedBy(ctx, fn(call))
+}
+
+// endedBy marks err as errEndedByCaller if ctx, the caller's, has ended:
+// then the caller cut the call short, not RedisTimeout.
+func endedBy(ctx context.Context, err error) error {
+	if err == nil || ctx.Err() == nil || errors.Is(err, errEndedByCaller) {
+		return err
 	}
-	return err
+	return fmt.Errorf("%w: %w", errEndedByCaller, err)
 }
 
 // poolSize is how many connections rdb pools: PoolSize, or MaxActiveConns
@@ -170,20 +169,13 @@ func (st *store) bounded(ctx context.Context, fn func(context.Context) error) er
 // A size left to go-redis's default (which a Ring's options still show as
 // 0), and a client of another type (a wrapper), count go-redis's default.
 func poolSize(rdb redis.UniversalClient) int {
-	size, active := 0, 0
-	switch c := rdb.(type) {
-	case *redis.Client:
-		size, active = c.Options().PoolSize, c.Options().MaxActiveConns
-	case *redis.ClusterClient:
-		size, active = c.Options().PoolSize, c.Options().MaxActiveConns
-	case *redis.Ring:
-		size, active = c.Options().PoolSize, c.Options().MaxActiveConns
-	}
+	o, _ := optionsOf(rdb)
+	size := o.poolSize
 	if size <= 0 {
 		size = defaultPoolSize * runtime.GOMAXPROCS(0)
 	}
-	if active > 0 {
-		size = min(size, active)
+	if o.maxActiveConns > 0 {
+		size = min(size, o.maxActiveConns)
 	}
 	return size
 }

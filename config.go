@@ -292,20 +292,37 @@ func (c *Config) validate() error {
 	return nil
 }
 
+// clientOptions are the options of a go-redis client the Manager reads.
+type clientOptions struct {
+	contextTimeout           bool
+	poolSize, maxActiveConns int // per node for a Cluster or a Ring
+}
+
+// optionsOf reads rdb's options, if it is one of go-redis's own clients
+// (failover clients are *redis.Client); ok is false for another type (a
+// wrapper).
+func optionsOf(rdb redis.UniversalClient) (o clientOptions, ok bool) {
+	switch c := rdb.(type) {
+	case *redis.Client:
+		opt := c.Options()
+		return clientOptions{opt.ContextTimeoutEnabled, opt.PoolSize, opt.MaxActiveConns}, true
+	case *redis.ClusterClient:
+		opt := c.Options()
+		return clientOptions{opt.ContextTimeoutEnabled, opt.PoolSize, opt.MaxActiveConns}, true
+	case *redis.Ring:
+		opt := c.Options()
+		return clientOptions{opt.ContextTimeoutEnabled, opt.PoolSize, opt.MaxActiveConns}, true
+	}
+	return clientOptions{}, false
+}
+
 // honoursContextDeadlines reports whether rdb applies a call's context
 // deadline to its socket reads and writes, which a go-redis client does
 // only when built with ContextTimeoutEnabled. A client of another type (a
 // wrapper) is taken at its word.
 func honoursContextDeadlines(rdb redis.UniversalClient) bool {
-	switch c := rdb.(type) {
-	case *redis.Client:
-		return c.Options().ContextTimeoutEnabled
-	case *redis.ClusterClient:
-		return c.Options().ContextTimeoutEnabled
-	case *redis.Ring:
-		return c.Options().ContextTimeoutEnabled
-	}
-	return true
+	o, ok := optionsOf(rdb)
+	return !ok || o.contextTimeout
 }
 
 // Environment variables read by ConfigFromEnv.

@@ -109,7 +109,7 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 			err := m.store.bounded(ctx, func(call context.Context) error { return pl.lock.Refresh(call, ttl, nil) })
 			cancel()
 			switch {
-			case errors.Is(err, errNoTurn), errors.Is(err, errEndedByCaller):
+			case endedHere(err):
 				// Our own calls kept Redis busy, or the call outlasted the wait
 				// for the next tick: try again at that tick.
 			case err != nil:

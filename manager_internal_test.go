@@ -171,8 +171,7 @@ func TestWaitingForARedisTurnIsNoRedisFailure(t *testing.T) {
 	mr := miniredis.RunT(t)
 	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), PoolSize: 1})
 	defer rdb.Close()
-	var errs atomic.Int64
-	st := newStore(Config{Redis: rdb, RedisTimeout: time.Second, breakerCooldown: time.Minute}.withDefaults(), slog.New(slog.DiscardHandler), &errs)
+	st, errs := testStore(rdb, time.Second)
 	require.True(t, st.turns.TryAcquire(1), "the only turn, held by another call")
 	for range 2 * breakerTrips {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
@@ -194,8 +193,7 @@ func TestCallsTheirCallerEndsAreNoRedisFailure(t *testing.T) {
 	mr := miniredis.RunT(t)
 	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
 	defer rdb.Close()
-	var errs atomic.Int64
-	st := newStore(Config{Redis: rdb, RedisTimeout: time.Minute, breakerCooldown: time.Minute}.withDefaults(), slog.New(slog.DiscardHandler), &errs)
+	st, errs := testStore(rdb, time.Minute)
 	slow := func(call context.Context) error { <-call.Done(); return call.Err() } // a Redis slower than the caller
 	for range 2 * breakerTrips {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
@@ -215,4 +213,12 @@ func TestCallsTheirCallerEndsAreNoRedisFailure(t *testing.T) {
 	}
 	assert.True(t, st.degraded())
 	assert.EqualValues(t, breakerTrips, errs.Load())
+}
+
+// testStore is a Manager's store on rdb with the given RedisTimeout, and
+// the count of Redis errors it keeps.
+func testStore(rdb redis.UniversalClient, timeout time.Duration) (*store, *atomic.Int64) {
+	errs := new(atomic.Int64)
+	cfg := Config{Redis: rdb, RedisTimeout: timeout, breakerCooldown: time.Minute}.withDefaults()
+	return newStore(cfg, slog.New(slog.DiscardHandler), errs), errs
 }

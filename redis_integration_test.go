@@ -126,11 +126,7 @@ func TestRealRedisBurstOverASlowLinkStaysCoordinated(t *testing.T) {
 	srv := redistest.Start(t)
 	link := redistest.StartSlowLink(t, srv.Addr, 2*time.Millisecond)
 	p := fp.New()
-	ms := instances(t, 2, p, func() redis.UniversalClient {
-		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: link.Addr, PoolSize: 2})
-		t.Cleanup(func() { _ = c.Close() })
-		return c
-	})
+	ms := instances(t, 2, p, pooledClient(t, link.Addr, 2))
 	errs := stampede(t, ms, 800, 400, time.Minute) // every pair from both instances at once
 	st := sumStats(ms)
 	require.Empty(t, errs)
@@ -148,11 +144,7 @@ func TestRealRedisBurstOverASlowLinkStaysCoordinated(t *testing.T) {
 func TestRealRedisBurstOnAStalledRedisFailsFast(t *testing.T) {
 	srv := redistest.Start(t)
 	p := fp.New()
-	ms := instances(t, 1, p, func() redis.UniversalClient {
-		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: srv.Addr, PoolSize: 2})
-		t.Cleanup(func() { _ = c.Close() })
-		return c
-	})
+	ms := instances(t, 1, p, pooledClient(t, srv.Addr, 2))
 	srv.Pause()
 	defer srv.Resume()
 	start := time.Now()
@@ -171,11 +163,7 @@ func TestRealRedisCallerDeadlinesDoNotOpenTheBreaker(t *testing.T) {
 	srv := redistest.Start(t)
 	link := redistest.StartSlowLink(t, srv.Addr, 150*time.Millisecond)
 	p := fp.New()
-	m := instances(t, 1, p, func() redis.UniversalClient {
-		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: link.Addr})
-		t.Cleanup(func() { _ = c.Close() })
-		return c
-	}, func(c *sandboxpool.Config) { c.RedisTimeout = 5 * time.Second })[0] // the link is slow, not down
+	m := instances(t, 1, p, pooledClient(t, link.Addr, 0), func(c *sandboxpool.Config) { c.RedisTimeout = 5 * time.Second })[0] // the link is slow, not down
 	for range 4 {
 		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 		err := m.Remove(ctx, "u", "p")
@@ -213,6 +201,16 @@ func outageClient(t *testing.T, addr string) func() redis.UniversalClient {
 	return func() redis.UniversalClient {
 		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
 			ReadTimeout: 200 * time.Millisecond, WriteTimeout: 200 * time.Millisecond})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+}
+
+// pooledClient makes clients for addr with poolSize connections (0: go-redis's
+// default); each is closed at test end.
+func pooledClient(t *testing.T, addr string, poolSize int) func() redis.UniversalClient {
+	return func() redis.UniversalClient {
+		c := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, PoolSize: poolSize})
 		t.Cleanup(func() { _ = c.Close() })
 		return c
 	}
