@@ -166,11 +166,11 @@ func (m *Manager) quotaSets(k pairKey) (keys []string, limits []int) {
 	return keys, limits
 }
 
-// reserveRemote applies CreateLimit and the quotas cluster-wide. A refusal
-// wraps ErrRateLimited or ErrQuotaExceeded; a Redis failure wraps
-// errRedisUnavailable.
-func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64) error {
-	if r := m.cfg.CreateLimit; r.enabled() {
+// reserveRemote applies CreateLimit (once per create: see coordination)
+// and the quotas cluster-wide. A refusal wraps ErrRateLimited or
+// ErrQuotaExceeded; a Redis failure wraps errRedisUnavailable.
+func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *coordination) error {
+	if r := m.cfg.CreateLimit; r.enabled() && !co.rated {
 		var res *redis_rate.Result
 		err := m.store.do(ctx, func(ctx context.Context) (err error) {
 			res, err = m.store.limiter.Allow(ctx, m.store.rateKey(k.user), redis_rate.Limit{Rate: r.Rate, Burst: r.Burst, Period: r.Per})
@@ -182,6 +182,7 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64) error
 		if res.Allowed == 0 {
 			return &RetryAfterError{Err: ErrRateLimited, RetryAfter: res.RetryAfter}
 		}
+		co.rated = true
 	}
 	keys, limits := m.quotaSets(k)
 	score := nsToMs(now + int64(m.cfg.CreateTimeout)) // provisional, until published

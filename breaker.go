@@ -18,8 +18,10 @@ import (
 )
 
 const (
-	// breakerTrips consecutive Redis failures open the breaker: one failure
-	// may be a blip, three in a row is an outage worth not waiting on.
+	// breakerTrips consecutive Redis failures, with no answer from Redis
+	// for RedisTimeout, open the breaker: one failure may be a blip, three
+	// in a row while Redis says nothing is an outage worth not waiting on
+	// (see store.silent).
 	breakerTrips = 3
 	// breakerCooldown is how long the breaker stays open before letting one
 	// probe through.
@@ -88,18 +90,37 @@ type store struct {
 	limiter *redis_rate.Limiter
 	log     *slog.Logger
 	errs    *atomic.Int64 // Stats().RedisErrors
+	// born and heard time Redis's last answer: heard is when a call last
+	// succeeded or was answered (see answered), as time since born on the
+	// monotonic clock, so that the breaker can ask how long Redis has been
+	// silent.
+	born  time.Time
+	heard atomic.Int64
+}
+
+// silent reports whether Redis has answered no call for RedisTimeout. The
+// breaker opens only then: failures among answers are calls cut short on
+// this side of Redis. In a burst of cold creates on a busy host (8
+// instances of a 3-node Cluster client, 2,000 Acquires, under the race
+// detector on two CPUs) calls queued for the CPU past RedisTimeout while
+// Redis answered the others within it; three of them in a row opened the
+// breaker, and up to 75 of 100 pairs were created without the lock, some
+// twice. A Redis that stalls or goes away answers nothing, and the breaker
+// opens at most RedisTimeout later than it did on three failures alone.
+func (st *store) silent() bool {
+	return time.Since(st.born)-time.Duration(st.heard.Load()) >= st.timeout
 }
 
 func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 	cooldown := cfg.breakerCooldown
-	st := &store{rdb: cfg.Redis, ns: cfg.Namespace, timeout: cfg.RedisTimeout, log: log, errs: errs,
+	st := &store{rdb: cfg.Redis, ns: cfg.Namespace, timeout: cfg.RedisTimeout, log: log, errs: errs, born: time.Now(),
 		turns:  semaphore.NewWeighted(int64(poolSize(cfg.Redis))),
 		locker: redislock.New(cfg.Redis), limiter: redis_rate.NewLimiter(cfg.Redis)}
 	st.cb = gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        "sandboxpool-redis",
 		MaxRequests: 1,
 		Timeout:     cooldown,
-		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrips },
+		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrips && st.silent() },
 		// A missing key or a bad one is an answer, not a failure.
 		IsSuccessful: func(err error) bool { return err == nil || answered(err) },
 		// The caller giving up says nothing about Redis.
@@ -121,7 +142,13 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	// as soon as it opens, as calls arriving then do, instead of taking
 	// RedisTimeout each.
 	err := st.bounded(ctx, func(call context.Context) error {
-		_, err := st.cb.Execute(func() (struct{}, error) { return struct{}{}, endedBy(ctx, fn(call)) })
+		_, err := st.cb.Execute(func() (struct{}, error) {
+			err := endedBy(ctx, fn(call))
+			if err == nil || answered(err) {
+				st.heard.Store(int64(time.Since(st.born)))
+			}
+			return struct{}{}, err
+		})
 		return err
 	})
 	switch {

@@ -176,15 +176,20 @@ func (st *store) del(ctx context.Context, k pairKey) error {
 }
 
 // fromCache finds the pair's sandbox in Redis and reconnects to it with the
-// pair's aligned deadline. It returns nil, nil on a miss (or when Redis is
-// unavailable: the create path decides what that means). A definitive
-// not-found deletes the record (compare-and-delete) and is a miss.
+// pair's aligned deadline. It returns nil, nil on a miss, which a record
+// that does not parse counts as (the next publish rewrites it). A read
+// that Redis failed is no miss: it returns the error, and the create path
+// decides what that means. A definitive not-found deletes the record
+// (compare-and-delete) and is a miss.
 func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
 	if m.store == nil {
 		return nil, nil
 	}
 	rec, ok, err := m.store.get(ctx, k)
-	if err != nil || !ok {
+	switch {
+	case err != nil && !answered(err):
+		return nil, pairErr("read Redis record", k, err)
+	case err != nil || !ok:
 		return nil, nil
 	}
 	now := m.clock.precise()

@@ -946,3 +946,125 @@ func TestRedisTimeoutBoundsCallsToAStalledRedis(t *testing.T) {
 	require.NoError(t, m.Close(ctx))
 	assert.Less(t, time.Since(start), 5*time.Second, "Close waited on a stalled Redis")
 }
+
+// faultHook decides the fate of the calls of one client whose arguments
+// name key: fate gets them in order (a script's NOSCRIPT round, which
+// go-redis follows with the script itself, is not counted).
+type faultHook struct {
+	key  string
+	mu   sync.Mutex
+	seen int
+	fate func(n int) fate
+}
+
+type fate int
+
+const (
+	pass  fate = iota
+	fail       // never sent
+	lose       // reaches Redis; its reply does not come back
+	empty      // answered as an empty hash (a miss), without Redis
+)
+
+var errInjected = errors.New("i/o timeout (injected)")
+
+func (h *faultHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *faultHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (h *faultHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if !slices.Contains(cmd.Args(), any(h.key)) {
+			return next(ctx, cmd)
+		}
+		h.mu.Lock()
+		h.seen++
+		f := h.fate(h.seen)
+		h.mu.Unlock()
+		switch f {
+		case fail:
+			cmd.SetErr(errInjected)
+			return errInjected
+		case empty:
+			cmd.(*redis.MapStringStringCmd).SetVal(map[string]string{})
+			return nil
+		}
+		err := next(ctx, cmd)
+		switch {
+		case err != nil && strings.HasPrefix(err.Error(), "NOSCRIPT"):
+			h.mu.Lock()
+			h.seen--
+			h.mu.Unlock()
+		case f == lose:
+			cmd.SetErr(errInjected)
+			return errInjected
+		}
+		return err
+	}
+}
+
+// A Redis call on the create path that fails while Redis answers the
+// others is no outage: the create is tried again under the lock, never
+// made without it. Before, one such failure made the pair a sandbox
+// without the lock (counted as a degraded create), and a failed read of
+// the record under the lock counted as a miss: the pair got a second
+// sandbox, published over the first. A lock whose grant reached Redis but
+// whose reply was lost is the create's own to take again (not waited out
+// for LockTTL), and CreateLimit charges the create once.
+func TestRedisFailuresAmongAnswersKeepCreatesCoordinated(t *testing.T) {
+	const sbxKey, lockKey = "sandboxpool:{u:p}:sbx", "sandboxpool:{u:p}:lock"
+	for name, c := range map[string]struct {
+		key       string
+		published bool // another instance has published a sandbox for the pair
+		fates     []fate
+	}{
+		"lock grant's reply lost":   {key: lockKey, fates: []fate{lose}},
+		"lock call fails twice":     {key: lockKey, fates: []fate{fail, fail}},
+		"read under the lock fails": {key: sbxKey, published: true, fates: []fate{empty, fail}}, // the first read, before the lock, found nothing yet
+	} {
+		t.Run(name, func(t *testing.T) {
+			cl := newMiniCluster(t, func(cfg *sandboxpool.Config) {
+				cfg.LockTTL = time.Hour // a lock left to expire would outlast the test
+				cfg.CreateLimit = sandboxpool.RateLimit{Rate: 1, Per: time.Hour}
+			})
+			hook := &faultHook{key: c.key, fate: func(n int) fate {
+				if n <= len(c.fates) {
+					return c.fates[n-1]
+				}
+				return pass
+			}}
+			m := cl.instance(t, func(cfg *sandboxpool.Config) {
+				rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: cl.addr, MaxRetries: -1})
+				rdb.AddHook(hook)
+				t.Cleanup(func() { _ = rdb.Close() })
+				cfg.Redis = rdb
+			})
+			want := ""
+			if c.published { // made elsewhere, under other metadata: no listing finds it
+				sb, err := cl.p.Create(context.Background(), sandboxpool.CreateRequest{Template: "base", Timeout: 5 * time.Minute})
+				require.NoError(t, err)
+				cl.publish(t, "u", "p", sb.ID)
+				want = sb.ID
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			l, err := m.Acquire(ctx, "u", "p")
+			require.NoError(t, err)
+			got := l.Sandbox().ID
+			l.Release()
+
+			st := m.Stats()
+			assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
+			assert.False(t, st.RedisDegraded)
+			assert.Positive(t, st.RedisErrors, "the injected failures are counted")
+			assert.Len(t, cl.p.Alive(), 1, "one sandbox for the pair")
+			if want == "" {
+				want = cl.p.Alive()[0]
+			}
+			assert.Equal(t, want, got)
+			assert.Equal(t, want, cl.hget(t, sbxKey, "id"), "the pair's record names it")
+			assert.NotContains(t, cl.keys(t), lockKey, "the lock is let go")
+		})
+	}
+}

@@ -27,9 +27,11 @@ var (
 	ErrSandboxNotFound = errors.New("sandboxpool: sandbox not found")
 	// ErrUnavailable is returned when the Manager cannot coordinate a create
 	// with other instances: Redis is unreachable and
-	// Config.RefuseCreatesWhenDegraded is set, or the pair's create lock
-	// vanished under two creates in a row with no sandbox published (a
-	// failover or an evicting Redis). Retrying later may succeed.
+	// Config.RefuseCreatesWhenDegraded is set; Redis kept failing the
+	// create's calls until CreateTimeout while answering others (the
+	// breaker closed); or the pair's create lock vanished under two creates
+	// in a row with no sandbox published (a failover or an evicting Redis).
+	// Retrying later may succeed.
 	ErrUnavailable = errors.New("sandboxpool: coordination store unavailable")
 )
 

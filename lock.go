@@ -24,12 +24,13 @@ type pairLock struct {
 	wg   sync.WaitGroup
 }
 
-// obtainLock waits for the pair's lock, as long as ctx allows. Each attempt
-// is one Redis call, bounded by RedisTimeout like every other: a stalled
-// Redis fails it in RedisTimeout, not in the whole wait.
-func (m *Manager) obtainLock(ctx context.Context, k pairKey) (*pairLock, error) {
+// obtainLock waits for the pair's lock, as long as ctx allows, and takes it
+// with token. Each attempt is one Redis call, bounded by RedisTimeout like
+// every other: a stalled Redis fails it in RedisTimeout, not in the whole
+// wait.
+func (m *Manager) obtainLock(ctx context.Context, k pairKey, token string) (*pairLock, error) {
 	for {
-		l, err := m.tryLock(ctx, k)
+		l, err := m.tryLock(ctx, k, token)
 		switch {
 		case err != nil:
 			return nil, err
@@ -44,12 +45,16 @@ func (m *Manager) obtainLock(ctx context.Context, k pairKey) (*pairLock, error) 
 	}
 }
 
-// tryLock makes one attempt at the pair's lock. It returns no lock and no
-// error when another instance holds it, or when ctx ended: neither is a
-// Redis failure, and the breaker does not count it.
-func (m *Manager) tryLock(ctx context.Context, k pairKey) (l *redislock.Lock, err error) {
+// tryLock makes one attempt at the pair's lock with token. It returns no
+// lock and no error when another instance holds it, or when ctx ended:
+// neither is a Redis failure, and the breaker does not count it. A lock
+// that already holds token is taken again (redislock's obtain script):
+// an earlier attempt of the same create whose grant reached Redis but
+// whose reply was lost (cut by RedisTimeout) does not keep the pair locked
+// against its own create until LockTTL.
+func (m *Manager) tryLock(ctx context.Context, k pairKey, token string) (l *redislock.Lock, err error) {
 	err = m.store.do(ctx, func(call context.Context) (err error) {
-		l, err = m.store.locker.Obtain(call, m.store.lockKey(k), m.cfg.LockTTL, nil)
+		l, err = m.store.locker.Obtain(call, m.store.lockKey(k), m.cfg.LockTTL, &redislock.Options{Token: token})
 		if errors.Is(err, redislock.ErrNotObtained) || ctx.Err() != nil {
 			return nil
 		}
@@ -73,8 +78,8 @@ func (m *Manager) unlock(l *redislock.Lock) {
 // holding the lock means nobody else is creating, so its sandbox can still
 // be the pair's, and killing it would only make the next caller wait for
 // another create.
-func (m *Manager) publishIfLockFree(ctx context.Context, s *slot) bool {
-	l, err := m.tryLock(ctx, s.key)
+func (m *Manager) publishIfLockFree(ctx context.Context, s *slot, token string) bool {
+	l, err := m.tryLock(ctx, s.key, token)
 	if err != nil || l == nil {
 		return false // held: someone else is creating
 	}

@@ -2,6 +2,7 @@ package sandboxpool
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,6 +31,11 @@ const (
 	// maxLeaseAttempts bounds how often Acquire retries when the sandbox a
 	// fill produced is evicted or removed before the caller could lease it.
 	maxLeaseAttempts = 3
+	// redisRetry is the pause before a coordinated create tries again after
+	// a Redis failure the breaker has not judged an outage (see create):
+	// short next to a create, long enough not to add to a burst that may
+	// have made the call time out.
+	redisRetry = 50 * time.Millisecond
 )
 
 // Manager gives every (user, project) pair its own sandbox, reused across
@@ -318,7 +324,9 @@ func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcom
 		}
 	}
 	s, err := m.fromCache(ctx, sh, k)
-	if s == nil && err == nil {
+	if s == nil && (err == nil || errors.Is(err, errRedisUnavailable)) {
+		// A read Redis failed is no miss, but the create path reads again
+		// under the pair's lock before it creates.
 		s, err = m.create(ctx, sh, k)
 	}
 	switch {
@@ -357,20 +365,33 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 	}
 }
 
-// create admits, finds or creates the pair's sandbox and parks it. With a
-// healthy Redis it coordinates across instances; when Redis is unavailable
-// it creates without the lock (counted), or refuses if so configured.
+// create admits, finds or creates the pair's sandbox and parks it. With
+// Redis it coordinates across instances. Once the breaker has judged Redis
+// unavailable it creates without the lock (counted), or refuses if so
+// configured. A Redis call that fails with the breaker still closed is no
+// such judgement (a call RedisTimeout cut short while Redis answered others,
+// in a burst on a busy host): creating then could make the pair a second
+// sandbox, so the coordinated create is tried again, every redisRetry,
+// until it succeeds, the breaker opens, or the fill's time runs out (see
+// coordination for what the attempts share).
 func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
 	m.ctr.cacheMisses.Add(1)
-	if m.store != nil && !m.store.degraded() {
-		s, err := m.createCoordinated(ctx, sh, k)
-		if !errors.Is(err, errRedisUnavailable) {
-			return s, err
+	if m.store != nil {
+		co := &coordination{token: rand.Text()}
+		for !m.store.degraded() {
+			s, err := m.createCoordinated(ctx, sh, k, co)
+			switch {
+			case !errors.Is(err, errRedisUnavailable):
+				return s, err
+			case m.store.degraded():
+				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis unavailable on the create path", slog.Any("error", err))
+			case !pause(ctx, redisRetry):
+				return nil, pairErr("create", k, fmt.Errorf("%w: %w", ErrUnavailable, err))
+			}
 		}
-		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis unavailable on the create path", slog.Any("error", err))
-	}
-	if m.store != nil && m.cfg.RefuseCreatesWhenDegraded {
-		return nil, pairErr("create", k, ErrUnavailable)
+		if m.cfg.RefuseCreatesWhenDegraded {
+			return nil, pairErr("create", k, ErrUnavailable)
+		}
 	}
 	s, err := m.createLocal(ctx, k, true)
 	if err != nil {
@@ -405,8 +426,8 @@ func (m *Manager) createLocal(ctx context.Context, k pairKey, withRate bool) (*s
 // A create whose lock was lost with nothing published in its place is tried
 // again, once: the second attempt waits for whoever holds the lock now and
 // adopts what it publishes.
-func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
-	if err := m.reserveRemote(ctx, k, m.clock.precise()); err != nil {
+func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey, co *coordination) (*slot, error) {
+	if err := m.reserveRemote(ctx, k, m.clock.precise(), co); err != nil {
 		m.countRefusal(err)
 		if errors.Is(err, errRedisUnavailable) {
 			return nil, err
@@ -414,7 +435,7 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 		return nil, pairErr("create", k, err)
 	}
 	for attempt := 1; ; attempt++ {
-		s, err := m.createUnderLock(ctx, sh, k)
+		s, err := m.createUnderLock(ctx, sh, k, co.token)
 		if !errors.Is(err, errLockLost) {
 			return s, err
 		}
@@ -422,6 +443,16 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey) (
 			return nil, pairErr("create", k, fmt.Errorf("%w: %w (%d times)", ErrUnavailable, err, attempt))
 		}
 	}
+}
+
+// coordination is what the attempts of one coordinated create share (see
+// create): the lock token, so that a lock whose grant reached Redis but
+// whose reply was lost is this create's own to take again, not a
+// stranger's to wait out for LockTTL; and whether CreateLimit has let the
+// create through, so that a create tried again is charged once.
+type coordination struct {
+	token string
+	rated bool
 }
 
 // lostLockAttempts bounds the creates of one fill that may lose their lock
@@ -442,8 +473,8 @@ var errLockLost = errors.New("the create lock was lost and no sandbox was publis
 // winner's, or returns errLockLost when there is none. The remote
 // reservation is kept on success and dropped when this fails under the
 // lock.
-func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
-	lock, err := m.obtainLock(ctx, k)
+func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, token string) (*slot, error) {
+	lock, err := m.obtainLock(ctx, k, token)
 	if err != nil {
 		_ = m.store.unreserve(ctx, k)
 		if errors.Is(err, errRedisUnavailable) {
@@ -467,7 +498,7 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey) (*s
 	case !ok: // our lock expired: another instance may have published meanwhile
 		m.ctr.lockLost.Add(1)
 		rec, found, err := m.store.get(ctx, k)
-		if err == nil && (found && rec.id == s.id || !found && m.publishIfLockFree(ctx, s)) {
+		if err == nil && (found && rec.id == s.id || !found && m.publishIfLockFree(ctx, s, token)) {
 			break // ours is the pair's: its new holder found it by metadata, or nobody took the lock
 		}
 		if s.clearFlag(flagCounted) {

@@ -2,6 +2,7 @@ package sandboxpool
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"runtime"
@@ -213,6 +214,35 @@ func TestCallsTheirCallerEndsAreNoRedisFailure(t *testing.T) {
 	}
 	assert.True(t, st.degraded())
 	assert.EqualValues(t, breakerTrips, errs.Load())
+}
+
+// Failures among Redis's answers do not open the breaker: Redis answered a
+// call within RedisTimeout, so calls that failed meanwhile were cut short
+// on this side (a burst on a busy host). Failures after RedisTimeout of
+// silence open it, as three failures alone did before.
+func TestBreakerOpensOnlyOnASilentRedis(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
+	defer rdb.Close()
+	st, errs := testStore(rdb, time.Minute)
+	ctx := context.Background()
+	cut := func(context.Context) error { return errors.New("i/o timeout") }
+	require.NoError(t, st.ping(ctx))
+	for range 2 * breakerTrips {
+		require.ErrorIs(t, st.do(ctx, cut), errRedisUnavailable)
+	}
+	assert.False(t, st.degraded(), "Redis answered within RedisTimeout")
+
+	require.NoError(t, st.ping(ctx)) // and again: the failures start anew
+	st.timeout = time.Millisecond
+	time.Sleep(2 * st.timeout)
+	for range breakerTrips - 1 {
+		require.ErrorIs(t, st.do(ctx, cut), errRedisUnavailable)
+	}
+	assert.False(t, st.degraded(), "fewer than breakerTrips failures")
+	require.ErrorIs(t, st.do(ctx, cut), errRedisUnavailable)
+	assert.True(t, st.degraded(), "silent for RedisTimeout")
+	assert.EqualValues(t, 3*breakerTrips, errs.Load(), "every failure is counted")
 }
 
 // testStore is a Manager's store on rdb with the given RedisTimeout, and

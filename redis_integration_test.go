@@ -101,12 +101,15 @@ func TestRealRedisEightInstancesOneSandboxPerPair(t *testing.T) {
 	errs := stampede(t, ms, 2000, 100, 30*time.Second)
 	st := sumStats(ms)
 	require.Empty(t, errs)
+	// A call of the burst's first wave (cold connection pools, a busy host)
+	// may outlast RedisTimeout and count as a Redis error; none may lead to
+	// a create without the lock (an open breaker would: see
+	// TestRedisFailuresAmongAnswersKeepCreatesCoordinated).
 	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
-	assert.EqualValues(t, 0, st.RedisErrors)
 	assert.EqualValues(t, 100, p.Calls(fp.OpCreate), "creates per pair: exactly one")
 	assert.EqualValues(t, 100, st.Creates)
 	assert.Len(t, p.Alive(), 100)
-	t.Logf("2000 acquires over 100 pairs on 8 instances: %d creates, %d Redis hits, %d memory hits", st.Creates, st.CacheHits, st.MemoryHits)
+	t.Logf("2000 acquires over 100 pairs on 8 instances: %d creates, %d Redis hits, %d memory hits, %d Redis errors", st.Creates, st.CacheHits, st.MemoryHits, st.RedisErrors)
 
 	// A restarted instance (closed without killing, built anew) reuses all.
 	require.NoError(t, ms[0].Close(context.Background()))
@@ -294,11 +297,10 @@ func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
 	errs := stampede(t, ms, 2000, 100, 30*time.Second)
 	st := sumStats(ms)
 	require.Empty(t, errs)
-	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
-	assert.EqualValues(t, 0, st.RedisErrors)
+	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock") // Redis errors: as in the test above
 	assert.EqualValues(t, 100, p.Calls(fp.OpCreate))
 	assert.Len(t, p.Alive(), 100)
-	t.Logf("cluster: 2000 acquires over 100 pairs on 8 instances: %d creates", st.Creates)
+	t.Logf("cluster: 2000 acquires over 100 pairs on 8 instances: %d creates, %d Redis errors", st.Creates, st.RedisErrors)
 
 	// A Remove on one instance is heard by all eight through the cluster's
 	// Pub/Sub: none hands the removed sandbox out afterwards.
