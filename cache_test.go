@@ -948,13 +948,13 @@ func TestRedisTimeoutBoundsCallsToAStalledRedis(t *testing.T) {
 }
 
 // faultHook decides the fate of the calls of one client whose arguments
-// name key: fate gets them in order (a script's NOSCRIPT round, which
-// go-redis follows with the script itself, is not counted).
+// name key: fate gets them in order, numbered from 1 (a script's NOSCRIPT
+// round, which go-redis follows with the script itself, is not counted).
 type faultHook struct {
 	key  string
 	mu   sync.Mutex
 	seen int
-	fate func(n int) fate
+	fate func(n int, cmd redis.Cmder) fate
 }
 
 type fate int
@@ -980,7 +980,7 @@ func (h *faultHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		}
 		h.mu.Lock()
 		h.seen++
-		f := h.fate(h.seen)
+		f := h.fate(h.seen, cmd)
 		h.mu.Unlock()
 		switch f {
 		case fail:
@@ -1028,7 +1028,7 @@ func TestRedisFailuresAmongAnswersKeepCreatesCoordinated(t *testing.T) {
 				cfg.LockTTL = time.Hour // a lock left to expire would outlast the test
 				cfg.CreateLimit = sandboxpool.RateLimit{Rate: 1, Per: time.Hour}
 			})
-			hook := &faultHook{key: c.key, fate: func(n int) fate {
+			hook := &faultHook{key: c.key, fate: func(n int, _ redis.Cmder) fate {
 				if n <= len(c.fates) {
 					return c.fates[n-1]
 				}
@@ -1067,4 +1067,46 @@ func TestRedisFailuresAmongAnswersKeepCreatesCoordinated(t *testing.T) {
 			assert.NotContains(t, cl.keys(t), lockKey, "the lock is let go")
 		})
 	}
+}
+
+// A creator whose lock expired, and whose read of the record then failed,
+// kills nothing: its new holder may have found the creator's sandbox by
+// metadata and published it. The create tries again, under the lock, and
+// hands that sandbox out. (Before, it killed the pair's published
+// sandbox, and made another.)
+func TestRedisLostLockWithAFailedReadKillsNothing(t *testing.T) {
+	c := newMiniCluster(t)
+	gate := &gatedCreate{Provider: c.p, created: make(chan string, 2), proceed: make(chan struct{})}
+	published := false
+	hook := &faultHook{key: "sandboxpool:{u:p}:sbx", fate: func(_ int, cmd redis.Cmder) fate {
+		switch name := cmd.Name(); {
+		case name == "evalsha" || name == "eval":
+			published = true // our publish, refused: the lock is not ours
+		case name == "hgetall" && published:
+			published = false
+			return fail // the read that follows it
+		}
+		return pass
+	}}
+	m := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.Provider = gate
+		rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: c.addr, MaxRetries: -1})
+		rdb.AddHook(hook)
+		t.Cleanup(func() { _ = rdb.Close() })
+		cfg.Redis = rdb
+	})
+	done := acquireAsync(m, "u", "p")
+	ours := <-gate.created
+	c.stealLock(t, "u", "p")
+	c.publish(t, "u", "p", ours) // the new holder found ours by metadata
+	c.expireLock(t, "u", "p")    // and let the lock go
+	close(gate.proceed)
+
+	r := result(t, done)
+	require.NoError(t, r.err)
+	assert.Equal(t, ours, r.id)
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill), "the pair's published sandbox was killed")
+	assert.Equal(t, []string{ours}, c.p.Alive())
+	assert.Equal(t, ours, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	assert.EqualValues(t, 0, m.Stats().DegradedCreates)
 }

@@ -468,9 +468,8 @@ var errLockLost = errors.New("the create lock was lost and no sandbox was publis
 // createUnderLock takes the pair's Redis lock, reads Redis again (another
 // instance may have just published), adopts or creates, and publishes only
 // while the lock holds. A creator that lost its lock keeps its sandbox if
-// it is the pair's published one, or can still be (the lock is free and
-// nothing is published); otherwise it kills what it made and adopts the
-// winner's, or returns errLockLost when there is none. The remote
+// it is the pair's, and otherwise adopts the winner's (see
+// settleLostLock). The remote
 // reservation is kept on success and dropped when this fails under the
 // lock.
 func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, token string) (*slot, error) {
@@ -497,28 +496,52 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, tok
 		m.markUnpublished(s)
 	case !ok: // our lock expired: another instance may have published meanwhile
 		m.ctr.lockLost.Add(1)
-		rec, found, err := m.store.get(ctx, k)
-		if err == nil && (found && rec.id == s.id || !found && m.publishIfLockFree(ctx, s, token)) {
-			break // ours is the pair's: its new holder found it by metadata, or nobody took the lock
-		}
-		if s.clearFlag(flagCounted) {
-			m.admit.release(k.user)
-		}
-		// Kill what we created (never a sandbox we adopted: others may use it).
-		if s.hasFlag(flagCreated) && s.setFlag(flagKilled) {
-			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: create lock lost before publish; killing our sandbox", slog.String("sandbox", s.id))
-			_ = m.killID(ctx, s.id, "lost the create lock")
-		}
-		if w, err := m.fromCache(ctx, sh, k); w != nil || err != nil {
+		if w, err := m.settleLostLock(ctx, sh, s, token); w != s {
 			return w, err
 		}
-		return nil, errLockLost
 	}
 	m.park(sh, s)
 	if m.cfg.MaxPerUser > 0 || m.cfg.MaxSandboxes > 0 { // move the provisional reservation to the real deadline
 		_ = m.store.refreshReservation(ctx, k, s.deadline.Load())
 	}
 	return s, nil
+}
+
+// settleLostLock decides the fate of s, made or adopted by a create whose
+// lock expired before it could publish. It returns s when s is the pair's
+// (its new holder found it by metadata and published it, or nobody took
+// the lock and s is now published). Otherwise it kills s if this create
+// made it (never a sandbox it adopted: others may use it) and returns the
+// sandbox Redis names, or errLockLost when there is none. When Redis fails
+// the read, whether s is the pair's is unknown: s is neither killed (a new
+// holder may have published it) nor handed out, and the error is
+// returned; the create's next attempt finds s by metadata or in Redis, or
+// its provider deadline ends it.
+func (m *Manager) settleLostLock(ctx context.Context, sh *shard, s *slot, token string) (*slot, error) {
+	rec, found, err := m.store.get(ctx, s.key)
+	switch {
+	case err != nil && !answered(err):
+		m.dropReservation(s)
+		return nil, pairErr("read Redis record", s.key, err)
+	case err == nil && (found && rec.id == s.id || !found && m.publishIfLockFree(ctx, s, token)):
+		return s, nil
+	}
+	m.dropReservation(s)
+	if s.hasFlag(flagCreated) && s.setFlag(flagKilled) {
+		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: create lock lost before publish; killing our sandbox", slog.String("sandbox", s.id))
+		_ = m.killID(ctx, s.id, "lost the create lock")
+	}
+	if w, err := m.fromCache(ctx, sh, s.key); w != nil || err != nil {
+		return w, err
+	}
+	return nil, errLockLost
+}
+
+// dropReservation releases the in-process quota place s holds, once.
+func (m *Manager) dropReservation(s *slot) {
+	if s.clearFlag(flagCounted) {
+		m.admit.release(s.key.user)
+	}
 }
 
 func (m *Manager) countRefusal(err error) {
@@ -902,9 +925,7 @@ func (m *Manager) forget(ctx context.Context, s *slot) {
 // quota reservation and its place among unpublished slots.
 func (m *Manager) forgetLocal(s *slot) {
 	m.reaper.unschedule(s)
-	if s.clearFlag(flagCounted) {
-		m.admit.release(s.key.user)
-	}
+	m.dropReservation(s)
 	m.unpubMu.Lock()
 	delete(m.unpublished, s)
 	m.unpubMu.Unlock()
