@@ -40,6 +40,19 @@ func instances(t *testing.T, n int, p *fp.Provider, newClient func() redis.Unive
 	return ms
 }
 
+// patientRedis gives the stampede tests a RedisTimeout of 10 s. Their
+// bursts (8 instances, up to 2,000 Acquires at once), under the race
+// detector on two CPUs shared with other test binaries and two busy
+// loops, held single Redis calls for up to 0.76 s, past the default
+// 0.5 s; then Redis answered nothing for RedisTimeout as this process saw
+// it, the breaker opened, and pairs were created without the lock, as a
+// stalled Redis would have them. These tests check coordination across
+// instances; a call cut short by RedisTimeout among answers is
+// TestRedisFailuresAmongAnswersKeepCreatesCoordinated's subject, and a
+// burst queued at the client's pool at the default timeout is
+// TestRealRedisBurstOverASlowLinkStaysCoordinated's.
+func patientRedis(c *sandboxpool.Config) { c.RedisTimeout = 10 * time.Second }
+
 func sumStats(ms []*sandboxpool.Manager) (total sandboxpool.Stats) {
 	for _, m := range ms {
 		st := m.Stats()
@@ -97,19 +110,16 @@ func TestRealRedisEightInstancesOneSandboxPerPair(t *testing.T) {
 	srv := redistest.Start(t)
 	p := fp.New()
 	p.SetLatency(fp.OpCreate, 20*time.Millisecond)
-	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) })
+	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) }, patientRedis)
 	errs := stampede(t, ms, 2000, 100, 30*time.Second)
 	st := sumStats(ms)
 	require.Empty(t, errs)
-	// A call of the burst's first wave (cold connection pools, a busy host)
-	// may outlast RedisTimeout and count as a Redis error; none may lead to
-	// a create without the lock (an open breaker would: see
-	// TestRedisFailuresAmongAnswersKeepCreatesCoordinated).
 	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
+	assert.EqualValues(t, 0, st.RedisErrors)
 	assert.EqualValues(t, 100, p.Calls(fp.OpCreate), "creates per pair: exactly one")
 	assert.EqualValues(t, 100, st.Creates)
 	assert.Len(t, p.Alive(), 100)
-	t.Logf("2000 acquires over 100 pairs on 8 instances: %d creates, %d Redis hits, %d memory hits, %d Redis errors", st.Creates, st.CacheHits, st.MemoryHits, st.RedisErrors)
+	t.Logf("2000 acquires over 100 pairs on 8 instances: %d creates, %d Redis hits, %d memory hits", st.Creates, st.CacheHits, st.MemoryHits)
 
 	// A restarted instance (closed without killing, built anew) reuses all.
 	require.NoError(t, ms[0].Close(context.Background()))
@@ -183,7 +193,7 @@ func TestRealRedisCallerDeadlinesDoNotOpenTheBreaker(t *testing.T) {
 func TestRealRedisQuotasExact(t *testing.T) {
 	srv := redistest.Start(t)
 	p := fp.New()
-	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) },
+	ms := instances(t, 8, p, func() redis.UniversalClient { return srv.Client(t) }, patientRedis,
 		func(c *sandboxpool.Config) { c.MaxSandboxes = 25; c.MaxPerUser = 4 })
 	errs := stampede(t, ms, 400, 200, 30*time.Second)
 	refused := 0
@@ -288,7 +298,7 @@ func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
 	cl := redistest.StartCluster(t, 3)
 	p := fp.New()
 	p.SetLatency(fp.OpCreate, 20*time.Millisecond)
-	ms := instances(t, 8, p, func() redis.UniversalClient { return cl.Client(t) },
+	ms := instances(t, 8, p, func() redis.UniversalClient { return cl.Client(t) }, patientRedis,
 		func(c *sandboxpool.Config) {
 			c.MaxSandboxes = 1000
 			c.MaxPerUser = 100
@@ -297,10 +307,11 @@ func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
 	errs := stampede(t, ms, 2000, 100, 30*time.Second)
 	st := sumStats(ms)
 	require.Empty(t, errs)
-	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock") // Redis errors: as in the test above
+	assert.EqualValues(t, 0, st.DegradedCreates, "created without the lock")
+	assert.EqualValues(t, 0, st.RedisErrors)
 	assert.EqualValues(t, 100, p.Calls(fp.OpCreate))
 	assert.Len(t, p.Alive(), 100)
-	t.Logf("cluster: 2000 acquires over 100 pairs on 8 instances: %d creates, %d Redis errors", st.Creates, st.RedisErrors)
+	t.Logf("cluster: 2000 acquires over 100 pairs on 8 instances: %d creates", st.Creates)
 
 	// A Remove on one instance is heard by all eight through the cluster's
 	// Pub/Sub: none hands the removed sandbox out afterwards.
