@@ -197,9 +197,10 @@ func TestCallsTheirCallerEndsAreNoRedisFailure(t *testing.T) {
 	st, errs := testStore(rdb, time.Minute)
 	slow := func(call context.Context) error { <-call.Done(); return call.Err() } // a Redis slower than the caller
 	for range 2 * breakerTrips {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
-		err := st.do(ctx, slow)
-		cancel()
+		// The caller's deadline passes once the call has started (a timer
+		// could pass it before the call had its turn: errNoTurn).
+		ctx := &lateDeadline{Context: context.Background(), done: make(chan struct{})}
+		err := st.do(ctx, func(call context.Context) error { close(ctx.done); return slow(call) })
 		require.ErrorIs(t, err, errEndedByCaller)
 		require.ErrorIs(t, err, context.DeadlineExceeded, "still the caller's deadline to errors.Is")
 		assert.NotErrorIs(t, err, errRedisUnavailable)
@@ -214,6 +215,23 @@ func TestCallsTheirCallerEndsAreNoRedisFailure(t *testing.T) {
 	}
 	assert.True(t, st.degraded())
 	assert.EqualValues(t, breakerTrips, errs.Load())
+}
+
+// lateDeadline is a context whose deadline passes when done is closed.
+type lateDeadline struct {
+	context.Context
+	done chan struct{}
+}
+
+func (c *lateDeadline) Done() <-chan struct{} { return c.done }
+
+func (c *lateDeadline) Err() error {
+	select {
+	case <-c.done:
+		return context.DeadlineExceeded
+	default:
+		return nil
+	}
 }
 
 // Failures among Redis's answers do not open the breaker: Redis answered a
