@@ -121,7 +121,13 @@ type Config struct {
 	// within it even if the caller gives up. default: 2 minutes.
 	CreateTimeout time.Duration
 
-	// RedisTimeout bounds every single Redis call. default: 500 ms.
+	// RedisTimeout bounds every single Redis call. Once Redis has answered
+	// nothing for this long, three failed calls in a row open the circuit
+	// breaker (the pool then serves from memory and creates without the
+	// lock, or refuses: see RefuseCreatesWhenDegraded). A process paused
+	// for longer (CPU throttling under a container limit, say) hears
+	// nothing either, so keep it above the longest pause the process may
+	// see. default: 500 ms.
 	RedisTimeout time.Duration
 
 	// LockTTL is the expiry of the per-pair create lock in Redis; it is
