@@ -54,6 +54,11 @@ func answered(err error) bool {
 	return strings.HasPrefix(msg, "WRONGTYPE") || strings.HasPrefix(msg, "NOPERM")
 }
 
+// heardFrom reports a call Redis answered: it succeeded, or failed with an
+// answer (see answered). The breaker counts it a success, and the silence
+// clock (see store.silent) a sign of life.
+func heardFrom(err error) bool { return err == nil || answered(err) }
+
 // errNoTurn is a Redis call that never started: its context ended while it
 // waited for one of the Manager's Redis turns (see store.turns).
 // errEndedByCaller is a call its caller's context ended before RedisTimeout
@@ -122,7 +127,7 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		Timeout:     cooldown,
 		ReadyToTrip: func(c gobreaker.Counts) bool { return c.ConsecutiveFailures >= breakerTrips && st.silent() },
 		// A missing key or a bad one is an answer, not a failure.
-		IsSuccessful: func(err error) bool { return err == nil || answered(err) },
+		IsSuccessful: heardFrom,
 		// The caller giving up says nothing about Redis.
 		IsExcluded: endedHere,
 		OnStateChange: func(_ string, from, to gobreaker.State) {
@@ -144,7 +149,7 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	err := st.bounded(ctx, func(call context.Context) error {
 		_, err := st.cb.Execute(func() (struct{}, error) {
 			err := endedBy(ctx, fn(call))
-			if err == nil || answered(err) {
+			if heardFrom(err) {
 				st.heard.Store(int64(time.Since(st.born)))
 			}
 			return struct{}{}, err

@@ -96,9 +96,7 @@ func (c *cluster) instance(t *testing.T, mutate ...func(*sandboxpool.Config)) *s
 	t.Helper()
 	cfg := c.base
 	if cfg.Redis == nil {
-		rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: c.addr, MaxRetries: -1})
-		t.Cleanup(func() { _ = rdb.Close() })
-		cfg.Redis = rdb
+		cfg.Redis = c.client(t)
 	}
 	for _, f := range mutate {
 		f(&cfg)
@@ -107,6 +105,17 @@ func (c *cluster) instance(t *testing.T, mutate ...func(*sandboxpool.Config)) *s
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = m.Close(context.Background()) })
 	return m
+}
+
+// client is a Redis client of the cluster's own, as an instance's, with
+// hooks added (see faultHook).
+func (c *cluster) client(t *testing.T, hooks ...redis.Hook) *redis.Client {
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: c.addr, MaxRetries: -1})
+	for _, h := range hooks {
+		rdb.AddHook(h)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	return rdb
 }
 
 func (c *cluster) advance(d time.Duration) {
@@ -1034,12 +1043,7 @@ func TestRedisFailuresAmongAnswersKeepCreatesCoordinated(t *testing.T) {
 				}
 				return pass
 			}}
-			m := cl.instance(t, func(cfg *sandboxpool.Config) {
-				rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: cl.addr, MaxRetries: -1})
-				rdb.AddHook(hook)
-				t.Cleanup(func() { _ = rdb.Close() })
-				cfg.Redis = rdb
-			})
+			m := cl.instance(t, func(cfg *sandboxpool.Config) { cfg.Redis = cl.client(t, hook) })
 			want := ""
 			if c.published { // made elsewhere, under other metadata: no listing finds it
 				sb, err := cl.p.Create(context.Background(), sandboxpool.CreateRequest{Template: "base", Timeout: 5 * time.Minute})
@@ -1088,13 +1092,7 @@ func TestRedisLostLockWithAFailedReadKillsNothing(t *testing.T) {
 		}
 		return pass
 	}}
-	m := c.instance(t, func(cfg *sandboxpool.Config) {
-		cfg.Provider = gate
-		rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: c.addr, MaxRetries: -1})
-		rdb.AddHook(hook)
-		t.Cleanup(func() { _ = rdb.Close() })
-		cfg.Redis = rdb
-	})
+	m := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider, cfg.Redis = gate, c.client(t, hook) })
 	done := acquireAsync(m, "u", "p")
 	ours := <-gate.created
 	c.stealLock(t, "u", "p")
