@@ -170,3 +170,73 @@ func TestNewRefusesRedisClientsThatIgnoreContextDeadlines(t *testing.T) {
 
 // wrappedClient is a UniversalClient that is not one of go-redis's types.
 type wrappedClient struct{ redis.UniversalClient }
+
+// FuzzConfigFromEnv: whatever an operator writes in the SANDBOXPOOL_*
+// variables, ConfigFromEnv and New never panic; a malformed value is an
+// error naming its variable; and a Manager that New accepts runs with a
+// config whose timings hold together (the bounds the reaper and the
+// provider's whole seconds rely on), and serves a pair.
+func FuzzConfigFromEnv(f *testing.F) {
+	for _, s := range [][8]string{
+		{"", "", "", "", "", "", "", ""},
+		{"90s", "1h", "10s", "30s", "10", "", "1m", "10s"},
+		{"1s", "1s", "125ms", "-1ns", "1", "1", "1ns", "1ms"},
+		{"2562047h", "2562047h47m16.854775807s", "", "", "1", "9223372036854775807", "2562047h", "2562047h"},
+		{"-1s", "0", "1ns", "-2ns", "-1", "x", "-1m", "999us"},
+		{"1s", "", "", "", "1000000000", "", "1ns", ""},
+		{"1s", "1s", "1ns", "-1ns", "1", "1", "1ns", "1ms"},
+		{"2562047h", "2562047h", "", "", "", "", "", "2562047h"},
+		{"5 minutes", "forever", "1e3s", "NaN", "1.5", "0x10", "1d", "∞"},
+	} {
+		f.Add(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+	}
+	f.Fuzz(func(t *testing.T, idle, maxAge, reap, health, rate, burst, per, lockTTL string) {
+		env := map[string]string{
+			sandboxpool.EnvIdleTimeout: idle, sandboxpool.EnvMaxAge: maxAge, sandboxpool.EnvReapInterval: reap,
+			sandboxpool.EnvHealthCheckAfter: health, sandboxpool.EnvCreateRate: rate, sandboxpool.EnvCreateBurst: burst,
+			sandboxpool.EnvCreatePer: per, sandboxpool.EnvLockTTL: lockTTL,
+		}
+		cfg, err := sandboxpool.ConfigFrom(env)
+		if err != nil {
+			named := false
+			for name := range env {
+				named = named || strings.Contains(err.Error(), name)
+			}
+			require.True(t, named, "the error names a variable: %v", err)
+			return
+		}
+		cfg.Provider = fakeprovider.New()
+		m, err := sandboxpool.New(cfg)
+		if err != nil {
+			require.ErrorContains(t, err, "sandboxpool: invalid config")
+			return
+		}
+		defer func() { require.NoError(t, m.Close(context.Background())) }()
+		c := sandboxpool.EffectiveConfig(m)
+		for _, d := range []time.Duration{c.IdleTimeout, c.MaxAge, c.ReapInterval, c.CreateTimeout, c.RedisTimeout, c.LockTTL, c.HealthCheckAfter, c.CreateLimit.Per} {
+			require.LessOrEqual(t, d, sandboxpool.MaxDuration)
+		}
+		require.GreaterOrEqual(t, c.IdleTimeout, time.Second, "E2B timeouts are whole seconds")
+		require.GreaterOrEqual(t, c.MaxAge, c.IdleTimeout)
+		require.Positive(t, c.ReapInterval)
+		require.LessOrEqual(t, c.ReapInterval, c.IdleTimeout/8, "the reaper's tick leaves room to push a deadline in use")
+		require.GreaterOrEqual(t, c.LockTTL, time.Millisecond, "Redis expiries are whole milliseconds")
+		require.Positive(t, c.CreateTimeout)
+		require.Positive(t, c.RedisTimeout)
+		require.GreaterOrEqual(t, c.HealthCheckAfter, time.Duration(-1))
+		if c.CreateLimit.Rate > 0 {
+			require.Positive(t, c.CreateLimit.Burst)
+			require.Positive(t, c.CreateLimit.Per)
+		}
+		// A first create of a pair is within every limit New accepts. A
+		// CreateTimeout too short for any create is the operator's choice,
+		// and fails as a deadline.
+		l, err := m.Acquire(context.Background(), "u", "p")
+		if err != nil {
+			require.ErrorIs(t, err, context.DeadlineExceeded, "CreateTimeout %s", c.CreateTimeout)
+			return
+		}
+		require.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
+		l.Release()
+	})
+}

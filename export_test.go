@@ -60,3 +60,7 @@ func ConfigFrom(env map[string]string) (Config, error) {
 
 // FastRedisRecovery shortens the breaker cooldown and probe interval.
 func FastRedisRecovery(cfg *Config, d time.Duration) { cfg.breakerCooldown, cfg.probeInterval = d, d }
+
+// EffectiveConfig returns the Config a Manager runs with: defaults filled,
+// durations capped.
+func EffectiveConfig(m *Manager) Config { return m.cfg }
