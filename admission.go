@@ -124,28 +124,41 @@ func (a *admission) release(user string) {
 // slots (Redis Cluster), so a reservation takes the user's set, then the
 // global one, and gives the first back if the second refuses: never more
 // than the limits, at worst a refusal while a concurrent rollback runs.
+//
+// A pair's place is the pair's, shared by every instance that creates it
+// or keeps it alive, so an entry's expiry only ever moves forward (ZADD
+// GT): a second creator waiting for the pair's lock, with a shorter
+// CreateTimeout, does not shorten the place of the create under the lock.
+// Only what ends the pair's sandbox (a failed create under the lock, a
+// sandbox forgotten, Remove) drops the place, and a rollback drops only a
+// place its own reservation added. Every keepalive writes the place again
+// (refreshReservation), so a sandbox in use is counted again after Redis
+// loses its data.
 
 var (
 	// luaReserve: KEYS: set; ARGV: now (ms), member, limit, score (ms).
-	// Returns 1 when reserved, else -count.
+	// Returns 1 when it added the pair's place, 2 when the pair had one
+	// (its expiry moved forward only), else -count: refused.
 	luaReserve = redis.NewScript(`
 redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[1])
 local limit = tonumber(ARGV[3])
-if not redis.call("zscore", KEYS[1], ARGV[2]) then
+local had = redis.call("zscore", KEYS[1], ARGV[2])
+if not had then
   local n = redis.call("zcard", KEYS[1])
   if limit > 0 and n >= limit then return -n end
 end
-redis.call("zadd", KEYS[1], ARGV[4], ARGV[2])
+redis.call("zadd", KEYS[1], "GT", ARGV[4], ARGV[2])
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
 redis.call("pexpireat", KEYS[1], top[2])
+if had then return 2 end
 return 1
 `)
-	// luaBump moves a member's score (expiry) forward, and the set's.
-	// KEYS: set; ARGV: member, score (ms).
+	// luaBump writes a live pair's place with its expiry, moved forward
+	// only, and the set's. KEYS: set; ARGV: member, score (ms).
 	luaBump = redis.NewScript(`
-redis.call("zadd", KEYS[1], "XX", "GT", ARGV[2], ARGV[1])
+redis.call("zadd", KEYS[1], "GT", ARGV[2], ARGV[1])
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
-if top[2] then redis.call("pexpireat", KEYS[1], top[2]) end
+redis.call("pexpireat", KEYS[1], top[2])
 return 0
 `)
 )
@@ -186,6 +199,8 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *c
 	}
 	keys, limits := m.quotaSets(k)
 	score := nsToMs(now + int64(m.cfg.CreateTimeout)) // provisional, until published
+
+	var added []string // the places this call added: a refusal gives them back
 	for i, key := range keys {
 		var n int64
 		err := m.store.do(ctx, func(ctx context.Context) (err error) {
@@ -196,10 +211,13 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *c
 			err = fmt.Errorf("%w: %d sandboxes alive (limit %d)", ErrQuotaExceeded, -n, limits[i])
 		}
 		if err != nil {
-			for _, taken := range keys[:i] {
+			for _, taken := range added {
 				_ = m.store.do(ctx, func(ctx context.Context) error { return m.store.rdb.ZRem(ctx, taken, pairMember(k)).Err() })
 			}
 			return err
+		}
+		if n == 1 {
+			added = append(added, key)
 		}
 	}
 	return nil
@@ -217,13 +235,19 @@ func (st *store) unreserve(ctx context.Context, k pairKey) error {
 	})
 }
 
-// refreshReservation moves the pair's quota entries to its new deadline.
-func (st *store) refreshReservation(ctx context.Context, k pairKey, deadline int64) error {
-	return st.do(ctx, func(ctx context.Context) error {
-		_, err := st.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			// Eval, not EvalSha: a pipeline cannot fall back on NOSCRIPT.
-			luaBump.Eval(ctx, p, []string{st.liveKey()}, pairMember(k), nsToMs(deadline))
-			luaBump.Eval(ctx, p, []string{st.userLiveKey(k.user)}, pairMember(k), nsToMs(deadline))
+// refreshReservation writes the live pair's quota places with its new
+// deadline (moved forward only), in the sets whose limits are configured.
+func (m *Manager) refreshReservation(ctx context.Context, k pairKey, deadline int64) {
+	keys, _ := m.quotaSets(k)
+	if len(keys) == 0 {
+		return
+	}
+	_ = m.store.do(ctx, func(ctx context.Context) error {
+		_, err := m.store.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, key := range keys {
+				// Eval, not EvalSha: a pipeline cannot fall back on NOSCRIPT.
+				luaBump.Eval(ctx, p, []string{key}, pairMember(k), nsToMs(deadline))
+			}
 			return nil
 		})
 		return err

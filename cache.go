@@ -277,7 +277,7 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 		m.supersede(ctx, s)
 		return true
 	}
-	_ = m.store.refreshReservation(ctx, s.key, deadline)
+	m.refreshReservation(ctx, s.key, deadline)
 	return false
 }
 

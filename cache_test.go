@@ -639,6 +639,81 @@ func TestRedisReplacementKeepsItsQuotaPlace(t *testing.T) {
 	assert.Equal(t, next, acquireID(t, a, "u", "p"))
 }
 
+// A sandbox in use keeps its quota place when Redis loses its data: the
+// keepalive that writes the pair's record again counts the pair again, so
+// MaxSandboxes holds across instances. Before, the keepalive only moved
+// places that still existed, and a pair in use went uncounted until its
+// sandbox ended.
+func TestRedisKeepaliveRestoresQuotaPlaceAfterDataLoss(t *testing.T) {
+	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+		c := newCluster(t, func(cfg *sandboxpool.Config) {
+			cfg.IdleTimeout, cfg.MaxAge, cfg.MaxSandboxes, cfg.MaxPerUser = time.Hour, 3*time.Hour, 1, 1
+		})
+		a, b := c.instance(t), c.instance(t)
+		held, err := a.Acquire(context.Background(), "u", "p")
+		require.NoError(t, err)
+		defer held.Release()
+		require.NoError(t, c.rdb.FlushAll(context.Background()).Err())
+
+		c.advance(50 * time.Minute) // within the touch lead of its 1 h deadline
+		a.ReapNow()
+		require.Equal(t, held.Sandbox().ID, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the keepalive wrote the record again")
+		_, err = b.Acquire(context.Background(), "v", "q") // nothing local: Redis decides
+		require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "u/p holds the only place again")
+		_, err = b.Acquire(context.Background(), "u", "q")
+		require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "and the only place of user u")
+		assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+	})
+}
+
+// createInFlight starts an Acquire of the pair on a new instance whose
+// creates wait for open, and returns once its create has begun, under the
+// pair's lock; acquired then yields the sandbox's id. Test cleanup opens
+// the gate before the instances close, since Close waits for the create.
+func (c *cluster) createInFlight(t *testing.T, user, project string) (open func(), acquired <-chan string) {
+	t.Helper()
+	gated := &gatedCreates{Provider: c.p, gate: make(chan struct{})}
+	a := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = gated })
+	open = sync.OnceFunc(func() { close(gated.gate) })
+	t.Cleanup(open) // registered after the instances, so it runs before their Close
+	ids := make(chan string, 1)
+	go func() {
+		l, err := a.Acquire(context.Background(), user, project)
+		if !assert.NoError(t, err) {
+			ids <- "" // the failure is recorded; the reader goes on
+			return
+		}
+		ids <- l.Sandbox().ID
+		l.Release()
+	}()
+	require.Eventually(t, gated.entered.Load, 5*time.Second, time.Millisecond)
+	return open, ids
+}
+
+// A create waiting for a pair's lock leaves the pair's quota place as the
+// instance creating under the lock reserved it. Before, the waiter's own
+// reservation of the place (the pair's, shared by every creator of it)
+// moved its expiry to the waiter's shorter CreateTimeout, and once that
+// passed, a create of another pair took the place of the sandbox still
+// being made: two sandboxes under MaxSandboxes 1.
+func TestRedisLockWaiterKeepsTheCreatorsQuotaPlace(t *testing.T) {
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.MaxSandboxes = 1 })
+	impatient := c.instance(t, func(cfg *sandboxpool.Config) { cfg.CreateTimeout = 100 * time.Millisecond })
+	third := c.instance(t)
+	open, acquired := c.createInFlight(t, "u", "p")
+	_, err := impatient.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, context.DeadlineExceeded, "its CreateTimeout ended while a held the lock")
+	c.advance(time.Second) // past the waiter's CreateTimeout, well within a's
+
+	_, err = third.Acquire(context.Background(), "v", "q") // nothing local: Redis decides
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "a's create in flight holds the only place")
+	open()
+	<-acquired
+	_, err = third.Acquire(context.Background(), "v", "q")
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "u/p holds the only place")
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+}
+
 // The largest time.Duration means no limit across instances too. A create
 // in flight keeps its quota place (its provisional place is scored at now +
 // CreateTimeout, a sum that overflowed, so the place read as long expired
@@ -649,18 +724,8 @@ func TestRedisLongestDurationsMeanNoLimit(t *testing.T) {
 		cfg.IdleTimeout, cfg.MaxAge, cfg.CreateTimeout, cfg.LockTTL = math.MaxInt64, math.MaxInt64, math.MaxInt64, math.MaxInt64
 		cfg.MaxSandboxes = 1
 	})
-	gated := &gatedCreates{Provider: c.p, gate: make(chan struct{})}
-	a, b := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = gated }), c.instance(t)
-	open := sync.OnceFunc(func() { close(gated.gate) })
-	t.Cleanup(open) // registered after the instances, so it runs before their Close, which waits for the create
-	acquired := make(chan string, 1)
-	go func() {
-		l, err := a.Acquire(context.Background(), "u", "p")
-		assert.NoError(t, err)
-		acquired <- l.Sandbox().ID
-		l.Release()
-	}()
-	require.Eventually(t, gated.entered.Load, 5*time.Second, time.Millisecond)
+	b := c.instance(t)
+	open, acquired := c.createInFlight(t, "u", "p")
 	_, err := b.Acquire(context.Background(), "v", "q")
 	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "the create in flight holds the only place")
 	open()

@@ -136,12 +136,12 @@ type Config struct {
 	LockTTL time.Duration
 
 	// MaxSandboxes caps the sandboxes alive at once (cluster-wide with
-	// Redis). Only fresh creates are refused, with ErrQuotaExceeded.
-	// default: 0, unlimited.
+	// Redis, which must then be 6.2 or later). Only fresh creates are
+	// refused, with ErrQuotaExceeded. default: 0, unlimited.
 	MaxSandboxes int
 
-	// MaxPerUser caps the sandboxes of one user (cluster-wide with Redis).
-	// default: 0, unlimited.
+	// MaxPerUser caps the sandboxes of one user (cluster-wide with Redis,
+	// 6.2 or later). default: 0, unlimited.
 	MaxPerUser int
 
 	// CreateLimit limits fresh creates per user (reuse is never limited);

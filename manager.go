@@ -469,13 +469,15 @@ var errLockLost = errors.New("the create lock was lost and no sandbox was publis
 // instance may have just published), adopts or creates, and publishes only
 // while the lock holds. A creator that lost its lock keeps its sandbox if
 // it is the pair's, and otherwise adopts the winner's (see
-// settleLostLock). The remote
-// reservation is kept on success and dropped when this fails under the
-// lock.
+// settleLostLock). The pair's quota place is kept on success and dropped
+// when the create fails under the lock.
 func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, token string) (*slot, error) {
 	lock, err := m.obtainLock(ctx, k, token)
 	if err != nil {
-		_ = m.store.unreserve(ctx, k)
+		// The pair's quota place stays: whoever holds the lock may be
+		// creating under it, and an attempt tried again reserves the same
+		// place. Left alone, the provisional place expires at this
+		// create's CreateTimeout.
 		if errors.Is(err, errRedisUnavailable) {
 			return nil, err
 		}
@@ -501,9 +503,7 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, tok
 		}
 	}
 	m.park(sh, s)
-	if m.cfg.MaxPerUser > 0 || m.cfg.MaxSandboxes > 0 { // move the provisional reservation to the real deadline
-		_ = m.store.refreshReservation(ctx, k, s.deadline.Load())
-	}
+	m.refreshReservation(ctx, k, s.deadline.Load()) // from the provisional expiry to the sandbox's deadline
 	return s, nil
 }
 
