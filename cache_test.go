@@ -897,6 +897,32 @@ func TestRedisRemoveForgetsOnEveryInstance(t *testing.T) {
 	})
 }
 
+// A Remove waits for a create of the pair in flight on another instance
+// (it holds the pair's lock) and removes what that create made. Before, it
+// found nothing yet, and the sandbox published after it survived the
+// Remove, named in Redis.
+func TestRedisRemoveWaitsForAnotherInstancesCreate(t *testing.T) {
+	c := newMiniCluster(t)
+	b := c.instance(t)
+	open, acquired := c.createInFlight(t, "u", "p")
+	removed := make(chan error, 1)
+	go func() { removed <- b.Remove(context.Background(), "u", "p") }()
+	require.Never(t, func() bool { return len(removed) > 0 }, 200*time.Millisecond, 5*time.Millisecond,
+		"Remove returned while the pair's create was in flight")
+	open()
+	id := <-acquired
+	require.NoError(t, <-removed)
+	assert.Contains(t, c.p.Killed(), id, "the create's sandbox was removed")
+	assert.Empty(t, c.p.Alive())
+	assert.Empty(t, c.keys(t), "no record, no lock")
+
+	shortCtx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	open, _ = c.createInFlight(t, "u", "q")
+	require.ErrorIs(t, b.Remove(shortCtx, "u", "q"), context.DeadlineExceeded, "its caller gave up first")
+	open()
+}
+
 // listGate, once armed, holds the next List until the test lets it go, so
 // that an Acquire can run while a Remove is between its kill and its
 // listing.

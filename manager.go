@@ -734,8 +734,10 @@ func (m *Manager) park(sh *shard, s *slot) {
 
 // Remove destroys the pair's sandbox and forgets it everywhere, even if it is
 // leased (later Releases are harmless). It waits for an Acquire of the pair
-// that is in flight. With Redis, it announces the sandboxes it killed to
-// the other instances, which forget them at once. Removing a pair that has
+// that is in flight. With Redis, it holds the pair's create lock while it
+// works, so a create of the pair in flight on another instance finishes
+// first and is removed too, and announces the sandboxes it killed to the
+// other instances, which forget them at once. Removing a pair that has
 // no sandbox is not an error. With a ctx that has already ended, Remove
 // returns its error and changes nothing.
 func (m *Manager) Remove(ctx context.Context, user, project string) error {
@@ -758,6 +760,11 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 			m.pool.leave(sh, k, f)
 			return pairErr("remove", k, context.Cause(ctx))
 		}
+	}
+	if lock, err := m.lockForRemoval(ctx, k); err != nil {
+		return err
+	} else if lock != nil {
+		defer m.releaseLock(lock)
 	}
 	var errs []error
 	var removed []string // the pair's sandboxes killed (or found already gone)
@@ -796,6 +803,28 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: announcing a removal to other instances failed", slog.String("pair", pairMember(k)), attrErr(err))
 	}
 	return errors.Join(errs...)
+}
+
+// lockForRemoval takes the pair's create lock for a Remove, so that a
+// create of the pair in flight on any instance finishes (and publishes)
+// before the Remove looks, and is removed with the rest, and no create
+// starts until the Remove is done. It returns no lock, and no error,
+// without Redis or when Redis fails: a Remove does not wait for Redis to
+// recover, it kills what it finds. It returns the caller's error when ctx
+// ends first, with nothing changed.
+func (m *Manager) lockForRemoval(ctx context.Context, k pairKey) (*pairLock, error) {
+	if m.store == nil || m.store.degraded() {
+		return nil, nil
+	}
+	lock, err := m.obtainLock(ctx, k, rand.Text())
+	switch {
+	case err == nil:
+		return lock, nil
+	case ctx.Err() != nil:
+		return nil, pairErr("remove", k, context.Cause(ctx))
+	}
+	m.log.LogAttrs(ctx, slogWarn, "sandboxpool: removing without the pair's create lock", slog.String("pair", pairMember(k)), attrErr(err))
+	return nil, nil
 }
 
 // dropRemoved forgets the pair's slot if it holds one of the sandboxes ids,
