@@ -98,12 +98,17 @@ type Config struct {
 	Metadata map[string]string
 
 	// IdleTimeout is how long an unleased sandbox survives without use.
+	// It is the timeout sent to E2B on create and connect, which E2B
+	// refuses (400) beyond the longest life your team allows a sandbox.
 	// default: 5 minutes.
 	IdleTimeout time.Duration
 
 	// MaxAge is the longest a sandbox is handed out after its creation;
 	// must be >= IdleTimeout. A sandbox past MaxAge is destroyed once its
-	// last lease is released. default: 15 minutes.
+	// last lease is released. Keep it within the longest life your E2B
+	// team allows a sandbox (1 hour on Hobby, 24 on Pro): E2B ends a
+	// sandbox there whatever its timeout, and the pool learns of it only
+	// at the sandbox's next probe or keepalive. default: 15 minutes.
 	MaxAge time.Duration
 
 	// HealthCheckAfter skips the liveness probe for a sandbox checked this
