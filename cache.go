@@ -222,15 +222,21 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 	return s, nil
 }
 
-// uncache deletes the pair's Redis entry whatever sandbox it names.
+// uncache deletes the pair's Redis entry whatever sandbox it names, and
+// its quota places (Remove). A Redis failure is ErrUnavailable: the
+// sandboxes are killed, and a Remove tried again finishes the job.
 func (m *Manager) uncache(ctx context.Context, k pairKey) error {
 	if m.store == nil {
 		return nil
 	}
-	if err := m.store.del(ctx, k); err != nil {
-		return pairErr("delete Redis record", k, err)
+	err := m.store.del(ctx, k)
+	if err == nil {
+		err = m.store.unreserve(ctx, k)
 	}
-	return m.store.unreserve(ctx, k)
+	if err != nil {
+		return pairErr("delete Redis record", k, fmt.Errorf("%w: %w", ErrUnavailable, err))
+	}
+	return nil
 }
 
 // uncacheSlot deletes the pair's Redis entry if it still names s's sandbox,

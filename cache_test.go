@@ -545,6 +545,25 @@ func TestRedisDownDegradesAndRecovers(t *testing.T) {
 		"the outage's sandbox is published on recovery")
 }
 
+// A Remove while Redis is down kills the pair's sandbox and says that
+// Redis failed as ErrUnavailable, which a service answers with 503 and a
+// retry finishes; before, it was an unclassified error (500 in the example
+// service).
+func TestRedisDownRemoveKillsAndIsUnavailable(t *testing.T) {
+	c := newMiniCluster(t)
+	m := c.instance(t)
+	id := acquireID(t, m, "u", "p")
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	err := m.Remove(context.Background(), "u", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrUnavailable)
+	assert.Contains(t, c.p.Killed(), id)
+	assert.Empty(t, c.p.Alive())
+
+	c.mr.SetError("")
+	require.NoError(t, m.Remove(context.Background(), "u", "p"), "tried again, it finishes")
+	assert.Empty(t, c.keys(t))
+}
+
 func TestRedisDownRefusesCreatesWhenConfigured(t *testing.T) {
 	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.RefuseCreatesWhenDegraded = true })
 	m := c.instance(t)

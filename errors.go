@@ -31,7 +31,8 @@ var (
 	// create's calls until CreateTimeout while answering others (the
 	// breaker closed); or the pair's create lock vanished under two creates
 	// in a row with no sandbox published (a failover or an evicting Redis).
-	// Retrying later may succeed.
+	// Remove returns it when Redis failed to forget the pair (its sandboxes
+	// are killed all the same). Retrying later may succeed.
 	ErrUnavailable = errors.New("sandboxpool: coordination store unavailable")
 )
 
