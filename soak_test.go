@@ -42,6 +42,11 @@ const (
 	soakWorkers  = 16
 	soakPairs    = 60
 	soakIdle     = 3 * time.Second // short, so reaping is exercised and checked
+	// soakRemoveEvery makes one of each worker's requests in this many a
+	// Remove of a random pair, as a service's DELETE would: it races the
+	// other workers' Acquires of the pair on every manager, under each
+	// phase's faults.
+	soakRemoveEvery = 200
 )
 
 type soakPhase struct {
@@ -50,16 +55,17 @@ type soakPhase struct {
 }
 
 type soak struct {
-	t      *testing.T
-	redis  *redistest.Server
-	fake   *e2btest.Server
-	client *e2b.Client
-	mu     sync.Mutex
-	ms     []*sandboxpool.Manager
-	rdbs   []*redis.Client // closed at the end, after every manager
-	errs   sync.Map        // kind → *atomic.Int64
-	served atomic.Int64
-	churn  atomic.Int64 // the load's pairs are churn … churn+soakPairs-1
+	t       *testing.T
+	redis   *redistest.Server
+	fake    *e2btest.Server
+	client  *e2b.Client
+	mu      sync.Mutex
+	ms      []*sandboxpool.Manager
+	rdbs    []*redis.Client // closed at the end, after every manager
+	errs    sync.Map        // kind → *atomic.Int64
+	served  atomic.Int64
+	removed atomic.Int64 // Removes that returned nil
+	churn   atomic.Int64 // the load's pairs are churn … churn+soakPairs-1
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -131,8 +137,18 @@ func (s *soak) load(ctx context.Context) {
 		wg.Go(func() {
 			for i := 0; ctx.Err() == nil; i++ {
 				pair := int(s.churn.Load()) + rand.IntN(soakPairs)
+				user, project := fmt.Sprint("u", pair%7), fmt.Sprint("p", pair)
 				rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				l, err := s.manager(w+i).Acquire(rctx, fmt.Sprint("u", pair%7), fmt.Sprint("p", pair))
+				if i%soakRemoveEvery == soakRemoveEvery-1 {
+					if err := s.manager(w+i).Remove(rctx, user, project); err != nil {
+						s.countErr(err)
+					} else {
+						s.removed.Add(1)
+					}
+					cancel()
+					continue
+				}
+				l, err := s.manager(w+i).Acquire(rctx, user, project)
 				cancel()
 				if err != nil {
 					s.countErr(err)
@@ -336,7 +352,8 @@ func TestSoak(t *testing.T) {
 	per := *soakDuration / time.Duration(len(phases))
 	type row struct {
 		phase            string
-		served, failed   int64
+		served, removed  int64
+		failed           int64
 		creates, kills   int64 // at the fake
 		converged        time.Duration
 		dupsLeft         int
@@ -347,7 +364,7 @@ func TestSoak(t *testing.T) {
 	broken := []string{}
 	for _, ph := range phases {
 		ctx, cancel := context.WithTimeout(context.Background(), per)
-		before := s.served.Load()
+		before, removedBefore := s.served.Load(), s.removed.Load()
 		failedBefore := s.totalErrs()
 		createsBefore, killsBefore := s.fake.Calls(e2btest.OpCreate), s.fake.Calls(e2btest.OpKill)
 		var fw sync.WaitGroup
@@ -360,7 +377,7 @@ func TestSoak(t *testing.T) {
 		cancel()
 		fw.Wait()
 		took, last := s.settle(d)
-		r := row{phase: ph.name, served: s.served.Load() - before, failed: s.totalErrs() - failedBefore,
+		r := row{phase: ph.name, served: s.served.Load() - before, removed: s.removed.Load() - removedBefore, failed: s.totalErrs() - failedBefore,
 			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore,
 			converged: took, dupsLeft: last.dups, drain: d.longest, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
 		rows = append(rows, r)
@@ -405,11 +422,11 @@ func TestSoak(t *testing.T) {
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tremoved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.removed, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
