@@ -223,8 +223,8 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 }
 
 // uncache deletes the pair's Redis entry whatever sandbox it names, and
-// its quota places (Remove). A Redis failure is ErrUnavailable: the
-// sandboxes are killed, and a Remove tried again finishes the job.
+// its quota places (Remove). A failure of Redis itself is ErrUnavailable:
+// the sandboxes are killed, and a Remove tried again finishes the job.
 func (m *Manager) uncache(ctx context.Context, k pairKey) error {
 	if m.store == nil {
 		return nil
@@ -233,10 +233,13 @@ func (m *Manager) uncache(ctx context.Context, k pairKey) error {
 	if err == nil {
 		err = m.store.unreserve(ctx, k)
 	}
-	if err != nil {
-		return pairErr("delete Redis record", k, fmt.Errorf("%w: %w", ErrUnavailable, err))
+	switch {
+	case err == nil:
+		return nil
+	case !answered(err):
+		err = fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	return nil
+	return pairErr("delete Redis record", k, err)
 }
 
 // uncacheSlot deletes the pair's Redis entry if it still names s's sandbox,
