@@ -20,12 +20,18 @@ type admission struct {
 	limit                RateLimit
 	interval, burst      int64 // GCRA parameters, ns
 
-	mu      sync.Mutex // protects the fields below; held for map updates only
-	total   int
-	perUser map[string]int   // users with live reservations (only with MaxPerUser); entries deleted at zero
-	peak    int              // perUser's peak size since it was last rebuilt
-	tat     map[string]int64 // GCRA theoretical arrival time per user
-	sweepAt int              // sweep tat once it grows past this size
+	mu sync.Mutex // protects the fields below; held for map updates only
+	// With a quota, every pair with a sandbox holds one place, shared by
+	// the slots of the pair that hold it (a sandbox past MaxAge and its
+	// replacement, say), as the pair's one member does in Redis: replacing
+	// a pair's sandbox never waits for a place.
+	places     map[pairKey]int  // slots holding each pair's place (only with a quota); entries deleted at zero
+	total      int              // pairs holding a place
+	perUser    map[string]int   // places per user (only with MaxPerUser); entries deleted at zero
+	peakPlaces int              // places' peak size since it was last rebuilt (see shrink)
+	peakUsers  int              // perUser's
+	tat        map[string]int64 // GCRA theoretical arrival time per user
+	sweepAt    int              // sweep tat once it grows past this size
 }
 
 // minSweep is the tat map size below which sweeping is not worth it.
@@ -34,7 +40,7 @@ const minSweep = 1024
 func newAdmission(cfg Config) *admission {
 	a := &admission{
 		maxTotal: cfg.MaxSandboxes, maxPerUser: cfg.MaxPerUser, limit: cfg.CreateLimit,
-		perUser: make(map[string]int), tat: make(map[string]int64), sweepAt: minSweep,
+		places: make(map[pairKey]int), perUser: make(map[string]int), tat: make(map[string]int64), sweepAt: minSweep,
 	}
 	if cfg.CreateLimit.enabled() {
 		a.interval = int64(cfg.CreateLimit.interval())
@@ -43,31 +49,46 @@ func newAdmission(cfg Config) *admission {
 	return a
 }
 
-// reserve takes one create slot for user at time now, or says why not.
+// quotas reports whether a quota is configured: without one, no place is
+// kept, and a million pairs cost no map.
+func (a *admission) quotas() bool { return a.maxTotal > 0 || a.maxPerUser > 0 }
+
+// reserve takes a place for a new sandbox of pair k at time now, or says
+// why not. A pair that holds a place already shares it, past the quotas.
 // withRate applies CreateLimit here (memory-only, or Redis down).
-func (a *admission) reserve(user string, now int64, withRate bool) error {
+func (a *admission) reserve(k pairKey, now int64, withRate bool) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	if a.maxTotal > 0 && a.total >= a.maxTotal {
+	held := a.places[k] > 0
+	if !held && a.maxTotal > 0 && a.total >= a.maxTotal {
 		return fmt.Errorf("%w: %d sandboxes alive (MaxSandboxes %d)", ErrQuotaExceeded, a.total, a.maxTotal)
 	}
-	if a.maxPerUser > 0 && a.perUser[user] >= a.maxPerUser {
-		return fmt.Errorf("%w: user has %d sandboxes (MaxPerUser %d)", ErrQuotaExceeded, a.perUser[user], a.maxPerUser)
+	if !held && a.maxPerUser > 0 && a.perUser[k.user] >= a.maxPerUser {
+		return fmt.Errorf("%w: user has %d sandboxes (MaxPerUser %d)", ErrQuotaExceeded, a.perUser[k.user], a.maxPerUser)
 	}
 	if withRate && a.interval > 0 {
 		// GCRA: allow when the theoretical arrival time is within the
 		// burst tolerance of now.
-		tat := max(a.tat[user], now)
+		tat := max(a.tat[k.user], now)
 		if wait := tat + a.interval - a.burst - now; wait > 0 {
 			return &RetryAfterError{Err: ErrRateLimited, RetryAfter: time.Duration(wait)}
 		}
-		a.tat[user] = tat + a.interval
+		a.tat[k.user] = tat + a.interval
 		a.sweepLocked(now)
 	}
-	a.total++
-	if a.maxPerUser > 0 { // without the quota, a million users cost no map
-		a.perUser[user]++
-		a.peak = max(a.peak, len(a.perUser))
+	switch {
+	case !a.quotas():
+	case held:
+		a.places[k]++
+	default:
+		k = k.clone() // the map outlives the caller's strings
+		a.places[k] = 1
+		a.places = shrink(a.places, &a.peakPlaces)
+		a.total++
+		if a.maxPerUser > 0 {
+			a.perUser[k.user]++
+			a.perUser = shrink(a.perUser, &a.peakUsers)
+		}
 	}
 	return nil
 }
@@ -90,25 +111,29 @@ func (a *admission) sweepLocked(now int64) {
 	a.sweepAt = max(minSweep, 2*len(a.tat))
 }
 
-// release returns a reservation (a failed create, or a sandbox gone).
-func (a *admission) release(user string) {
+// release returns a slot's share of pair k's place (a failed create, or a
+// sandbox gone); the last share frees the place.
+func (a *admission) release(k pairKey) {
+	if !a.quotas() {
+		return
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if n := a.places[k] - 1; n > 0 {
+		a.places[k] = n
+		return
+	}
+	delete(a.places, k)
+	a.places = shrink(a.places, &a.peakPlaces)
 	a.total--
 	if a.maxPerUser == 0 {
 		return
 	}
-	if n := a.perUser[user] - 1; n > 0 {
-		a.perUser[user] = n
+	if n := a.perUser[k.user] - 1; n > 0 {
+		a.perUser[k.user] = n
 	} else {
-		delete(a.perUser, user)
-		if a.peak >= minShrink && len(a.perUser) <= a.peak/4 { // maps never shrink: rebuild
-			fresh := make(map[string]int, len(a.perUser))
-			for u, n := range a.perUser {
-				fresh[u] = n
-			}
-			a.perUser, a.peak = fresh, len(fresh)
-		}
+		delete(a.perUser, k.user)
+		a.perUser = shrink(a.perUser, &a.peakUsers)
 	}
 }
 

@@ -140,13 +140,16 @@ type Config struct {
 	// dies frees the pair within LockTTL. At least 1ms. default: 10 seconds.
 	LockTTL time.Duration
 
-	// MaxSandboxes caps the sandboxes alive at once (cluster-wide with
-	// Redis, which must then be 6.2 or later). Only fresh creates are
-	// refused, with ErrQuotaExceeded. default: 0, unlimited.
+	// MaxSandboxes caps the pairs with a sandbox alive at once
+	// (cluster-wide with Redis, which must then be 6.2 or later). A pair
+	// counts once while its sandbox is replaced (past MaxAge, say), so a
+	// replacement is never refused: only a create for a pair without a
+	// sandbox is, with ErrQuotaExceeded. default: 0, unlimited.
 	MaxSandboxes int
 
-	// MaxPerUser caps the sandboxes of one user (cluster-wide with Redis,
-	// 6.2 or later). default: 0, unlimited.
+	// MaxPerUser caps the pairs with a sandbox of one user, counted as
+	// MaxSandboxes counts them (cluster-wide with Redis, 6.2 or later).
+	// default: 0, unlimited.
 	MaxPerUser int
 
 	// CreateLimit limits fresh creates per user (reuse is never limited);

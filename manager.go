@@ -408,13 +408,13 @@ func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, erro
 // createLocal reserves in-process quota (and rate, if withRate), then adopts
 // or creates. The caller parks the result.
 func (m *Manager) createLocal(ctx context.Context, k pairKey, withRate bool) (*slot, error) {
-	if err := m.admit.reserve(k.user, m.clock.precise(), withRate); err != nil {
+	if err := m.admit.reserve(k, m.clock.precise(), withRate); err != nil {
 		m.countRefusal(err)
 		return nil, pairErr("create", k, err)
 	}
 	s, err := m.adoptOrCreate(ctx, k)
 	if err != nil {
-		m.admit.release(k.user)
+		m.admit.release(k)
 		return nil, err
 	}
 	s.setFlag(flagCounted)
@@ -540,7 +540,7 @@ func (m *Manager) settleLostLock(ctx context.Context, sh *shard, s *slot, token 
 // dropReservation releases the in-process quota place s holds, once.
 func (m *Manager) dropReservation(s *slot) {
 	if s.clearFlag(flagCounted) {
-		m.admit.release(s.key.user)
+		m.admit.release(s.key)
 	}
 }
 

@@ -270,3 +270,41 @@ func testStore(rdb redis.UniversalClient, timeout time.Duration) (*store, *atomi
 	cfg := Config{Redis: rdb, RedisTimeout: timeout, breakerCooldown: time.Minute}.withDefaults()
 	return newStore(cfg, slog.New(slog.DiscardHandler), errs), errs
 }
+
+// A quota counts pairs: a pair's slots share one place (a sandbox past
+// MaxAge and its replacement), freed by the last of them; and the maps
+// that hold the places give their memory back after churn, and hold
+// nothing without a quota.
+func TestAdmissionPlacesArePairs(t *testing.T) {
+	a := newAdmission(Config{MaxSandboxes: 2, MaxPerUser: 2})
+	up, uq, vq := pairKey{"u", "p"}, pairKey{"u", "q"}, pairKey{"v", "q"}
+	require.NoError(t, a.reserve(up, 0, false))
+	require.NoError(t, a.reserve(up, 0, false), "a replacement shares its pair's place")
+	require.NoError(t, a.reserve(uq, 0, false))
+	require.ErrorIs(t, a.reserve(vq, 0, false), ErrQuotaExceeded)
+	a.release(up)
+	require.ErrorIs(t, a.reserve(vq, 0, false), ErrQuotaExceeded, "the pair still holds its place")
+	a.release(up)
+	require.NoError(t, a.reserve(vq, 0, false), "its last slot freed it")
+
+	churned := newAdmission(Config{MaxPerUser: 1})
+	const n = 100_000
+	for i := range n {
+		require.NoError(t, churned.reserve(pairKey{fmt.Sprint("u", i), "p"}, 0, false))
+	}
+	assert.Equal(t, n, churned.total)
+	for i := range n {
+		churned.release(pairKey{fmt.Sprint("u", i), "p"})
+	}
+	assert.Zero(t, churned.total)
+	assert.Empty(t, churned.places)
+	assert.Empty(t, churned.perUser)
+	assert.Less(t, churned.peakPlaces, minShrink, "rebuilt as it emptied")
+	assert.Less(t, churned.peakUsers, minShrink)
+
+	none := newAdmission(Config{})
+	for i := range 1000 {
+		require.NoError(t, none.reserve(pairKey{fmt.Sprint("u", i), "p"}, 0, false))
+	}
+	assert.Empty(t, none.places, "no quota, no map")
+}

@@ -620,6 +620,40 @@ func TestQuotas(t *testing.T) {
 	assert.EqualValues(t, 4, e.p.Calls(fp.OpCreate))
 }
 
+// A pair at MaxAge gets its new sandbox even when the quotas are full:
+// the new one takes the old one's place, since it replaces it. Before, the
+// old one kept its place until it was killed (in the background) or, if
+// leased, until its last release, and the pair's Acquire failed with
+// ErrQuotaExceeded meanwhile: at every rotation of a pool at its cap.
+func TestMaxAgeRotationAtTheQuotaCap(t *testing.T) {
+	for _, leased := range []bool{false, true} {
+		t.Run(fmt.Sprint("old sandbox leased: ", leased), func(t *testing.T) {
+			e := newEnv(t, func(c *sandboxpool.Config) { c.MaxSandboxes = 2; c.MaxPerUser = 1 })
+			e.p.SetLatency(fp.OpKill, 200*time.Millisecond) // the old sandbox's end is not instant
+			old := e.acquire(t, "a", "1")
+			e.acquire(t, "b", "1").Release()
+			if !leased {
+				old.Release()
+			}
+			e.clock.Advance(15 * time.Minute)
+			next := e.acquire(t, "a", "1")
+			assert.NotEqual(t, old.Sandbox().ID, next.Sandbox().ID)
+			assert.Equal(t, sandboxpool.OutcomeCreated, next.Outcome())
+			next.Release()
+			old.Release()
+
+			_, err := e.m.Acquire(context.Background(), "c", "1")
+			require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "the quotas still hold")
+			_, err = e.m.Acquire(context.Background(), "a", "2")
+			require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded)
+			require.Eventually(t, func() bool { return e.p.Calls(fp.OpKill) == 1 && e.m.Stats().Active == 2 }, 5*time.Second, time.Millisecond,
+				"the old sandbox is ended")
+			_, err = e.m.Acquire(context.Background(), "c", "1")
+			require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "and its end frees no place the new one holds")
+		})
+	}
+}
+
 func TestCreateRateLimit(t *testing.T) {
 	e := newEnv(t, func(c *sandboxpool.Config) {
 		c.CreateLimit = sandboxpool.RateLimit{Rate: 1, Burst: 2, Per: time.Minute}
