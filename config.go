@@ -153,8 +153,10 @@ type Config struct {
 	MaxPerUser int
 
 	// CreateLimit limits fresh creates per user (reuse is never limited);
-	// refused creates get ErrRateLimited with a retry-after.
-	// default: zero, unlimited.
+	// refused creates get ErrRateLimited with a retry-after. A pair's new
+	// sandbox at MaxAge, or after its sandbox died, is a create and
+	// counts: size the limit for a user's pairs turning over once per
+	// MaxAge. default: zero, unlimited.
 	CreateLimit RateLimit
 
 	// RefuseCreatesWhenDegraded makes the Manager refuse fresh creates with
