@@ -641,11 +641,12 @@ func (m *Manager) createNew(ctx context.Context, k pairKey) (*slot, error) {
 		return nil, pairErr("create sandbox", k, err)
 	}
 	m.ctr.creates.Add(1)
+	// Timed from this clock, not the provider's (E2B's create does not even
+	// answer with one): a provider clock behind by MaxAge would make the
+	// sandbox past MaxAge at birth, one ahead would keep it past MaxAge.
 	now := m.clock.precise()
-	if sb.CreatedAt.IsZero() {
-		sb.CreatedAt = time.Unix(0, now)
-	}
-	s := m.newSlot(k, sb, sb.CreatedAt.UnixNano(), now, now+int64(m.cfg.IdleTimeout))
+	sb.CreatedAt = time.Unix(0, now)
+	s := m.newSlot(k, sb, now, now, now+int64(m.cfg.IdleTimeout))
 	s.setFlag(flagCreated)
 	return s, nil
 }

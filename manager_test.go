@@ -620,6 +620,41 @@ func TestQuotas(t *testing.T) {
 	assert.EqualValues(t, 4, e.p.Calls(fp.OpCreate))
 }
 
+// skewedCreates answers every create with a creation time off by skew, as
+// a provider whose clock disagrees with the Manager's would.
+type skewedCreates struct {
+	*fp.Provider
+	skew time.Duration
+}
+
+func (p skewedCreates) Create(ctx context.Context, req sandboxpool.CreateRequest) (sandboxpool.Sandbox, error) {
+	sb, err := p.Provider.Create(ctx, req)
+	sb.CreatedAt = sb.CreatedAt.Add(p.skew)
+	return sb, err
+}
+
+// A sandbox the Manager creates is timed from the Manager's clock: a
+// provider whose clock is behind by more than MaxAge made every new
+// sandbox look past MaxAge at birth, so each Acquire created three and
+// failed; one ahead kept its sandboxes past MaxAge by its lead.
+func TestCreatedSandboxIsTimedByTheManagersClock(t *testing.T) {
+	for _, skew := range []time.Duration{-time.Hour, time.Hour} {
+		t.Run(skew.String(), func(t *testing.T) {
+			e := newEnv(t, func(cfg *sandboxpool.Config) { cfg.Provider = skewedCreates{cfg.Provider.(*fp.Provider), skew} })
+			held := e.acquire(t, "u", "p") // in use throughout: kept alive, never idle
+			defer held.Release()
+			assert.Equal(t, sandboxpool.OutcomeCreated, held.Outcome())
+			assert.Equal(t, e.clock.Now(), held.Sandbox().CreatedAt)
+			id := held.Sandbox().ID
+			e.run(14 * time.Minute)
+			assert.Equal(t, id, acquireID(t, e.m, "u", "p"), "handed out until MaxAge")
+			e.run(time.Minute + reapTick)
+			assert.NotEqual(t, id, acquireID(t, e.m, "u", "p"), "and not after")
+			assert.EqualValues(t, 2, e.p.Calls(fp.OpCreate))
+		})
+	}
+}
+
 // A pair at MaxAge gets its new sandbox even when the quotas are full:
 // the new one takes the old one's place, since it replaces it. Before, the
 // old one kept its place until it was killed (in the background) or, if

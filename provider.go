@@ -75,7 +75,10 @@ type Sandbox struct {
 	// Metadata is the sandbox's provider metadata, as Provider.List
 	// reports it. A Lease's Sandbox does not carry it: the Manager sets the
 	// sandboxpool.* keys and Config.Metadata on every sandbox it creates.
-	Metadata  map[string]string
+	Metadata map[string]string
+	// CreatedAt is when the sandbox started. The Manager reads it from
+	// List (adopting a sandbox, it judges MaxAge by it) and ignores it in
+	// Create's answer: a sandbox it creates is timed by its own clock.
 	CreatedAt time.Time
 
 	envdURL string // set by a provider whose envd is elsewhere (E2B_SANDBOX_URL)
