@@ -251,7 +251,8 @@ func (m *Manager) hasUnpublished() bool {
 	return len(m.unpublished) > 0
 }
 
-// reconcile publishes the sandboxes created while Redis was down. Where
+// reconcile publishes the sandboxes created while Redis was down, with
+// their quota places. Where
 // another instance published a different sandbox for the pair meanwhile,
 // that one is canonical: ours is superseded (retired and left to its
 // provider deadline: another instance may have adopted it meanwhile).
@@ -271,6 +272,8 @@ func (m *Manager) reconcile(ctx context.Context) {
 			if id != s.id {
 				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
 				m.supersede(ctx, s)
+			} else {
+				m.refreshReservation(ctx, s.key, s.deadline.Load()) // counted by the quotas from now on
 			}
 		}
 		m.unpubMu.Lock()

@@ -564,6 +564,30 @@ func TestRedisDownRemoveKillsAndIsUnavailable(t *testing.T) {
 	assert.Empty(t, c.keys(t))
 }
 
+// A sandbox created while Redis was down takes its quota place when it is
+// published on recovery, so the quotas count it across instances at once.
+// Before, nothing counted it until its next keepalive, which an idle
+// sandbox never has: other instances' creates passed the quotas over it.
+func TestRedisOutageSandboxTakesItsQuotaPlaceOnRecovery(t *testing.T) {
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.MaxSandboxes = 2 })
+	a, b := c.instance(t), c.instance(t)
+	acquireID(t, a, "u", "hot")
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	cold := acquireID(t, a, "u", "cold") // created without the lock, within a's own count
+	require.EqualValues(t, 1, a.Stats().DegradedCreates)
+	c.mr.SetError("")
+	require.Eventually(t, func() bool { return c.mr.HGet("sandboxpool:{u:cold}:sbx", "id") == cold }, 5*time.Second, 5*time.Millisecond,
+		"published on recovery")
+	require.Eventually(t, func() bool {
+		places, _ := c.mr.ZMembers("sandboxpool:live")
+		return slices.Contains(places, "u:cold")
+	}, 5*time.Second, 5*time.Millisecond, "with its quota place, written just after the record")
+
+	_, err := b.Acquire(context.Background(), "v", "q") // nothing local: Redis decides
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "u/hot and u/cold hold both places")
+	assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+}
+
 func TestRedisDownRefusesCreatesWhenConfigured(t *testing.T) {
 	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.RefuseCreatesWhenDegraded = true })
 	m := c.instance(t)
