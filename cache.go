@@ -236,7 +236,7 @@ func (m *Manager) uncache(ctx context.Context, k pairKey) error {
 	switch {
 	case err == nil:
 		return nil
-	case !answered(err):
+	case errors.Is(err, errRedisUnavailable): // as store.do judged it
 		err = fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	return pairErr("delete Redis record", k, err)

@@ -67,7 +67,7 @@ func TestDefaultReapIntervalFollowsIdleTimeout(t *testing.T) {
 	} {
 		m, err := sandboxpool.New(sandboxpool.Config{Provider: fakeprovider.New(), IdleTimeout: idle, MaxAge: math.MaxInt64})
 		require.NoError(t, err, idle)
-		assert.Equal(t, want, sandboxpool.ReapInterval(m), idle)
+		assert.Equal(t, want, sandboxpool.EffectiveConfig(m).ReapInterval, idle)
 		require.NoError(t, m.Close(context.Background()))
 	}
 }

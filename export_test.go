@@ -14,9 +14,6 @@ func SetClock(cfg *Config, now func() time.Time) { cfg.now = now }
 // the test calls ReapNow.
 func ManualReaper(cfg *Config) { cfg.manualReap = true }
 
-// ReapInterval returns the reaper's period, defaulted.
-func ReapInterval(m *Manager) time.Duration { return m.cfg.ReapInterval }
-
 // ReapNow runs one reaper tick synchronously.
 func (m *Manager) ReapNow() { m.reapOnce() }
 
