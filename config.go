@@ -20,11 +20,16 @@ const (
 	DefaultIdleTimeout      = 5 * time.Minute
 	DefaultMaxAge           = 15 * time.Minute
 	DefaultHealthCheckAfter = 30 * time.Second
-	DefaultReapInterval     = time.Second
-	DefaultCreateTimeout    = 2 * time.Minute
-	DefaultRedisTimeout     = 500 * time.Millisecond
-	DefaultLockTTL          = 10 * time.Second
-	DefaultShards           = 64
+	// DefaultUnresponsiveAfter is long enough that a blip of E2B's envd
+	// proxy, which clears at the next probe, never condemns a sandbox, and
+	// short next to DefaultMaxAge, which would otherwise bound how long a
+	// hung sandbox fails its pair's Acquires.
+	DefaultUnresponsiveAfter = time.Minute
+	DefaultReapInterval      = time.Second
+	DefaultCreateTimeout     = 2 * time.Minute
+	DefaultRedisTimeout      = 500 * time.Millisecond
+	DefaultLockTTL           = 10 * time.Second
+	DefaultShards            = 64
 )
 
 // minLockTTL is the shortest Config.LockTTL: Redis keeps a key's expiry in
@@ -116,6 +121,18 @@ type Config struct {
 	// default: 30 seconds.
 	HealthCheckAfter time.Duration
 
+	// UnresponsiveAfter is how long a sandbox may stay unresponsive (the
+	// provider reports it running, but it does not answer:
+	// ErrSandboxUnresponsive) before the Manager kills and replaces it.
+	// Until then the pair's Acquires fail with that error and keep the
+	// sandbox, which is probed at each of them; a probe that answers clears
+	// it. It is condemned at a failing probe UnresponsiveAfter or more after
+	// the first failing one. If every sandbox is condemned, suspect the
+	// route to envd (E2B_DOMAIN, E2B_SANDBOX_URL) before E2B. -1 never
+	// condemns: a hung sandbox then fails its pair's Acquires until MaxAge.
+	// default: 1 minute.
+	UnresponsiveAfter time.Duration
+
 	// ReapInterval is how often the reaper looks for expired sandboxes. A
 	// tick costs O(sandboxes due), not O(pool size). At most IdleTimeout/8
 	// (maxReapFraction). default: 1 second, or IdleTimeout/8 if shorter.
@@ -199,6 +216,7 @@ func (c Config) withDefaults() Config {
 	setDefault(&c.IdleTimeout, DefaultIdleTimeout)
 	setDefault(&c.MaxAge, DefaultMaxAge)
 	setDefault(&c.HealthCheckAfter, DefaultHealthCheckAfter)
+	setDefault(&c.UnresponsiveAfter, DefaultUnresponsiveAfter)
 	if c.IdleTimeout > 0 {
 		setDefault(&c.ReapInterval, min(DefaultReapInterval, c.IdleTimeout/maxReapFraction))
 	}
@@ -210,8 +228,8 @@ func (c Config) withDefaults() Config {
 		setDefault(&c.CreateLimit.Burst, c.CreateLimit.Rate)
 		setDefault(&c.CreateLimit.Per, time.Second)
 	}
-	for _, d := range []*time.Duration{&c.IdleTimeout, &c.MaxAge, &c.HealthCheckAfter, &c.ReapInterval,
-		&c.CreateTimeout, &c.RedisTimeout, &c.LockTTL, &c.CreateLimit.Per} {
+	for _, d := range []*time.Duration{&c.IdleTimeout, &c.MaxAge, &c.HealthCheckAfter, &c.UnresponsiveAfter,
+		&c.ReapInterval, &c.CreateTimeout, &c.RedisTimeout, &c.LockTTL, &c.CreateLimit.Per} {
 		*d = min(*d, MaxDuration)
 	}
 	if c.Shards > 0 && c.Shards <= maxShards {
@@ -259,6 +277,9 @@ func (c *Config) validate() error {
 	}
 	if c.HealthCheckAfter < -1 {
 		bad("HealthCheckAfter must be -1 (always probe), 0 (default) or positive (got %s)", c.HealthCheckAfter)
+	}
+	if c.UnresponsiveAfter < -1 {
+		bad("UnresponsiveAfter must be -1 (never condemn), 0 (default) or positive (got %s)", c.UnresponsiveAfter)
 	}
 	if c.MaxAge < c.IdleTimeout {
 		bad("MaxAge (%s) must be >= IdleTimeout (%s)", c.MaxAge, c.IdleTimeout)
@@ -343,21 +364,22 @@ func honoursContextDeadlines(rdb redis.UniversalClient) bool {
 
 // Environment variables read by ConfigFromEnv.
 const (
-	EnvNamespace        = "SANDBOXPOOL_NAMESPACE"
-	EnvTemplate         = "SANDBOXPOOL_TEMPLATE"
-	EnvIdleTimeout      = "SANDBOXPOOL_IDLE_TIMEOUT"
-	EnvMaxAge           = "SANDBOXPOOL_MAX_AGE"
-	EnvHealthCheckAfter = "SANDBOXPOOL_HEALTH_CHECK_AFTER"
-	EnvReapInterval     = "SANDBOXPOOL_REAP_INTERVAL"
-	EnvCreateTimeout    = "SANDBOXPOOL_CREATE_TIMEOUT"
-	EnvRedisTimeout     = "SANDBOXPOOL_REDIS_TIMEOUT"
-	EnvLockTTL          = "SANDBOXPOOL_LOCK_TTL"
-	EnvMaxSandboxes     = "SANDBOXPOOL_MAX_SANDBOXES"
-	EnvMaxPerUser       = "SANDBOXPOOL_MAX_PER_USER"
-	EnvCreateRate       = "SANDBOXPOOL_CREATE_RATE"
-	EnvCreateBurst      = "SANDBOXPOOL_CREATE_BURST"
-	EnvCreatePer        = "SANDBOXPOOL_CREATE_PER"
-	EnvRefuseDegraded   = "SANDBOXPOOL_REFUSE_CREATES_WHEN_DEGRADED"
+	EnvNamespace         = "SANDBOXPOOL_NAMESPACE"
+	EnvTemplate          = "SANDBOXPOOL_TEMPLATE"
+	EnvIdleTimeout       = "SANDBOXPOOL_IDLE_TIMEOUT"
+	EnvMaxAge            = "SANDBOXPOOL_MAX_AGE"
+	EnvHealthCheckAfter  = "SANDBOXPOOL_HEALTH_CHECK_AFTER"
+	EnvUnresponsiveAfter = "SANDBOXPOOL_UNRESPONSIVE_AFTER"
+	EnvReapInterval      = "SANDBOXPOOL_REAP_INTERVAL"
+	EnvCreateTimeout     = "SANDBOXPOOL_CREATE_TIMEOUT"
+	EnvRedisTimeout      = "SANDBOXPOOL_REDIS_TIMEOUT"
+	EnvLockTTL           = "SANDBOXPOOL_LOCK_TTL"
+	EnvMaxSandboxes      = "SANDBOXPOOL_MAX_SANDBOXES"
+	EnvMaxPerUser        = "SANDBOXPOOL_MAX_PER_USER"
+	EnvCreateRate        = "SANDBOXPOOL_CREATE_RATE"
+	EnvCreateBurst       = "SANDBOXPOOL_CREATE_BURST"
+	EnvCreatePer         = "SANDBOXPOOL_CREATE_PER"
+	EnvRefuseDegraded    = "SANDBOXPOOL_REFUSE_CREATES_WHEN_DEGRADED"
 )
 
 // envSource lets tests (and ConfigFromEnv) read variables from anywhere.
@@ -402,6 +424,7 @@ func configFrom(env envSource) (Config, error) {
 	dur(EnvIdleTimeout, &c.IdleTimeout)
 	dur(EnvMaxAge, &c.MaxAge)
 	dur(EnvHealthCheckAfter, &c.HealthCheckAfter)
+	dur(EnvUnresponsiveAfter, &c.UnresponsiveAfter)
 	dur(EnvReapInterval, &c.ReapInterval)
 	dur(EnvCreateTimeout, &c.CreateTimeout)
 	dur(EnvRedisTimeout, &c.RedisTimeout)

@@ -36,6 +36,7 @@ func TestNewValidatesConfig(t *testing.T) {
 		{"too many shards", sandboxpool.Config{Provider: p, Shards: 1 << 20}, "Shards"},
 		{"reserved metadata", sandboxpool.Config{Provider: p, Metadata: map[string]string{"sandboxpool.user": "x"}}, "reserved prefix"},
 		{"probe below -1", sandboxpool.Config{Provider: p, HealthCheckAfter: -2}, "HealthCheckAfter"},
+		{"condemnation below -1", sandboxpool.Config{Provider: p, UnresponsiveAfter: -2}, "UnresponsiveAfter must be -1 (never condemn)"},
 		{"burst spanning centuries", sandboxpool.Config{Provider: p, CreateLimit: sandboxpool.RateLimit{Rate: 1, Burst: 1000, Per: 365 * 24 * time.Hour}},
 			"a burst of 1000 at 1 per 8760h0m0s spans more than MaxDuration"},
 		{"reap slower than IdleTimeout/8", sandboxpool.Config{Provider: p, IdleTimeout: time.Minute, ReapInterval: 30 * time.Second},
@@ -89,6 +90,7 @@ func TestConfigFromEnv(t *testing.T) {
 		"SANDBOXPOOL_CREATE_RATE":                  "10",
 		"SANDBOXPOOL_CREATE_PER":                   "1m",
 		"SANDBOXPOOL_REFUSE_CREATES_WHEN_DEGRADED": "true",
+		"SANDBOXPOOL_UNRESPONSIVE_AFTER":           "-1ns",
 	})
 	require.NoError(t, err)
 	assert.Equal(t, "prod", cfg.Namespace)
@@ -97,6 +99,7 @@ func TestConfigFromEnv(t *testing.T) {
 	assert.Equal(t, 3, cfg.MaxPerUser)
 	assert.Equal(t, sandboxpool.RateLimit{Rate: 10, Per: time.Minute}, cfg.CreateLimit)
 	assert.True(t, cfg.RefuseCreatesWhenDegraded)
+	assert.Equal(t, time.Duration(-1), cfg.UnresponsiveAfter)
 
 	empty, err := sandboxpool.ConfigFrom(nil)
 	require.NoError(t, err)
@@ -177,24 +180,24 @@ type wrappedClient struct{ redis.UniversalClient }
 // config whose timings hold together (the bounds the reaper and the
 // provider's whole seconds rely on), and serves a pair.
 func FuzzConfigFromEnv(f *testing.F) {
-	for _, s := range [][8]string{
-		{"", "", "", "", "", "", "", ""},
-		{"90s", "1h", "10s", "30s", "10", "", "1m", "10s"},
-		{"1s", "1s", "125ms", "-1ns", "1", "1", "1ns", "1ms"},
-		{"2562047h", "2562047h47m16.854775807s", "", "", "1", "9223372036854775807", "2562047h", "2562047h"},
-		{"-1s", "0", "1ns", "-2ns", "-1", "x", "-1m", "999us"},
-		{"1s", "", "", "", "1000000000", "", "1ns", ""},
-		{"1s", "1s", "1ns", "-1ns", "1", "1", "1ns", "1ms"},
-		{"2562047h", "2562047h", "", "", "", "", "", "2562047h"},
-		{"5 minutes", "forever", "1e3s", "NaN", "1.5", "0x10", "1d", "∞"},
+	for _, s := range [][9]string{
+		{"", "", "", "", "", "", "", "", ""},
+		{"90s", "1h", "10s", "30s", "10", "", "1m", "10s", "2m"},
+		{"1s", "1s", "125ms", "-1ns", "1", "1", "1ns", "1ms", "1ns"},
+		{"2562047h", "2562047h47m16.854775807s", "", "", "1", "9223372036854775807", "2562047h", "2562047h", "2562047h47m16.854775807s"},
+		{"-1s", "0", "1ns", "-2ns", "-1", "x", "-1m", "999us", "-2ns"},
+		{"1s", "", "", "", "1000000000", "", "1ns", "", "-1ns"},
+		{"1s", "1s", "1ns", "-1ns", "1", "1", "1ns", "1ms", "0"},
+		{"2562047h", "2562047h", "", "", "", "", "", "2562047h", ""},
+		{"5 minutes", "forever", "1e3s", "NaN", "1.5", "0x10", "1d", "∞", "never"},
 	} {
-		f.Add(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7])
+		f.Add(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8])
 	}
-	f.Fuzz(func(t *testing.T, idle, maxAge, reap, health, rate, burst, per, lockTTL string) {
+	f.Fuzz(func(t *testing.T, idle, maxAge, reap, health, rate, burst, per, lockTTL, unresponsive string) {
 		env := map[string]string{
 			sandboxpool.EnvIdleTimeout: idle, sandboxpool.EnvMaxAge: maxAge, sandboxpool.EnvReapInterval: reap,
 			sandboxpool.EnvHealthCheckAfter: health, sandboxpool.EnvCreateRate: rate, sandboxpool.EnvCreateBurst: burst,
-			sandboxpool.EnvCreatePer: per, sandboxpool.EnvLockTTL: lockTTL,
+			sandboxpool.EnvCreatePer: per, sandboxpool.EnvLockTTL: lockTTL, sandboxpool.EnvUnresponsiveAfter: unresponsive,
 		}
 		cfg, err := sandboxpool.ConfigFrom(env)
 		if err != nil {
@@ -213,7 +216,7 @@ func FuzzConfigFromEnv(f *testing.F) {
 		}
 		defer func() { require.NoError(t, m.Close(context.Background())) }()
 		c := sandboxpool.EffectiveConfig(m)
-		for _, d := range []time.Duration{c.IdleTimeout, c.MaxAge, c.ReapInterval, c.CreateTimeout, c.RedisTimeout, c.LockTTL, c.HealthCheckAfter, c.CreateLimit.Per} {
+		for _, d := range []time.Duration{c.IdleTimeout, c.MaxAge, c.ReapInterval, c.CreateTimeout, c.RedisTimeout, c.LockTTL, c.HealthCheckAfter, c.UnresponsiveAfter, c.CreateLimit.Per} {
 			require.LessOrEqual(t, d, sandboxpool.MaxDuration)
 		}
 		require.GreaterOrEqual(t, c.IdleTimeout, time.Second, "E2B timeouts are whole seconds")
@@ -224,6 +227,8 @@ func FuzzConfigFromEnv(f *testing.F) {
 		require.Positive(t, c.CreateTimeout)
 		require.Positive(t, c.RedisTimeout)
 		require.GreaterOrEqual(t, c.HealthCheckAfter, time.Duration(-1))
+		require.GreaterOrEqual(t, c.UnresponsiveAfter, time.Duration(-1))
+		require.NotZero(t, c.UnresponsiveAfter, "0 means the default")
 		if c.CreateLimit.Rate > 0 {
 			require.Positive(t, c.CreateLimit.Burst)
 			require.Positive(t, c.CreateLimit.Per)

@@ -25,6 +25,14 @@ var (
 	// answer of a Provider. Only this error makes the Manager replace a
 	// cached sandbox.
 	ErrSandboxNotFound = errors.New("sandboxpool: sandbox not found")
+	// ErrSandboxUnresponsive is a Provider's Check answer that the
+	// sandbox does not answer although the provider reports it running
+	// (E2B: its envd proxy says "not found" while the API says running). An
+	// Acquire that meets it fails with it and keeps the sandbox, until the
+	// sandbox has been unresponsive for Config.UnresponsiveAfter: then it is
+	// killed and replaced. Until then the error carries how long that is
+	// (see RetryAfter).
+	ErrSandboxUnresponsive = errors.New("sandboxpool: sandbox unresponsive")
 	// ErrUnavailable is returned when the Manager cannot coordinate a create
 	// with other instances: Redis is unreachable and
 	// Config.RefuseCreatesWhenDegraded is set; Redis kept failing the

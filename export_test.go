@@ -61,3 +61,10 @@ func FastRedisRecovery(cfg *Config, d time.Duration) { cfg.breakerCooldown, cfg.
 // EffectiveConfig returns the Config a Manager runs with: defaults filled,
 // durations capped.
 func EffectiveConfig(m *Manager) Config { return m.cfg }
+
+// Suspects returns how many sandboxes the Manager holds as unresponsive.
+func Suspects(m *Manager) int {
+	m.suspects.mu.Lock()
+	defer m.suspects.mu.Unlock()
+	return len(m.suspects.since)
+}

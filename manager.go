@@ -56,6 +56,8 @@ type Manager struct {
 	unpubMu     sync.Mutex
 	unpublished map[*slot]struct{} // created while Redis was down; published on recovery
 
+	suspects suspects // sandboxes found unresponsive, not yet condemned
+
 	probeAfter int64 // ns; <0 = always probe
 	guard      int64 // ns, hotGuard (at most IdleTimeout/4)
 	touchAhead int64 // ns: a deadline closer than this is worth pushing (IdleTimeout/2)
@@ -99,6 +101,7 @@ func New(cfg Config) (*Manager, error) {
 		jobs:       make(chan func()),
 
 		unpublished: make(map[*slot]struct{}),
+		suspects:    suspects{since: make(map[*slot]int64)},
 		shapes:      make(map[shape]*shape),
 	}
 	if m.guard > int64(cfg.IdleTimeout/4) {
@@ -314,7 +317,7 @@ func (m *Manager) fill(ctx context.Context, sh *shard, k pairKey) (*slot, Outcom
 			switch {
 			case ok:
 				return s, OutcomeMemoryHit, nil
-			case s.state() == stateLive: // definitively gone: replace it below
+			case s.state() == stateLive: // definitively gone, or condemned: replace it below
 				m.ctr.replaced.Add(1)
 				m.pool.detach(sh, s, stateDead, false)
 				m.forget(ctx, s)
@@ -343,15 +346,22 @@ func (m *Manager) expiresAt(s *slot) int64 { return s.createdAt + int64(m.cfg.Ma
 
 // revalidate decides whether a cached slot can be handed out: it extends a
 // deadline about to pass (which also proves the sandbox is alive, and asks
-// Redis whether it is still the pair's sandbox), or probes it. ok is false
-// with a nil error on a definitive not-found, or when the extension found s
-// superseded (s is then retired).
+// Redis whether it is still the pair's sandbox), or probes it. A suspect
+// (see suspects) is probed whatever else ran: the provider's API answers
+// for a sandbox that does not. ok is false with a nil error on a
+// definitive not-found, when s was condemned (killed), or when the
+// extension found s superseded (s is then retired).
 func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, err error) {
+	suspect := s.hasFlag(flagSuspect)
+	probe := suspect || m.probeAfter < 0 || now-s.lastCheck.Load() >= m.probeAfter
 	if now >= s.deadline.Load()-m.touchLead() {
-		err = m.touch(ctx, s, now)
-	} else if m.probeAfter < 0 || now-s.lastCheck.Load() >= m.probeAfter {
+		err, probe = m.touch(ctx, s, now), suspect
+	}
+	if err == nil && probe && s.state() == stateLive {
 		m.ctr.healthChecks.Add(1)
-		err = m.provider.Check(ctx, s.sandbox())
+		if err = m.provider.Check(ctx, s.sandbox()); err == nil {
+			m.acquit(s)
+		}
 	}
 	switch {
 	case err == nil:
@@ -359,6 +369,11 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 		m.refreshHit(s)
 		return s.state() == stateLive, nil
 	case errors.Is(err, ErrSandboxNotFound):
+		return false, nil
+	case errors.Is(err, ErrSandboxUnresponsive):
+		if killed, err := m.condemn(ctx, s, now, err); !killed {
+			return false, pairErr("check sandbox "+s.id, s.key, err)
+		}
 		return false, nil
 	default: // ambiguous: fail closed, keep the sandbox, report the error
 		return false, pairErr("check sandbox "+s.id, s.key, err)
@@ -952,10 +967,11 @@ func (m *Manager) forget(ctx context.Context, s *slot) {
 }
 
 // forgetLocal drops what this process holds for s: its reaper entry, its
-// quota reservation and its place among unpublished slots.
+// quota reservation, its place among suspects and among unpublished slots.
 func (m *Manager) forgetLocal(s *slot) {
 	m.reaper.unschedule(s)
 	m.dropReservation(s)
+	m.acquit(s)
 	m.unpubMu.Lock()
 	delete(m.unpublished, s)
 	m.unpubMu.Unlock()

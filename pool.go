@@ -60,7 +60,7 @@ type slot struct {
 	id        string
 	token     Secret        // envd access token
 	heapIdx   int32         // position in the reaper's heap, -1 when absent; guarded by reaper.mu
-	flags     atomic.Uint32 // flagCounted | flagKilled | flagCreated | flagSuperseded
+	flags     atomic.Uint32 // flagCounted | flagKilled | flagCreated | flagSuperseded | flagSuspect
 }
 
 // state returns s's state.
@@ -91,6 +91,7 @@ const (
 	flagKilled                        // killed, known gone, or left to its provider deadline: at most one kill per slot
 	flagCreated                       // made by Provider.Create (not reconnected or adopted)
 	flagSuperseded                    // Redis names another sandbox for the pair: left to its provider deadline
+	flagSuspect                       // its latest probe found it unresponsive: in Manager.suspects
 )
 
 // setFlag sets f and reports whether this call set it.

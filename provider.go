@@ -31,7 +31,12 @@ type Provider interface {
 	// error, and the Manager keeps the one it asked for.
 	Connect(ctx context.Context, id string, timeout time.Duration) (Sandbox, error)
 	// Check reports whether sb is alive without changing its deadline. It
-	// returns an error wrapping ErrSandboxNotFound when sb is gone.
+	// returns an error wrapping ErrSandboxNotFound when sb is gone, and one
+	// wrapping ErrSandboxUnresponsive when the provider reports sb running
+	// but sb itself answers that it is not there. A Check that gets no
+	// answer at all must return neither: the Manager kills a sandbox that
+	// stays unresponsive (Config.UnresponsiveAfter), and a network fault on
+	// the caller's side says nothing about the sandbox.
 	Check(ctx context.Context, sb Sandbox) error
 	// SetTimeout sets the sandbox's provider-side deadline to now+timeout.
 	SetTimeout(ctx context.Context, id string, timeout time.Duration) error

@@ -51,10 +51,12 @@ func (p *e2bProvider) Connect(ctx context.Context, id string, timeout time.Durat
 	return p.toSandbox(sb), nil
 }
 
-// Check asks envd (no side effect on the deadline). When envd says the
-// sandbox is unreachable, the API's detail decides: gone or paused is
-// ErrSandboxNotFound; running is an ambiguous error (fail closed) matching
-// e2b.ErrUnreachable.
+// Check asks envd (no side effect on the deadline). When envd's proxy
+// answers that the sandbox is not there (502), the API's detail decides:
+// gone or paused is ErrSandboxNotFound; running is ErrSandboxUnresponsive
+// (also matching e2b.ErrUnreachable), which the Manager fails closed on
+// until Config.UnresponsiveAfter. envd giving no answer at all is returned
+// as is.
 func (p *e2bProvider) Check(ctx context.Context, sb Sandbox) error {
 	ok, err := p.c.Healthy(ctx, e2b.Sandbox{ID: sb.ID, Domain: sb.Domain, EnvdAccessToken: sb.AccessToken})
 	if err != nil || ok {
@@ -66,6 +68,8 @@ func (p *e2bProvider) Check(ctx context.Context, sb Sandbox) error {
 		return mapNotFound(err)
 	case d.State == e2b.StatePaused:
 		return fmt.Errorf("e2b: sandbox %s is paused: %w", sb.ID, ErrSandboxNotFound)
+	case d.State == e2b.StateRunning:
+		return fmt.Errorf("envd of sandbox %s, which the API reports running: %w (%w)", sb.ID, ErrSandboxUnresponsive, e2b.ErrUnreachable)
 	default:
 		return fmt.Errorf("envd of sandbox %s, which the API reports %s: %w", sb.ID, d.State, e2b.ErrUnreachable)
 	}

@@ -124,7 +124,9 @@ func TestE2BPausedIsResumed(t *testing.T) {
 }
 
 // Ambiguous failures (envd 500, envd unreachable while the API reports the
-// sandbox running) are returned and never replace.
+// sandbox running) are returned and do not replace: an unresponsive
+// sandbox is replaced only once it has been so for UnresponsiveAfter
+// (TestE2BHungSandboxIsReplaced).
 func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 	e := newE2BEnv(t, e2btest.Config{})
 	id := acquireID(t, e.m, "u", "p")
@@ -137,11 +139,13 @@ func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
 
 	// envd's proxy says "not found" (502) while the API reports the sandbox
-	// running: unreachable, which a caller may retry, and not gone.
+	// running: unresponsive and unreachable, which a caller may retry, and
+	// not gone.
 	e.clock.Advance(time.Minute)
 	e.srv.Inject(e2btest.OpHealth, e2btest.Fault{Status: http.StatusBadGateway})
 	_, err = e.m.Acquire(context.Background(), "u", "p")
 	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
 	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
 	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))

@@ -16,7 +16,8 @@ type Stats struct {
 	Reconnects       int64 // successful Provider.Connect calls
 	HealthChecks     int64 // Provider.Check calls
 	HealthCheckSkips int64 // memory hits that skipped the probe (same as MemoryHits)
-	Replaced         int64 // cached sandboxes replaced after a definitive not-found
+	Replaced         int64 // cached sandboxes replaced after a definitive not-found, or condemned as unresponsive
+	Unresponsive     int64 // sandboxes killed after Config.UnresponsiveAfter of failed probes (each also counted in Replaced)
 	Touches          int64 // deadline extensions pushed to the provider (and Redis)
 	Evictions        int64 // sandboxes reaped for idleness or age
 	Kills            int64 // Provider.Kill calls that succeeded
@@ -56,7 +57,7 @@ type counters struct {
 	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects             atomic.Int64
 	healthChecks, replaced, touches, evictions, kills, killErrors                  atomic.Int64
 	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost, reconciled atomic.Int64
-	superseded                                                                     atomic.Int64
+	superseded, unresponsive                                                       atomic.Int64
 }
 
 // Stats returns a snapshot of the Manager's counters and gauges. It costs
@@ -72,6 +73,7 @@ func (m *Manager) Stats() Stats {
 		Reconnects:      m.ctr.reconnects.Load(),
 		HealthChecks:    m.ctr.healthChecks.Load(),
 		Replaced:        m.ctr.replaced.Load(),
+		Unresponsive:    m.ctr.unresponsive.Load(),
 		Touches:         m.ctr.touches.Load(),
 		Evictions:       m.ctr.evictions.Load(),
 		Kills:           m.ctr.kills.Load(),

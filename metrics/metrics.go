@@ -101,6 +101,7 @@ func (x *Metrics) descs() []stat {
 		counter("degraded_creates", "Creates made while Redis was unavailable.", func(s sandboxpool.Stats) int64 { return s.DegradedCreates }),
 		counter("lock_lost", "Creates that lost their Redis lock before publishing.", func(s sandboxpool.Stats) int64 { return s.LockLost }),
 		counter("reconciled", "Creates with an unknown outcome whose sandbox was then found by metadata.", func(s sandboxpool.Stats) int64 { return s.Reconciled }),
+		counter("unresponsive", "Sandboxes killed and replaced after staying unresponsive for UnresponsiveAfter.", func(s sandboxpool.Stats) int64 { return s.Unresponsive }),
 		counter("superseded", "Pooled sandboxes retired because Redis names another sandbox for the pair.", func(s sandboxpool.Stats) int64 { return s.Superseded }),
 		counter("health_check_skips", "Memory hits that skipped the liveness probe.", func(s sandboxpool.Stats) int64 { return s.HealthCheckSkips }),
 		gauge("active", "Sandboxes in this process's pool.", func(s sandboxpool.Stats) float64 { return float64(s.Active) }),

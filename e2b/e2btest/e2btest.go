@@ -86,6 +86,7 @@ type sandbox struct {
 	startedAt, endAt    time.Time
 	state               e2b.State
 	autoPause           bool
+	hung                bool // running, but its envd's proxy answers 502
 	token               string
 }
 
@@ -230,6 +231,17 @@ func (s *Server) Metadata(id string) map[string]string {
 func (s *Server) Vanish(id string) {
 	s.mu.Lock()
 	delete(s.sandboxes, id)
+	s.mu.Unlock()
+}
+
+// Hang makes a running sandbox's envd stop answering: its health check
+// gets the proxy's 502 while the API still reports it running (and
+// connects, extends and lists it), as for a sandbox whose VM hung.
+func (s *Server) Hang(id string) {
+	s.mu.Lock()
+	if sb := s.liveLocked(id); sb != nil {
+		sb.hung = true
+	}
 	s.mu.Unlock()
 }
 
@@ -745,7 +757,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 	id := r.Header.Get("E2b-Sandbox-Id")
 	s.mu.Lock()
 	sb := s.liveLocked(id)
-	alive := sb != nil && sb.state == e2b.StateRunning
+	alive := sb != nil && sb.state == e2b.StateRunning && !sb.hung
 	s.mu.Unlock()
 	if !alive {
 		writeJSON(w, http.StatusBadGateway, map[string]any{"sandboxId": id, "message": "The sandbox was not found", "code": 502})

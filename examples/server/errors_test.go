@@ -43,6 +43,8 @@ func TestWriteErrorStatuses(t *testing.T) {
 		{wrap(&e2b.APIError{Op: "create", StatusCode: http.StatusTooManyRequests, RetryAfter: math.MaxInt64}), http.StatusTooManyRequests, "provider_rate_limited", "9223372037"},
 		{wrap(&e2b.APIError{Op: "connect", SandboxID: "i1", StatusCode: http.StatusBadGateway}), http.StatusServiceUnavailable, "provider_unavailable", ""},
 		{wrap(fmt.Errorf("e2b: connect i1: %w", e2b.ErrUnreachable)), http.StatusServiceUnavailable, "provider_unavailable", ""},
+		{wrap(&sandboxpool.RetryAfterError{Err: fmt.Errorf("envd: %w (%w)", sandboxpool.ErrSandboxUnresponsive, e2b.ErrUnreachable), RetryAfter: 42 * time.Second}),
+			http.StatusServiceUnavailable, "sandbox_unresponsive", "42"},
 		{wrap(errors.New("a bug")), http.StatusInternalServerError, "internal", ""},
 	} {
 		rec := httptest.NewRecorder()

@@ -205,6 +205,9 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 		status, code = http.StatusServiceUnavailable, "shutting_down"
 	case errors.Is(err, sandboxpool.ErrUnavailable):
 		status, code = http.StatusServiceUnavailable, "redis_unavailable"
+	case errors.Is(err, sandboxpool.ErrSandboxUnresponsive):
+		// The pair's sandbox hung; Retry-After says when it is replaced.
+		status, code = http.StatusServiceUnavailable, "sandbox_unresponsive"
 	case errors.As(err, &ae) && ae.StatusCode == http.StatusTooManyRequests:
 		status, code = http.StatusTooManyRequests, "provider_rate_limited"
 	case errors.As(err, &ae), errors.Is(err, e2b.ErrOutcomeUnknown), errors.Is(err, e2b.ErrUnreachable):

@@ -30,6 +30,7 @@ const (
 type box struct {
 	sb       sandboxpool.Sandbox
 	deadline time.Time
+	hung     bool // alive, but its Check answers ErrSandboxUnresponsive
 }
 
 // Provider is the fake. The zero value is not usable; call New.
@@ -110,6 +111,22 @@ func (p *Provider) Deadline(id string) (time.Time, bool) {
 func (p *Provider) Vanish(id string) {
 	p.mu.Lock()
 	p.deleteLocked(id)
+	p.mu.Unlock()
+}
+
+// Hang makes a sandbox unresponsive: it stays alive (Connect, SetTimeout
+// and List see it) while its Check answers ErrSandboxUnresponsive, as a
+// sandbox whose VM hung does. Revive undoes it.
+func (p *Provider) Hang(id string) { p.setHung(id, true) }
+
+// Revive makes a hung sandbox answer its Check again.
+func (p *Provider) Revive(id string) { p.setHung(id, false) }
+
+func (p *Provider) setHung(id string, hung bool) {
+	p.mu.Lock()
+	if b := p.getLocked(id); b != nil {
+		b.hung = hung
+	}
 	p.mu.Unlock()
 }
 
@@ -222,8 +239,11 @@ func (p *Provider) Check(ctx context.Context, sb sandboxpool.Sandbox) error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.getLocked(sb.ID) == nil {
+	switch b := p.getLocked(sb.ID); {
+	case b == nil:
 		return notFound(sb.ID)
+	case b.hung:
+		return fmt.Errorf("fake: sandbox %q does not answer: %w", sb.ID, sandboxpool.ErrSandboxUnresponsive)
 	}
 	return nil
 }

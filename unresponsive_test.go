@@ -1,0 +1,237 @@
+package sandboxpool_test
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/e2b"
+	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
+	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
+)
+
+// hungSandbox pools a sandbox for u/p, then hangs it and moves the clock
+// past HealthCheckAfter, so the next Acquire probes it.
+func hungSandbox(t *testing.T, e *env) string {
+	t.Helper()
+	l := e.acquire(t, "u", "p")
+	id := l.Sandbox().ID
+	l.Release()
+	e.p.Hang(id)
+	e.clock.Advance(sandboxpool.DefaultHealthCheckAfter)
+	return id
+}
+
+// failsUnresponsive asserts that an Acquire of u/p fails with
+// ErrSandboxUnresponsive, and that it probed the sandbox to learn it.
+func failsUnresponsive(t *testing.T, e *env) error {
+	t.Helper()
+	checks := e.p.Calls(fp.OpCheck)
+	_, err := e.m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	assert.Contains(t, err.Error(), "u/p")
+	assert.Equal(t, checks+1, e.p.Calls(fp.OpCheck), "the Acquire probed the sandbox")
+	return err
+}
+
+// A sandbox the provider reports running but which does not answer fails
+// its pair's Acquires, and is probed at each of them, until it has been
+// unresponsive for UnresponsiveAfter; then it is killed and replaced.
+// Before, it was kept and failed every Acquire of the pair until MaxAge.
+func TestUnresponsiveSandboxIsReplacedAfterUnresponsiveAfter(t *testing.T) {
+	e := newEnv(t)
+	id := hungSandbox(t, e)
+
+	failsUnresponsive(t, e)
+	e.clock.Advance(time.Second)
+	err := failsUnresponsive(t, e) // no memory hit for a suspect
+	ra, ok := sandboxpool.RetryAfter(err)
+	require.True(t, ok)
+	assert.Equal(t, sandboxpool.DefaultUnresponsiveAfter-time.Second, ra, "the error says when the sandbox is replaced")
+	assert.Equal(t, 1, sandboxpool.Suspects(e.m))
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter - 2*time.Second)
+	failsUnresponsive(t, e)
+	assert.Contains(t, e.p.Alive(), id, "kept until UnresponsiveAfter")
+	assert.Empty(t, e.p.Killed())
+
+	e.clock.Advance(time.Second)
+	l := e.acquire(t, "u", "p")
+	defer l.Release()
+	assert.NotEqual(t, id, l.Sandbox().ID)
+	assert.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
+	assert.Equal(t, []string{id}, e.p.Killed(), "the hung sandbox is killed, not left running")
+	assert.Equal(t, []string{l.Sandbox().ID}, e.p.Alive())
+	st := e.m.Stats()
+	assert.EqualValues(t, 1, st.Unresponsive)
+	assert.EqualValues(t, 1, st.Replaced)
+	assert.Equal(t, 0, sandboxpool.Suspects(e.m))
+
+	// The replacement is served from memory again, without a probe.
+	checks := e.p.Calls(fp.OpCheck)
+	e.acquire(t, "u", "p").Release()
+	assert.Equal(t, checks, e.p.Calls(fp.OpCheck))
+}
+
+// A probe that answers acquits a suspect: memory hits resume, and a later
+// spell of unresponsiveness is timed from its own first failing probe.
+func TestAnsweringProbeAcquitsASuspect(t *testing.T) {
+	e := newEnv(t)
+	id := hungSandbox(t, e)
+	failsUnresponsive(t, e)
+	e.p.Revive(id)
+	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+	assert.Equal(t, 0, sandboxpool.Suspects(e.m))
+	checks := e.p.Calls(fp.OpCheck)
+	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+	assert.Equal(t, checks, e.p.Calls(fp.OpCheck), "a memory hit again")
+
+	e.p.Hang(id)
+	e.clock.Advance(sandboxpool.DefaultHealthCheckAfter)
+	failsUnresponsive(t, e)
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter - time.Second)
+	failsUnresponsive(t, e) // the first spell began over UnresponsiveAfter ago
+	assert.Empty(t, e.p.Killed())
+}
+
+// Keepalives go through the provider's API, which answers for a hung
+// sandbox: pushing the deadline, the reaper's or an Acquire's, does not
+// stand in for the probe.
+func TestKeepaliveDoesNotAcquitASuspect(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) { c.UnresponsiveAfter = -1 })
+	held := e.acquire(t, "u", "p") // in use throughout: the reaper keeps it alive
+	defer held.Release()
+	id := held.Sandbox().ID
+	e.p.Hang(id)
+	e.clock.Advance(sandboxpool.DefaultHealthCheckAfter)
+	failsUnresponsive(t, e)
+
+	touches := e.p.Calls(fp.OpSetTimeout)
+	e.run(4 * time.Minute)
+	require.Greater(t, e.p.Calls(fp.OpSetTimeout), touches, "the reaper pushed the deadline")
+	failsUnresponsive(t, e)
+
+	dl, ok := e.p.Deadline(id)
+	require.True(t, ok)
+	e.clock.Advance(dl.Sub(e.clock.Now()) - time.Minute) // within IdleTimeout/4 of it, with no reaper tick
+	touches = e.p.Calls(fp.OpSetTimeout)
+	failsUnresponsive(t, e)
+	assert.Equal(t, touches+1, e.p.Calls(fp.OpSetTimeout), "the Acquire pushed the deadline, and probed all the same")
+}
+
+// UnresponsiveAfter -1 keeps a hung sandbox, failing its pair's Acquires,
+// for as long as it lives.
+func TestUnresponsiveAfterMinusOneNeverCondemns(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) { c.UnresponsiveAfter = -1 })
+	id := hungSandbox(t, e)
+	failsUnresponsive(t, e)
+	e.clock.Advance(4 * time.Minute) // 4×UnresponsiveAfter's default, within the sandbox's life
+	_, hinted := sandboxpool.RetryAfter(failsUnresponsive(t, e))
+	assert.False(t, hinted, "no replacement to wait for")
+	assert.Empty(t, e.p.Killed())
+	assert.Contains(t, e.p.Alive(), id)
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+}
+
+// A failed kill keeps the hung sandbox, and nothing is created while it may
+// still run: the Acquire fails with both errors, and the next tries again.
+func TestCondemnationWhoseKillFailsIsTriedAgain(t *testing.T) {
+	e := newEnv(t)
+	id := hungSandbox(t, e)
+	failsUnresponsive(t, e)
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter)
+	e.p.FailNext(fp.OpKill, errUpstream)
+	_, err := e.m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	require.ErrorIs(t, err, errUpstream)
+	assert.Contains(t, e.p.Alive(), id)
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+
+	assert.NotEqual(t, id, acquireID(t, e.m, "u", "p"))
+	assert.Equal(t, []string{id}, e.p.Killed())
+	assert.EqualValues(t, 1, e.m.Stats().KillErrors)
+}
+
+// A suspect leaves the Manager's record when it leaves the pool, however it
+// leaves: the record never outgrows the pool.
+func TestSuspectsAreForgottenWithTheirSlots(t *testing.T) {
+	e := newEnv(t)
+	for i := range 3 {
+		l := e.acquire(t, "u", string(rune('a'+i)))
+		e.p.Hang(l.Sandbox().ID)
+		l.Release()
+	}
+	e.clock.Advance(sandboxpool.DefaultHealthCheckAfter)
+	for i := range 3 {
+		_, err := e.m.Acquire(context.Background(), "u", string(rune('a'+i)))
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	}
+	require.Equal(t, 3, sandboxpool.Suspects(e.m))
+	require.NoError(t, e.m.Remove(context.Background(), "u", "a"))
+	assert.Equal(t, 2, sandboxpool.Suspects(e.m))
+	e.run(5 * time.Minute) // idle eviction of the other two
+	assert.Zero(t, e.m.Stats().Active)
+	assert.Equal(t, 0, sandboxpool.Suspects(e.m))
+}
+
+// Over HTTP: E2B's envd proxy answers 502 for a sandbox its API reports
+// running. The error matches both ErrSandboxUnresponsive and
+// e2b.ErrUnreachable; after UnresponsiveAfter the sandbox is killed at E2B
+// and replaced.
+func TestE2BHungSandboxIsReplaced(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{})
+	id := acquireID(t, e.m, "u", "p")
+	e.srv.Hang(id)
+	e.clock.Advance(time.Minute)
+	_, err := e.m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	assert.Equal(t, []string{id}, e.srv.Running())
+
+	e.clock.Advance(time.Minute)
+	next := acquireID(t, e.m, "u", "p")
+	assert.NotEqual(t, id, next)
+	assert.Equal(t, []string{next}, e.srv.Running())
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpKill))
+	assert.EqualValues(t, 2, e.srv.Calls(e2btest.OpCreate))
+}
+
+// Two instances hold the same hung sandbox and condemn it at once: it is
+// killed, and both converge on one replacement.
+func TestRedisHungSandboxIsReplacedOnce(t *testing.T) {
+	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+		c := newCluster(t)
+		a, b := c.instance(t), c.instance(t)
+		id := acquireID(t, a, "u", "p")
+		require.Equal(t, id, acquireID(t, b, "u", "p"))
+		c.p.Hang(id)
+		c.advance(sandboxpool.DefaultHealthCheckAfter)
+		for _, m := range []*sandboxpool.Manager{a, b} {
+			_, err := m.Acquire(context.Background(), "u", "p")
+			require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+		}
+		c.advance(sandboxpool.DefaultUnresponsiveAfter)
+		var wg sync.WaitGroup
+		ids := make([]string, 2)
+		for i, m := range []*sandboxpool.Manager{a, b} {
+			wg.Go(func() {
+				l, err := m.Acquire(context.Background(), "u", "p")
+				if assert.NoError(t, err) {
+					ids[i] = l.Sandbox().ID
+					l.Release()
+				}
+			})
+		}
+		wg.Wait()
+		assert.NotEqual(t, id, ids[0])
+		assert.Equal(t, ids[0], ids[1], "one replacement for both")
+		assert.Equal(t, []string{ids[0]}, c.p.Alive())
+		assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+		assert.Equal(t, ids[0], c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	})
+}
