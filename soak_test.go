@@ -4,7 +4,8 @@ package sandboxpool_test
 
 // The soak: several Managers against a real redis-server and the fake E2B
 // over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
-// Redis restarts, a Redis stall, create-lock expiry, Manager restarts),
+// hung sandboxes, Redis restarts, a Redis stall, create-lock expiry, Manager
+// restarts),
 // checking the invariants after each phase. Run: make soak DURATION=60s.
 
 import (
@@ -12,6 +13,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"runtime"
@@ -47,11 +49,23 @@ const (
 	// other workers' Acquires of the pair on every manager, under each
 	// phase's faults.
 	soakRemoveEvery = 200
+	// soakUnresponsive is the soak's UnresponsiveAfter: short next to a
+	// phase, so the sandboxes hung in a phase are condemned within it.
+	soakUnresponsive = time.Second
+	// soakRecover bounds how long a pair whose sandbox hung may take to be
+	// served a sandbox that answers, after its phase: a probe is due within
+	// HealthCheckAfter (1 s), condemnation UnresponsiveAfter later, and the
+	// replacement's create may meet a lock held by another instance. Half
+	// of MaxAge: a pair does not recover by its sandbox's rotation alone.
+	soakRecover = soakMaxAge / 2
 )
 
 type soakPhase struct {
 	name  string
 	fault func(ctx context.Context, s *soak)
+	// check, if set, runs after the phase has settled and returns a line
+	// for the report and the invariants the phase broke.
+	check func(s *soak) (report string, broken []string)
 }
 
 type soak struct {
@@ -64,8 +78,9 @@ type soak struct {
 	rdbs    []*redis.Client // closed at the end, after every manager
 	errs    sync.Map        // kind → *atomic.Int64
 	served  atomic.Int64
-	removed atomic.Int64 // Removes that returned nil
-	churn   atomic.Int64 // the load's pairs are churn … churn+soakPairs-1
+	removed atomic.Int64         // Removes that returned nil
+	churn   atomic.Int64         // the load's pairs are churn … churn+soakPairs-1
+	hung    map[string][2]string // sandboxes hung by the soak → their pair; guarded by mu
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -93,8 +108,8 @@ func (s *soak) newManager() *sandboxpool.Manager {
 	s.rdbs = append(s.rdbs, rdb)
 	s.mu.Unlock()
 	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(s.client), Redis: rdb, Namespace: "soak",
-		IdleTimeout: soakIdle, MaxAge: soakMaxAge, HealthCheckAfter: time.Second, ReapInterval: 100 * time.Millisecond,
-		LockTTL: time.Second, CreateTimeout: 10 * time.Second}
+		IdleTimeout: soakIdle, MaxAge: soakMaxAge, HealthCheckAfter: time.Second, UnresponsiveAfter: soakUnresponsive,
+		ReapInterval: 100 * time.Millisecond, LockTTL: time.Second, CreateTimeout: 10 * time.Second}
 	sandboxpool.FastRedisRecovery(&cfg, 200*time.Millisecond)
 	m, err := sandboxpool.New(cfg)
 	if err != nil { // a fixed, valid config: New cannot fail (and this may run off the test goroutine)
@@ -121,6 +136,8 @@ func (s *soak) countErr(err error) {
 		kind = fmt.Sprintf("e2b %d", ae.StatusCode)
 	case errors.Is(err, e2b.ErrOutcomeUnknown):
 		kind = "e2b outcome unknown"
+	case errors.Is(err, sandboxpool.ErrSandboxUnresponsive):
+		kind = "sandbox unresponsive"
 	case errors.Is(err, e2b.ErrUnreachable):
 		kind = "e2b unreachable"
 	case errors.Is(err, sandboxpool.ErrUnavailable):
@@ -281,7 +298,7 @@ func (s *soak) settle(d *drains) (took time.Duration, last census) {
 }
 
 func TestSoak(t *testing.T) {
-	s := &soak{t: t, redis: redistest.Start(t)}
+	s := &soak{t: t, redis: redistest.Start(t), hung: map[string][2]string{}}
 	s.fake = e2btest.Start(e2btest.Config{MaxConcurrent: 500})
 	defer s.fake.Close()
 	opts := s.fake.ClientOptions()
@@ -295,7 +312,7 @@ func TestSoak(t *testing.T) {
 	goroutinesAtStart := runtime.NumGoroutine()
 
 	phases := []soakPhase{
-		{"steady", nil},
+		{"steady", nil, nil},
 		{"e2b faults (5xx, 429, latency, drops)", func(ctx context.Context, s *soak) {
 			ops := []e2btest.Op{e2btest.OpCreate, e2btest.OpConnect, e2btest.OpHealth, e2btest.OpTimeout, e2btest.OpList}
 			faults := []e2btest.Fault{{Status: 503}, {Status: 502}, {Status: 429, RetryAfter: time.Second}, {Latency: 300 * time.Millisecond},
@@ -304,19 +321,25 @@ func TestSoak(t *testing.T) {
 				s.fake.Inject(ops[rand.IntN(len(ops))], faults[rand.IntN(len(faults))])
 				time.Sleep(20 * time.Millisecond)
 			}
-		}},
+		}, nil},
+		{"hung sandboxes", func(ctx context.Context, s *soak) {
+			for ctx.Err() == nil {
+				s.hangOne()
+				sleep(ctx, 200*time.Millisecond)
+			}
+		}, (*soak).recoverHung},
 		{"redis restart", func(ctx context.Context, s *soak) {
 			sleep(ctx, 300*time.Millisecond)
 			s.redis.Stop()
 			sleep(ctx, time.Second)
 			s.redis.Start()
-		}},
+		}, nil},
 		{"redis stall", func(ctx context.Context, s *soak) {
 			sleep(ctx, 300*time.Millisecond)
 			s.redis.Pause() // accepts connections, answers nothing
 			sleep(ctx, 1500*time.Millisecond)
 			s.redis.Resume()
-		}},
+		}, nil},
 		{"create-lock expiry", func(ctx context.Context, s *soak) {
 			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 			defer rdb.Close()
@@ -335,7 +358,7 @@ func TestSoak(t *testing.T) {
 				}
 				time.Sleep(10 * time.Millisecond)
 			}
-		}},
+		}, nil},
 		{"manager restarts", func(ctx context.Context, s *soak) {
 			for i := 0; ctx.Err() == nil; i++ {
 				sleep(ctx, 500*time.Millisecond)
@@ -346,7 +369,7 @@ func TestSoak(t *testing.T) {
 				s.mu.Unlock()
 				s.closeManager(old)
 			}
-		}},
+		}, nil},
 	}
 	phases = selectPhases(phases, *soakOnly)
 	per := *soakDuration / time.Duration(len(phases))
@@ -361,6 +384,7 @@ func TestSoak(t *testing.T) {
 		running, goroutn int
 	}
 	var rows []row
+	var reports []string
 	broken := []string{}
 	for _, ph := range phases {
 		ctx, cancel := context.WithTimeout(context.Background(), per)
@@ -389,6 +413,13 @@ func TestSoak(t *testing.T) {
 		}
 		if r.served == 0 {
 			broken = append(broken, ph.name+": nothing served")
+		}
+		if ph.check != nil {
+			report, b := ph.check(s)
+			reports = append(reports, ph.name+": "+report)
+			for _, msg := range b {
+				broken = append(broken, ph.name+": "+msg)
+			}
 		}
 	}
 
@@ -430,9 +461,88 @@ func TestSoak(t *testing.T) {
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
+	for _, r := range reports {
+		fmt.Println(r)
+	}
 	if len(broken) > 0 {
 		t.Fatalf("soak invariants broken:\n- %s", strings.Join(broken, "\n- "))
 	}
+}
+
+// hangOne hangs a random running sandbox the soak has not hung yet: E2B
+// keeps reporting it running while its envd answers 502.
+func (s *soak) hangOne() {
+	running := s.fake.Running()
+	rand.Shuffle(len(running), func(i, j int) { running[i], running[j] = running[j], running[i] })
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, id := range running {
+		if _, done := s.hung[id]; !done {
+			md := s.fake.Metadata(id)
+			s.fake.Hang(id)
+			s.hung[id] = [2]string{md["sandboxpool.user"], md["sandboxpool.project"]}
+			return
+		}
+	}
+}
+
+// recoverHung checks that every pair whose sandbox the soak hung is served
+// a sandbox that answers again within soakRecover, by Acquires on one
+// manager (a hung sandbox served meanwhile is released and asked again),
+// and reports how many sandboxes were condemned.
+func (s *soak) recoverHung() (string, []string) {
+	s.mu.Lock()
+	hung := maps.Clone(s.hung)
+	s.mu.Unlock()
+	pairs := map[[2]string]bool{}
+	for _, k := range hung {
+		pairs[k] = true
+	}
+	var (
+		mu        sync.Mutex
+		longest   time.Duration
+		recovered int
+		broken    []string
+		wg        sync.WaitGroup
+	)
+	for k := range pairs {
+		wg.Go(func() {
+			start := time.Now()
+			for time.Since(start) < soakRecover {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				l, err := s.manager(0).Acquire(ctx, k[0], k[1])
+				cancel()
+				if err == nil {
+					_, isHung := hung[l.Sandbox().ID]
+					l.Release()
+					if !isHung {
+						mu.Lock()
+						recovered++
+						longest = max(longest, time.Since(start))
+						mu.Unlock()
+						return
+					}
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			mu.Lock()
+			broken = append(broken, fmt.Sprintf("%s/%s was not served a sandbox that answers within %v", k[0], k[1], soakRecover))
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	var condemned int64
+	for i := range soakManagers {
+		condemned += s.manager(i).Stats().Unresponsive
+	}
+	switch {
+	case len(hung) == 0:
+		broken = append(broken, "no sandbox was hung")
+	case condemned == 0:
+		broken = append(broken, fmt.Sprintf("none of the %d hung sandboxes was condemned", len(hung)))
+	}
+	return fmt.Sprintf("%d sandboxes hung, %d condemned (Stats.Unresponsive), %d of %d pairs served an answering sandbox after the phase, the longest in %v",
+		len(hung), condemned, recovered, len(pairs), longest.Round(100*time.Millisecond)), broken
 }
 
 // selectPhases keeps the first phase (steady) and those named in only.
