@@ -398,7 +398,8 @@ const (
 	removalRetry = 100 * time.Millisecond
 )
 
-// removalLoop forgets the sandboxes other instances' Removes announce, until
+// removalLoop forgets the sandboxes other instances' Removes (and
+// condemnations of unresponsive sandboxes) announce, until
 // Close. It resubscribes after a lost connection; an announcement missed
 // meanwhile leaves the sandbox to be found gone at its next probe or
 // keepalive, as before there was a channel. A subscription Redis refuses

@@ -59,7 +59,9 @@ func (m *Manager) acquit(s *slot) {
 // whether it did; if not, it returns the error for the caller: probeErr,
 // carrying how long until s is condemned as its retry hint, or with the
 // kill's failure if the kill was tried (the next Acquire tries again). A
-// killed s is replaced by the caller like a sandbox gone.
+// killed s is replaced by the caller like a sandbox gone, and announced
+// as a Remove's sandboxes are: another instance may hold it, checked too
+// recently to probe it before a memory hit hands it out.
 func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr error) (bool, error) {
 	since := m.suspect(s, now)
 	switch due := since + int64(m.cfg.UnresponsiveAfter); {
@@ -75,5 +77,9 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	m.ctr.unresponsive.Add(1)
 	m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: unresponsive sandbox killed, to be replaced",
 		slog.String("sandbox", s.id), slog.Duration("unresponsive_for", time.Duration(now-since)))
+	if err := m.announceRemoval(ctx, s.key, []string{s.id}); err != nil {
+		// Instances not told find it gone at their next probe.
+		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: announcing a condemned sandbox to other instances failed", slog.String("sandbox", s.id), attrErr(err))
+	}
 	return true, nil
 }

@@ -235,3 +235,27 @@ func TestRedisHungSandboxIsReplacedOnce(t *testing.T) {
 		assert.Equal(t, ids[0], c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
 	})
 }
+
+// An instance that condemns a sandbox tells the others, as a Remove does:
+// one that reconnected to it too recently to probe it would otherwise hand
+// it out, killed, from memory until its next probe.
+func TestRedisCondemnationIsAnnounced(t *testing.T) {
+	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+		c := newCluster(t)
+		a, b := c.instance(t), c.instance(t)
+		c.waitSubscribers(t, 2)
+		id := acquireID(t, a, "u", "p")
+		c.p.Hang(id)
+		c.advance(sandboxpool.DefaultHealthCheckAfter)
+		_, err := a.Acquire(context.Background(), "u", "p")
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+		c.advance(sandboxpool.DefaultUnresponsiveAfter)
+		require.Equal(t, id, acquireID(t, b, "u", "p"), "reconnected: the API answers for a hung sandbox")
+
+		next := acquireID(t, a, "u", "p")
+		require.NotEqual(t, id, next)
+		require.Eventually(t, func() bool { return b.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+			"the other instance forgets the condemned sandbox")
+		assert.Equal(t, next, acquireID(t, b, "u", "p"))
+	})
+}
