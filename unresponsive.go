@@ -15,9 +15,9 @@ import (
 // Config.UnresponsiveAfter, which condemns it: it is killed and replaced
 // like a sandbox gone. No memory hit skips the probe: its last good check
 // is over HealthCheckAfter old, and only an answering probe renews it (the
-// API answers keepalives for a sandbox that does not). The map holds only suspects,
-// and a slot leaves it when it leaves the pool (forgetLocal), so it never
-// outgrows the pool.
+// API answers keepalives for a sandbox that does not). The map holds only
+// suspects, and a slot leaves it when it leaves the pool (forgetLocal), so
+// it never outgrows the pool.
 type suspects struct {
 	mu    sync.Mutex
 	since map[*slot]int64 // unix ns of the first failing probe
