@@ -125,9 +125,10 @@ type Config struct {
 	// provider reports it running, but it does not answer:
 	// ErrSandboxUnresponsive) before the Manager kills and replaces it.
 	// Until then the pair's Acquires fail with that error and keep the
-	// sandbox, which is probed at each of them; a probe that answers clears
-	// it. It is condemned at a failing probe UnresponsiveAfter or more after
-	// the first failing one. If every sandbox is condemned, suspect the
+	// sandbox, which is probed at them, at most once a second (the Acquires
+	// in between fail at once); a probe that answers clears it. It is
+	// condemned at a failing probe UnresponsiveAfter or more after the
+	// first failing one. If every sandbox is condemned, suspect the
 	// route to envd (E2B_DOMAIN, E2B_SANDBOX_URL) before E2B. -1 never
 	// condemns: a hung sandbox then fails its pair's Acquires until MaxAge.
 	// default: 1 minute.

@@ -62,9 +62,12 @@ func FastRedisRecovery(cfg *Config, d time.Duration) { cfg.breakerCooldown, cfg.
 // durations capped.
 func EffectiveConfig(m *Manager) Config { return m.cfg }
 
+// SuspectProbeEvery is the shortest time between two probes of a suspect.
+const SuspectProbeEvery = suspectProbeEvery
+
 // Suspects returns how many sandboxes the Manager holds as unresponsive.
 func Suspects(m *Manager) int {
 	m.suspects.mu.Lock()
 	defer m.suspects.mu.Unlock()
-	return len(m.suspects.since)
+	return len(m.suspects.m)
 }

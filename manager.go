@@ -101,7 +101,7 @@ func New(cfg Config) (*Manager, error) {
 		jobs:       make(chan func()),
 
 		unpublished: make(map[*slot]struct{}),
-		suspects:    suspects{since: make(map[*slot]int64)},
+		suspects:    suspects{m: make(map[*slot]suspicion)},
 		shapes:      make(map[shape]*shape),
 	}
 	if m.guard > int64(cfg.IdleTimeout/4) {
@@ -347,11 +347,16 @@ func (m *Manager) expiresAt(s *slot) int64 { return s.createdAt + int64(m.cfg.Ma
 // revalidate decides whether a cached slot can be handed out: it extends a
 // deadline about to pass (which also proves the sandbox is alive, and asks
 // Redis whether it is still the pair's sandbox), or probes it. A suspect
-// (see suspects) is probed whatever else ran: the provider's API answers
-// for a sandbox that does not. ok is false with a nil error on a
-// definitive not-found, when s was condemned (killed), or when the
-// extension found s superseded (s is then retired).
+// (see suspects) is probed whatever else ran, since the provider's API
+// answers for a sandbox that does not, unless it was probed within
+// suspectProbeEvery: then it fails with that probe's error, with no I/O.
+// ok is false with a nil error on a definitive not-found, when s was
+// condemned (killed), or when the extension found s superseded (s is then
+// retired).
 func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, err error) {
+	if err := m.recentVerdict(s, now); err != nil {
+		return false, pairErr("check sandbox "+s.id, s.key, err)
+	}
 	suspect := s.hasFlag(flagSuspect)
 	probe := suspect || m.probeAfter < 0 || now-s.lastCheck.Load() >= m.probeAfter
 	if now >= s.deadline.Load()-m.touchLead() {

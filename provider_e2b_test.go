@@ -147,6 +147,7 @@ func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 	require.ErrorIs(t, err, e2b.ErrUnreachable)
 	require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
 	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	e.clock.Advance(sandboxpool.SuspectProbeEvery) // until then the Acquire fails without a probe
 	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
 }

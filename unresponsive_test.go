@@ -41,21 +41,28 @@ func failsUnresponsive(t *testing.T, e *env) error {
 }
 
 // A sandbox the provider reports running but which does not answer fails
-// its pair's Acquires, and is probed at each of them, until it has been
-// unresponsive for UnresponsiveAfter; then it is killed and replaced.
-// Before, it was kept and failed every Acquire of the pair until MaxAge.
+// its pair's Acquires, and is probed at them (at most once every
+// SuspectProbeEvery), until it has been unresponsive for
+// UnresponsiveAfter; then it is killed and replaced. Before, it was kept
+// and failed every Acquire of the pair until MaxAge, each with a probe.
 func TestUnresponsiveSandboxIsReplacedAfterUnresponsiveAfter(t *testing.T) {
 	e := newEnv(t)
 	id := hungSandbox(t, e)
 
 	failsUnresponsive(t, e)
-	e.clock.Advance(time.Second)
+	checks := e.p.Calls(fp.OpCheck)
+	for range 10 {
+		_, err := e.m.Acquire(context.Background(), "u", "p")
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	}
+	assert.Equal(t, checks, e.p.Calls(fp.OpCheck), "Acquires within SuspectProbeEvery of the probe fail without one")
+	e.clock.Advance(sandboxpool.SuspectProbeEvery)
 	err := failsUnresponsive(t, e) // no memory hit for a suspect
 	ra, ok := sandboxpool.RetryAfter(err)
 	require.True(t, ok)
-	assert.Equal(t, sandboxpool.DefaultUnresponsiveAfter-time.Second, ra, "the error says when the sandbox is replaced")
+	assert.Equal(t, sandboxpool.DefaultUnresponsiveAfter-sandboxpool.SuspectProbeEvery, ra, "the error says when the sandbox is replaced")
 	assert.Equal(t, 1, sandboxpool.Suspects(e.m))
-	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter - 2*time.Second)
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter - sandboxpool.SuspectProbeEvery - time.Second)
 	failsUnresponsive(t, e)
 	assert.Contains(t, e.p.Alive(), id, "kept until UnresponsiveAfter")
 	assert.Empty(t, e.p.Killed())
@@ -73,7 +80,7 @@ func TestUnresponsiveSandboxIsReplacedAfterUnresponsiveAfter(t *testing.T) {
 	assert.Equal(t, 0, sandboxpool.Suspects(e.m))
 
 	// The replacement is served from memory again, without a probe.
-	checks := e.p.Calls(fp.OpCheck)
+	checks = e.p.Calls(fp.OpCheck)
 	e.acquire(t, "u", "p").Release()
 	assert.Equal(t, checks, e.p.Calls(fp.OpCheck))
 }
@@ -85,6 +92,7 @@ func TestAnsweringProbeAcquitsASuspect(t *testing.T) {
 	id := hungSandbox(t, e)
 	failsUnresponsive(t, e)
 	e.p.Revive(id)
+	e.clock.Advance(sandboxpool.SuspectProbeEvery)
 	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
 	assert.Equal(t, 0, sandboxpool.Suspects(e.m))
 	checks := e.p.Calls(fp.OpCheck)
@@ -139,7 +147,8 @@ func TestUnresponsiveAfterMinusOneNeverCondemns(t *testing.T) {
 }
 
 // A failed kill keeps the hung sandbox, and nothing is created while it may
-// still run: the Acquire fails with both errors, and the next tries again.
+// still run: the Acquire fails with both errors, and the next probe tries
+// again.
 func TestCondemnationWhoseKillFailsIsTriedAgain(t *testing.T) {
 	e := newEnv(t)
 	id := hungSandbox(t, e)
@@ -151,6 +160,8 @@ func TestCondemnationWhoseKillFailsIsTriedAgain(t *testing.T) {
 	require.ErrorIs(t, err, errUpstream)
 	assert.Contains(t, e.p.Alive(), id)
 	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+
+	e.clock.Advance(sandboxpool.SuspectProbeEvery)
 
 	assert.NotEqual(t, id, acquireID(t, e.m, "u", "p"))
 	assert.Equal(t, []string{id}, e.p.Killed())
