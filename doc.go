@@ -29,8 +29,11 @@
 //     deadline past MaxAge, by IdleTimeout/2 at a time, so the provider
 //     reaps it within IdleTimeout/2 of its last release anywhere.
 //  5. Fail closed. A cached sandbox is replaced only when the provider says
-//     definitively that it is gone (ErrSandboxNotFound). Timeouts, 5xx, 429
-//     and auth errors are returned to the caller and never cause a duplicate.
+//     definitively that it is gone (ErrSandboxNotFound), or when the
+//     provider has reported it running while it did not answer for
+//     Config.UnresponsiveAfter (ErrSandboxUnresponsive): it is killed first,
+//     and kept if the kill fails. Timeouts, 5xx, 429 and auth errors are
+//     returned to the caller and never cause a duplicate.
 //  6. Probes have no side effects: a health check never extends a deadline.
 //  7. Bad input is refused before any I/O: ids are 1–128 bytes of ASCII
 //     letters, digits and ". _ - @ + =", starting with a letter or digit.
@@ -74,7 +77,8 @@
 //
 // Provider errors are returned wrapped with the pair they concern; test them
 // with errors.Is against the sentinels (ErrInvalidID, ErrClosed,
-// ErrQuotaExceeded, ErrRateLimited, ErrSandboxNotFound). Background failures
+// ErrQuotaExceeded, ErrRateLimited, ErrUnavailable, ErrSandboxNotFound,
+// ErrSandboxUnresponsive), and RetryAfter for a retry hint. Background failures
 // (a failed kill or touch) are counted in Stats and logged through
 // Config.Logger, and retried on the next reaper tick; the provider deadline
 // bounds what a failure can leak.
