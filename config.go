@@ -21,9 +21,12 @@ const (
 	DefaultMaxAge           = 15 * time.Minute
 	DefaultHealthCheckAfter = 30 * time.Second
 	// DefaultUnresponsiveAfter is long enough that a blip of E2B's envd
-	// proxy, which clears at the next probe, never condemns a sandbox, and
+	// proxy, which clears at the next probe, never condemns a sandbox (a
+	// sandbox just resumed may briefly not answer: e2b-dev/E2B#1030), and
 	// short next to DefaultMaxAge, which would otherwise bound how long a
-	// hung sandbox fails its pair's Acquires.
+	// hung sandbox fails its pair's Acquires (e2b-dev/code-interpreter#147
+	// reports envd's proxy answering "not found" for sandboxes E2B still
+	// runs).
 	DefaultUnresponsiveAfter = time.Minute
 	DefaultReapInterval      = time.Second
 	DefaultCreateTimeout     = 2 * time.Minute
