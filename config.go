@@ -25,8 +25,8 @@ const (
 	// sandbox just resumed may briefly not answer: e2b-dev/E2B#1030), and
 	// short next to DefaultMaxAge, which would otherwise bound how long a
 	// hung sandbox fails its pair's Acquires (e2b-dev/code-interpreter#147
-	// reports envd's proxy answering "not found" for sandboxes E2B still
-	// runs).
+	// reports envd's proxy answering "not found" for sandboxes well before
+	// their timeout).
 	DefaultUnresponsiveAfter = time.Minute
 	DefaultReapInterval      = time.Second
 	DefaultCreateTimeout     = 2 * time.Minute
