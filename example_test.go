@@ -60,3 +60,29 @@ func ExampleRetryAfter() {
 	fmt.Println(errors.Is(err, sandboxpool.ErrRateLimited), d, ok)
 	// Output: true 3s true
 }
+
+// A holder whose sandbox stopped working calls Recheck: the next Acquire
+// probes the sandbox before handing it out, and replaces it if it is gone,
+// where a memory hit would have handed it out again.
+func ExampleLease_Recheck() {
+	fake := e2btest.Start(e2btest.Config{})
+	defer fake.Close()
+	client, _ := e2b.New(fake.ClientOptions())
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(client)})
+	if err != nil {
+		panic(err)
+	}
+	defer m.Close(context.Background())
+
+	ctx := context.Background()
+	lease, _ := m.Acquire(ctx, "alice", "demo")
+	broken := lease.Sandbox().ID
+	fake.Vanish(broken) // E2B lost it: the holder's calls to its envd fail
+	lease.Recheck()
+	lease.Release()
+
+	next, _ := m.Acquire(ctx, "alice", "demo")
+	defer next.Release()
+	fmt.Println("replaced:", next.Sandbox().ID != broken, "created:", next.Outcome() == sandboxpool.OutcomeCreated)
+	// Output: replaced: true created: true
+}

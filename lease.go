@@ -1,6 +1,9 @@
 package sandboxpool
 
-import "sync/atomic"
+import (
+	"math"
+	"sync/atomic"
+)
 
 // Lease is one holder's use of a pair's sandbox. While any lease on a
 // sandbox is held, the sandbox is not reaped, and its deadlines are kept
@@ -25,6 +28,32 @@ func (l *Lease) Outcome() Outcome { return l.outcome }
 // Reused reports whether the sandbox existed before this Acquire (it was
 // not created for it).
 func (l *Lease) Reused() bool { return l.outcome != OutcomeCreated }
+
+// Recheck asks the Manager to check the sandbox before it hands it out
+// again: call it when the sandbox failed you (its envd calls fail, say).
+// The next Acquire of the pair in this process probes it, where a memory
+// hit would trust a check up to HealthCheckAfter old (even one that is
+// never due); a sandbox found gone is replaced, one found unresponsive is
+// handled as ErrSandboxUnresponsive says, and one that answers is handed
+// out as before. Recheck does not release the lease, does no I/O, and
+// does not tell other instances. It is a no-op on a nil Lease.
+func (l *Lease) Recheck() {
+	if l != nil {
+		l.s.shape.m.recheck(l.s)
+	}
+}
+
+// uncheckedAt is the last check a Recheck leaves a slot with: so long ago
+// that any HealthCheckAfter, up to MaxDuration, has passed since, yet far
+// enough from math.MinInt64 that now minus it, and it plus MaxDuration,
+// stay in range.
+const uncheckedAt = math.MinInt64 / 4
+
+// recheck makes the next Acquire of s probe it (see Lease.Recheck).
+func (m *Manager) recheck(s *slot) {
+	s.lastCheck.Store(uncheckedAt)
+	m.refreshHit(s)
+}
 
 // Release ends the lease. It is idempotent, safe after Close, and a no-op
 // on a nil Lease (what Acquire returns with an error), so a deferred

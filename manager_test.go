@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"runtime"
 	"strings"
 	"sync"
@@ -772,4 +773,37 @@ func TestMemoryHitsOutliveTheirSandbox(t *testing.T) {
 	e.acquire(t, "alice", "p1").Release() // a new sandbox
 	e.acquire(t, "alice", "p1").Release()
 	assert.EqualValues(t, 6, e.m.Stats().MemoryHits)
+}
+
+// A holder whose sandbox failed it calls Recheck: the next Acquire probes
+// the sandbox instead of trusting a recent check from memory, so a sandbox
+// that died meanwhile is replaced at once rather than handed out until
+// HealthCheckAfter. One that answers is handed out, and memory hits resume.
+func TestRecheckProbesBeforeTheNextHandOut(t *testing.T) {
+	for name, probeAfter := range map[string]time.Duration{"default HealthCheckAfter": 0, "probes never due": math.MaxInt64} {
+		t.Run(name, func(t *testing.T) {
+			e := newEnv(t, func(c *sandboxpool.Config) { c.HealthCheckAfter = probeAfter })
+			l := e.acquire(t, "u", "p")
+			id := l.Sandbox().ID
+			l.Recheck()
+			l.Release()
+			checks := e.p.Calls(fp.OpCheck)
+			assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+			assert.Equal(t, checks+1, e.p.Calls(fp.OpCheck), "probed")
+			assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+			assert.Equal(t, checks+1, e.p.Calls(fp.OpCheck), "memory hits again")
+
+			l = e.acquire(t, "u", "p")
+			e.p.Vanish(id)
+			l.Recheck()
+			l.Release()
+			l.Recheck() // after Release: harmless
+			l = e.acquire(t, "u", "p")
+			defer l.Release()
+			assert.NotEqual(t, id, l.Sandbox().ID, "replaced, not handed out dead")
+			assert.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
+			var nilLease *sandboxpool.Lease
+			nilLease.Recheck()
+		})
+	}
 }
