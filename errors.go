@@ -22,8 +22,9 @@ var (
 	// CreateLimit. The error is a *RetryAfterError saying when to retry.
 	ErrRateLimited = errors.New("sandboxpool: rate limited")
 	// ErrSandboxNotFound is the definitive "does not exist / not running"
-	// answer of a Provider. Only this error makes the Manager replace a
-	// cached sandbox.
+	// answer of a Provider. It makes the Manager replace a cached sandbox
+	// at once; ErrSandboxUnresponsive does after Config.UnresponsiveAfter,
+	// and no other error does.
 	ErrSandboxNotFound = errors.New("sandboxpool: sandbox not found")
 	// ErrSandboxUnresponsive is a Provider's Check answer that the
 	// sandbox does not answer although the provider reports it running

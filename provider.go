@@ -18,7 +18,8 @@ const EnvdPort = 49983
 // return an error wrapping ErrSandboxNotFound only when the provider says
 // definitively that the sandbox does not exist or is not running. Every other
 // failure (timeouts, 5xx, 429, auth) must be returned as something else: the
-// Manager replaces a cached sandbox only on ErrSandboxNotFound.
+// Manager replaces a cached sandbox only on ErrSandboxNotFound, or on
+// ErrSandboxUnresponsive (see Check) once it has lasted UnresponsiveAfter.
 type Provider interface {
 	// Create starts a new sandbox with req.Timeout as its provider-side
 	// deadline and req.Metadata attached, and returns it with its ID. A
