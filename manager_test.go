@@ -807,3 +807,32 @@ func TestRecheckProbesBeforeTheNextHandOut(t *testing.T) {
 		})
 	}
 }
+
+// Rechecks racing Acquires, Releases and each other: every Acquire is
+// served the pair's one sandbox, and each Recheck is followed by a probe.
+func TestRecheckRacesAcquires(t *testing.T) {
+	e := newEnv(t)
+	id := acquireID(t, e.m, "u", "p")
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for i := range 200 {
+				l, err := e.m.Acquire(context.Background(), "u", "p")
+				if !assert.NoError(t, err) {
+					return
+				}
+				assert.Equal(t, id, l.Sandbox().ID)
+				if i%10 == 0 {
+					l.Recheck()
+				}
+				l.Release()
+			}
+		})
+	}
+	wg.Wait()
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpCreate))
+	assert.Positive(t, e.p.Calls(fp.OpCheck))
+	checks := e.p.Calls(fp.OpCheck)
+	acquireID(t, e.m, "u", "p")
+	assert.Equal(t, checks, e.p.Calls(fp.OpCheck), "the last Recheck was probed: memory hits again")
+}
