@@ -81,6 +81,10 @@ type soak struct {
 	removed atomic.Int64         // Removes that returned nil
 	churn   atomic.Int64         // the load's pairs are churn … churn+soakPairs-1
 	hung    map[string][2]string // sandboxes hung by the soak → their pair; guarded by mu
+	// servedHung counts Acquires served a hung sandbox (before its first
+	// failing probe on that instance: a reconnect, or a memory hit on a
+	// recent check); each calls Lease.Recheck.
+	servedHung atomic.Int64
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -173,6 +177,12 @@ func (s *soak) load(ctx context.Context) {
 				}
 				s.served.Add(1)
 				time.Sleep(time.Duration(rand.IntN(5)) * time.Millisecond) // use it
+				if s.isHung(l.Sandbox().ID) {
+					// Its envd calls failed, as a handler's would: ask for a
+					// probe before the pair's next hand-out.
+					s.servedHung.Add(1)
+					l.Recheck()
+				}
 				l.Release()
 			}
 		})
@@ -486,6 +496,13 @@ func (s *soak) hangOne() {
 	}
 }
 
+func (s *soak) isHung(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	_, ok := s.hung[id]
+	return ok
+}
+
 // recoverHung checks that every pair whose sandbox the soak hung is served
 // a sandbox that answers again within soakRecover, by Acquires on one
 // manager (a hung sandbox served meanwhile is released and asked again),
@@ -541,8 +558,8 @@ func (s *soak) recoverHung() (string, []string) {
 	case condemned == 0:
 		broken = append(broken, fmt.Sprintf("none of the %d hung sandboxes was condemned", len(hung)))
 	}
-	return fmt.Sprintf("%d sandboxes hung, %d condemned (Stats.Unresponsive), %d of %d pairs served an answering sandbox after the phase, the longest in %v",
-		len(hung), condemned, recovered, len(pairs), longest.Round(100*time.Millisecond)), broken
+	return fmt.Sprintf("%d sandboxes hung, %d condemned (Stats.Unresponsive), %d Acquires served a hung sandbox (each then rechecked), %d of %d pairs served an answering sandbox after the phase, the longest in %v",
+		len(hung), condemned, s.servedHung.Load(), recovered, len(pairs), longest.Round(100*time.Millisecond)), broken
 }
 
 // selectPhases keeps the first phase (steady) and those named in only.
