@@ -36,7 +36,9 @@ func (l *Lease) Reused() bool { return l.outcome != OutcomeCreated }
 // never due); a sandbox found gone is replaced, one found unresponsive is
 // handled as ErrSandboxUnresponsive says, and one that answers is handed
 // out as before. Recheck does not release the lease, does no I/O, and
-// does not tell other instances. It is a no-op on a nil Lease.
+// does not tell other instances. It is a no-op on a nil Lease. (Manager.Use
+// rechecks for an fn whose error wraps ErrSandboxNotFound or
+// ErrSandboxUnresponsive.)
 func (l *Lease) Recheck() {
 	if l != nil {
 		l.s.shape.m.recheck(l.s)

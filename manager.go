@@ -242,14 +242,21 @@ func (m *Manager) hit(k pairKey) *slot {
 
 // Use runs fn with the pair's sandbox leased for the duration of the call,
 // and returns fn's error (or Acquire's): Acquire plus Release, with the
-// Lease on Use's own stack whatever fn does.
+// Lease on Use's own stack whatever fn does. An fn that finds the sandbox
+// failing it returns an error wrapping ErrSandboxNotFound or
+// ErrSandboxUnresponsive: the sandbox is then rechecked before it is handed
+// out again, as Lease.Recheck does.
 func (m *Manager) Use(ctx context.Context, user, project string, fn func(Sandbox) error) error {
 	var l Lease
 	if err := m.acquire(ctx, &l, user, project); err != nil {
 		return err
 	}
 	defer m.release(l.s)
-	return fn(l.s.sandbox())
+	err := fn(l.s.sandbox())
+	if err != nil && (errors.Is(err, ErrSandboxNotFound) || errors.Is(err, ErrSandboxUnresponsive)) {
+		m.recheck(l.s)
+	}
+	return err
 }
 
 // endedErr is op's error for a caller whose ctx had already ended when it

@@ -729,6 +729,36 @@ func TestUseLeasesForTheCall(t *testing.T) {
 	require.ErrorIs(t, e.m.Use(context.Background(), "u:", "p", func(sandboxpool.Sandbox) error { return nil }), sandboxpool.ErrInvalidID)
 }
 
+// An fn that reports its sandbox failing it (an error wrapping
+// ErrSandboxNotFound or ErrSandboxUnresponsive) has it rechecked, as
+// Lease.Recheck does: the next Acquire probes, and replaces a sandbox gone.
+// Any other error of fn leaves memory hits alone.
+func TestUseRechecksASandboxThatFailedFn(t *testing.T) {
+	e := newEnv(t)
+	id := acquireID(t, e.m, "u", "p")
+	checks := e.p.Calls(fp.OpCheck)
+	require.ErrorIs(t, e.m.Use(context.Background(), "u", "p", func(sandboxpool.Sandbox) error { return errUpstream }), errUpstream)
+	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+	assert.Equal(t, checks, e.p.Calls(fp.OpCheck), "another error: a memory hit")
+
+	for _, sentinel := range []error{sandboxpool.ErrSandboxUnresponsive, sandboxpool.ErrSandboxNotFound} {
+		err := e.m.Use(context.Background(), "u", "p", func(sb sandboxpool.Sandbox) error {
+			return fmt.Errorf("run in %s: %w", sb.ID, sentinel)
+		})
+		require.ErrorIs(t, err, sentinel)
+		assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
+		assert.Equal(t, checks+1, e.p.Calls(fp.OpCheck), "probed before the next hand-out")
+		checks++
+	}
+
+	err := e.m.Use(context.Background(), "u", "p", func(sb sandboxpool.Sandbox) error {
+		e.p.Vanish(sb.ID)
+		return fmt.Errorf("envd of %s: %w", sb.ID, sandboxpool.ErrSandboxNotFound)
+	})
+	require.ErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	assert.NotEqual(t, id, acquireID(t, e.m, "u", "p"), "replaced at once")
+}
+
 func TestLeaseOutcome(t *testing.T) {
 	e := newEnv(t)
 	var seen []string
