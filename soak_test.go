@@ -5,8 +5,8 @@ package sandboxpool_test
 // The soak: several Managers against a real redis-server and the fake E2B
 // over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
 // hung sandboxes, Redis restarts, a Redis stall, create-lock expiry, Manager
-// restarts),
-// checking the invariants after each phase. Run: make soak DURATION=60s.
+// restarts), checking the invariants after each phase. Run: make soak
+// DURATION=60s.
 
 import (
 	"context"
