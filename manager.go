@@ -383,13 +383,14 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 	case errors.Is(err, ErrSandboxNotFound):
 		return false, nil
 	case errors.Is(err, ErrSandboxUnresponsive):
-		if killed, err := m.condemn(ctx, s, now, err); !killed {
-			return false, pairErr("check sandbox "+s.id, s.key, err)
+		var killed bool
+		if killed, err = m.condemn(ctx, s, now, err); killed {
+			return false, nil
 		}
-		return false, nil
-	default: // ambiguous: fail closed, keep the sandbox, report the error
-		return false, pairErr("check sandbox "+s.id, s.key, err)
 	}
+	// Ambiguous, or unresponsive and not condemned yet: fail closed, keep
+	// the sandbox, report the error.
+	return false, pairErr("check sandbox "+s.id, s.key, err)
 }
 
 // create admits, finds or creates the pair's sandbox and parks it. With
