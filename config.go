@@ -204,8 +204,9 @@ type Config struct {
 
 	// now replaces time.Now in tests.
 	now func() time.Time
-	// breakerCooldown and probeInterval shorten Redis recovery in tests.
-	breakerCooldown, probeInterval time.Duration
+	// breakerCooldown, probeInterval and removalPingAfter shorten Redis
+	// recovery in tests.
+	breakerCooldown, probeInterval, removalPingAfter time.Duration
 	// workerIdle shortens a background worker's idle wait in tests.
 	workerIdle time.Duration
 	// manualReap leaves the reaper to tests, which tick it with a fake clock.
@@ -247,6 +248,7 @@ func (c Config) withDefaults() Config {
 	}
 	setDefault(&c.breakerCooldown, breakerCooldown)
 	setDefault(&c.probeInterval, redisProbeInterval)
+	setDefault(&c.removalPingAfter, removalPingAfter)
 	setDefault(&c.workerIdle, workerIdle)
 	return c
 }

@@ -55,8 +55,11 @@ func ConfigFrom(env map[string]string) (Config, error) {
 	return configFrom(func(k string) (string, bool) { v, ok := env[k]; return v, ok })
 }
 
-// FastRedisRecovery shortens the breaker cooldown and probe interval.
-func FastRedisRecovery(cfg *Config, d time.Duration) { cfg.breakerCooldown, cfg.probeInterval = d, d }
+// FastRedisRecovery shortens the breaker cooldown, the probe interval and
+// how long the removal subscription may stay quiet before it is pinged.
+func FastRedisRecovery(cfg *Config, d time.Duration) {
+	cfg.breakerCooldown, cfg.probeInterval, cfg.removalPingAfter = d, d, d
+}
 
 // EffectiveConfig returns the Config a Manager runs with: defaults filled,
 // durations capped.

@@ -395,3 +395,13 @@ func withRoom[R any](k pairKey) *slot {
 	ks.s.key = pairKey{unsafe.String(unsafe.SliceData(ids), n), unsafe.String(unsafe.SliceData(ids[n:]), len(k.project))}
 	return &ks.s
 }
+
+// each calls fn for every pooled slot, a shard at a time under its lock:
+// fn must not block.
+func (p *pool) each(fn func(*slot)) {
+	for _, sh := range p.shards {
+		sh.mu.RLock()
+		sh.eachLocked(fn)
+		sh.mu.RUnlock()
+	}
+}

@@ -137,7 +137,7 @@ func TestRealRedisEightInstancesOneSandboxPerPair(t *testing.T) {
 // were created without the cross-instance lock.)
 func TestRealRedisBurstOverASlowLinkStaysCoordinated(t *testing.T) {
 	srv := redistest.Start(t)
-	link := redistest.StartSlowLink(t, srv.Addr, 2*time.Millisecond)
+	link := redistest.StartLink(t, srv.Addr, 2*time.Millisecond)
 	p := fp.New()
 	ms := instances(t, 2, p, pooledClient(t, link.Addr, 2))
 	errs := stampede(t, ms, 800, 400, time.Minute) // every pair from both instances at once
@@ -174,7 +174,7 @@ func TestRealRedisBurstOnAStalledRedisFailsFast(t *testing.T) {
 // lock. (Three such Removes in a row opened it before.)
 func TestRealRedisCallerDeadlinesDoNotOpenTheBreaker(t *testing.T) {
 	srv := redistest.Start(t)
-	link := redistest.StartSlowLink(t, srv.Addr, 150*time.Millisecond)
+	link := redistest.StartLink(t, srv.Addr, 150*time.Millisecond)
 	p := fp.New()
 	m := instances(t, 1, p, pooledClient(t, link.Addr, 0), func(c *sandboxpool.Config) { c.RedisTimeout = 5 * time.Second })[0] // the link is slow, not down
 	for range 4 {
@@ -365,4 +365,62 @@ func TestRealRedisRemovalsReachOtherInstancesAfterARestart(t *testing.T) {
 	require.Eventually(t, func() bool { return ms[1].Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
 		"the other instance forgets the removed sandbox at once, not at its next probe")
 	assert.NotEqual(t, id, acquireID(t, ms[1], "u", "p"))
+}
+
+// waitSubscribed waits until n clients listen for removals on srv.
+func waitSubscribed(t *testing.T, srv *redistest.Server, n int64) {
+	t.Helper()
+	admin := srv.Client(t)
+	require.Eventually(t, func() bool {
+		got, err := admin.PubSubNumSub(context.Background(), "sandboxpool:removed").Result()
+		return err == nil && got["sandboxpool:removed"] == n
+	}, 10*time.Second, 10*time.Millisecond, "%d instances subscribed", n)
+}
+
+// servedID is the sandbox m hands out for the pair, or "" if Acquire fails.
+func servedID(m *sandboxpool.Manager, user, project string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	l, err := m.Acquire(ctx, user, project)
+	if err != nil {
+		return ""
+	}
+	defer l.Release()
+	return l.Sandbox().ID
+}
+
+// An instance whose connections to Redis die without a word (Link.Cut: a
+// partition TCP gave up on, a NAT or load balancer that dropped its flows,
+// a Redis host gone without a reset) misses the announcement of a Remove
+// made meanwhile on another instance. Once it reaches Redis again it stops
+// handing the removed sandbox out without waiting for its next probe (an
+// hour away here): its subscriber finds the dead connection by a ping that
+// gets no answer, subscribes anew, and has what it holds rechecked. Before,
+// the ping's write succeeded into the dead connection, nothing noticed the
+// silence, and the sandbox was handed out until HealthCheckAfter.
+func TestRealRedisRemovalMissedOnADeadConnectionIsMadeUp(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.StartLink(t, srv.Addr, 0)
+	p := fp.New()
+	hourlyProbes := func(c *sandboxpool.Config) { c.HealthCheckAfter = time.Hour }
+	direct := instances(t, 1, p, func() redis.UniversalClient { return srv.Client(t) }, hourlyProbes)[0]
+	cut := instances(t, 1, p, pooledClient(t, link.Addr, 0), hourlyProbes)[0]
+	waitSubscribed(t, srv, 2)
+	id := acquireID(t, direct, "u", "p")
+	require.Equal(t, id, acquireID(t, cut, "u", "p"))
+
+	link.Cut()
+	require.NoError(t, direct.Remove(context.Background(), "u", "p"))
+	require.NotContains(t, p.Alive(), id)
+	require.Equal(t, id, acquireID(t, cut, "u", "p"), "cut off, it heard nothing and still hands the sandbox out from memory")
+	link.Heal()
+
+	require.Eventually(t, func() bool {
+		got := servedID(cut, "u", "p")
+		return got != "" && got != id
+	}, 15*time.Second, 20*time.Millisecond, "the removed sandbox is still handed out after the link healed")
+	assert.NotContains(t, p.Alive(), id)
+	require.Eventually(t, func() bool { return servedID(direct, "u", "p") == servedID(cut, "u", "p") }, 15*time.Second, 20*time.Millisecond,
+		"the instances agree on the pair's new sandbox")
+	assert.Len(t, p.Alive(), 1, "one sandbox for the pair")
 }

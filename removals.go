@@ -1,0 +1,205 @@
+package sandboxpool
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// removedChannel is the Redis Pub/Sub channel on which a Remove names the
+// sandboxes it killed, so that every instance forgets them at once instead
+// of handing them out from memory until its next probe.
+func (st *store) removedChannel() string { return st.ns + ":removed" }
+
+// announceRemoval publishes removalMessage(k, ids) on removedChannel.
+func (m *Manager) announceRemoval(ctx context.Context, k pairKey, ids []string) error {
+	if m.store == nil || len(ids) == 0 {
+		return nil
+	}
+	msg := removalMessage(k, ids)
+	return m.store.do(ctx, func(ctx context.Context) error { return m.store.rdb.Publish(ctx, m.store.removedChannel(), msg).Err() })
+}
+
+// removalMessage is "<user>:<project> <id> <id>…": valid ids hold no ':'
+// and no space, and sandbox ids no space, so it parses back exactly.
+func removalMessage(k pairKey, ids []string) string {
+	return pairMember(k) + " " + strings.Join(ids, " ")
+}
+
+// parseRemoval reads a removalMessage; ok is false for anything else
+// (another program publishing on the channel).
+func parseRemoval(msg string) (k pairKey, ids []string, ok bool) {
+	f := strings.Fields(msg)
+	if len(f) < 2 {
+		return pairKey{}, nil, false
+	}
+	user, project, found := strings.Cut(f[0], ":")
+	if !found || ValidateIDs(user, project) != nil {
+		return pairKey{}, nil, false
+	}
+	return pairKey{user, project}, f[1:], true
+}
+
+// The removal subscriber's bounds. go-redis's own subscription channel
+// (PubSub.Channel) redials with no deadline, so against a stalled Redis its
+// handshake waits out the client's whole ReadTimeout (or for ever), and
+// Close with it; the subscriber therefore waits with deadlines of its own.
+const (
+	// removalPoll bounds each wait: for a message, or for a (re)connection
+	// and its SUBSCRIBE.
+	removalPoll = time.Second
+	// removalPingAfter is how long the subscription may stay quiet before
+	// the subscriber pings on it, so that a dead connection is found (see
+	// removalLoop), as go-redis's channel health check does.
+	removalPingAfter = 3 * time.Second
+	// removalRetry is the pause after a receive that failed at once (Redis
+	// refusing connections while it restarts): no busy loop.
+	removalRetry = 100 * time.Millisecond
+)
+
+// removalLoop forgets the sandboxes other instances' Removes (and
+// condemnations of unresponsive sandboxes) announce, until Close.
+//
+// A subscription can be lost: Redis restarts, or the connection dies
+// without a word (a partition, a NAT or load balancer that dropped the
+// flow, a Redis host gone without a reset), where writes still succeed
+// into the socket's buffer and nothing ever comes back. So the subscriber
+// pings a subscription quiet for removalPingAfter, and one whose ping gets
+// no answer within RedisTimeout is replaced by a new subscription on a new
+// connection. Announcements made while it was lost never arrive: whenever
+// Redis confirms a subscription again (after go-redis redialled, or after
+// a replacement), every pooled sandbox is rechecked (recheckPooled), so
+// one another instance killed meanwhile is found gone at its pair's next
+// Acquire instead of being handed out until its next probe is due.
+//
+// A subscription Redis refuses (an ACL without SUBSCRIBE) is given up at
+// once, with one warning: nothing would ever arrive on it.
+func (m *Manager) removalLoop() {
+	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+	sub := &subscriber{ps: m.store.rdb.Subscribe(ctx, m.store.removedChannel())}
+	_, err := sub.ps.Receive(ctx) // the confirmation, or the refusal
+	cancel()
+	if answered(err) {
+		sub.close()
+		m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
+		return
+	}
+	// Close ends a wait at once: closing the subscription fails its
+	// blocked read.
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		<-m.done
+		sub.close()
+	}()
+	defer func() { <-closed }()
+	var pinged time.Time // the unanswered ping, if any
+	for heard := time.Now(); ; {
+		ps := sub.current()
+		ctx, cancel := context.WithTimeout(m.baseCtx, removalPoll)
+		msg, err := ps.ReceiveTimeout(ctx, removalPoll)
+		cancel()
+		select {
+		case <-m.done:
+			return
+		default:
+		}
+		switch {
+		case err == nil:
+			heard, pinged = time.Now(), time.Time{}
+			switch msg := msg.(type) {
+			case *redis.Message:
+				if k, ids, ok := parseRemoval(msg.Payload); ok {
+					m.dropRemoved(k, ids)
+				}
+			case *redis.Subscription:
+				if msg.Kind == "subscribe" { // subscribed again: announcements may have been missed
+					m.recheckPooled()
+				}
+			}
+		case timedOut(err) && !pinged.IsZero():
+			if time.Since(pinged) >= m.cfg.RedisTimeout { // the connection is dead
+				sub.renew(m.baseCtx, m.store.rdb, m.store.removedChannel(), m.cfg.RedisTimeout)
+				heard, pinged = time.Now(), time.Time{}
+			}
+		case timedOut(err):
+			if time.Since(heard) >= m.cfg.removalPingAfter {
+				ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+				if ps.Ping(ctx) == nil { // its answer arrives as a message
+					pinged = time.Now()
+				} // else go-redis redialled, and the new subscription is confirmed
+				cancel()
+				heard = time.Now()
+			}
+		default:
+			if !pause(m.baseCtx, removalRetry) {
+				return
+			}
+		}
+	}
+}
+
+// subscriber holds the removal subscription, which removalLoop may
+// replace while Close may close it.
+type subscriber struct {
+	mu     sync.Mutex
+	ps     *redis.PubSub
+	closed bool
+}
+
+func (s *subscriber) current() *redis.PubSub {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ps
+}
+
+// renew replaces the subscription with a new one, on a new connection,
+// and closes the old one. Its SUBSCRIBE is sent within timeout; if it
+// fails, the next receive redials, and Redis's confirmation arrives as a
+// message either way.
+func (s *subscriber) renew(ctx context.Context, rdb redis.UniversalClient, channel string, timeout time.Duration) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	ps := rdb.Subscribe(ctx, channel)
+	s.mu.Lock()
+	if !s.closed {
+		ps, s.ps = s.ps, ps
+	}
+	s.mu.Unlock()
+	_ = ps.Close() // the old one, or the new one when Close came first
+}
+
+func (s *subscriber) close() {
+	s.mu.Lock()
+	s.closed = true
+	ps := s.ps
+	s.mu.Unlock()
+	_ = ps.Close()
+}
+
+// recheckPooled makes the next Acquire of every pooled pair probe its
+// sandbox (see Lease.Recheck): the removal subscription was confirmed
+// again, and a removal announced while it was lost was missed. The cost is
+// at most one probe per pair, at its next Acquire: what HealthCheckAfter
+// costs anyway.
+func (m *Manager) recheckPooled() {
+	n := 0
+	m.pool.each(func(s *slot) {
+		m.recheck(s)
+		n++
+	})
+	m.log.LogAttrs(m.baseCtx, slog.LevelInfo, "sandboxpool: subscribed to other instances' removals again; pooled sandboxes are checked at their next Acquire",
+		slog.Int("sandboxes", n))
+}
+
+// timedOut reports whether err is a wait that ran out of time.
+func timedOut(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
+}
