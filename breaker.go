@@ -223,8 +223,9 @@ func (st *store) ping(ctx context.Context) error {
 	return st.do(ctx, func(ctx context.Context) error { return st.rdb.Ping(ctx).Err() })
 }
 
-// probeLoop, while Redis is degraded, pings it every interval (so recovery
-// is noticed with no traffic) and reconciles once it answers.
+// probeLoop, while Redis is degraded or something waits for it, pings it
+// every interval (so recovery is noticed with no traffic) and, once it
+// answers, publishes the sandboxes and makes the removals it missed.
 func (m *Manager) probeLoop(interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
@@ -234,12 +235,13 @@ func (m *Manager) probeLoop(interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		if !m.store.degraded() && !m.hasUnpublished() {
+		if !m.store.degraded() && !m.hasUnpublished() && !m.hasUnannounced() {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(m.baseCtx, visitTimeout)
 		if m.store.ping(ctx) == nil && !m.store.degraded() {
 			m.reconcile(ctx)
+			m.flushRemovals(ctx)
 		}
 		cancel()
 	}

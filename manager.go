@@ -56,7 +56,8 @@ type Manager struct {
 	unpubMu     sync.Mutex
 	unpublished map[*slot]struct{} // created while Redis was down; published on recovery
 
-	suspects suspects // sandboxes found unresponsive, not yet condemned
+	suspects    suspects    // sandboxes found unresponsive, not yet condemned
+	unannounced unannounced // removals Redis did not answer, made on recovery
 
 	probeAfter int64 // ns; <0 = always probe
 	guard      int64 // ns, hotGuard (at most IdleTimeout/4)
@@ -766,8 +767,11 @@ func (m *Manager) park(sh *shard, s *slot) {
 // that is in flight. With Redis, it holds the pair's create lock while it
 // works, so a create of the pair in flight on another instance finishes
 // first and is removed too, and announces the sandboxes it killed to the
-// other instances, which forget them at once. Removing a pair that has
-// no sandbox is not an error. With a ctx that has already ended, Remove
+// other instances, which forget them at once. If Redis does not answer, it
+// still kills what it finds, and returns an error wrapping ErrUnavailable:
+// the deletion of the pair's record and the announcement are made once
+// Redis answers this instance again. Removing a pair that has no sandbox
+// is not an error. With a ctx that has already ended, Remove
 // returns its error and changes nothing.
 func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	if m.closed.Load() {
@@ -823,13 +827,17 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	// instances may hold them in memory, where a hit would hand them out
 	// until a probe: tell everyone.
 	m.dropRemoved(k, removed)
-	if err := m.uncache(ctx, k); err != nil {
-		errs = append(errs, err)
+	uerr := m.uncache(ctx, k)
+	if uerr != nil {
+		errs = append(errs, uerr)
 	}
 	if err := m.announceRemoval(ctx, k, removed); err != nil {
-		// The removal itself is done; instances not told find the
-		// sandboxes gone at their next probe.
+		// The sandboxes are killed. Unless Redis refused, the announcement
+		// (and the record's deletion) is made once Redis answers again;
+		// instances not told find the sandboxes gone at their next probe.
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: announcing a removal to other instances failed", slog.String("pair", pairMember(k)), attrErr(err))
+	} else if uerr != nil && !answered(uerr) && len(removed) > 0 {
+		m.keepRemoval(removal{k, removed}) // the record is deleted once Redis answers again
 	}
 	return errors.Join(errs...)
 }

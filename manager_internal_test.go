@@ -308,3 +308,48 @@ func TestAdmissionPlacesArePairs(t *testing.T) {
 	}
 	assert.Empty(t, none.places, "no quota, no map")
 }
+
+// Removals kept while Redis does not answer are bounded: past
+// maxUnannounced the oldest go (the audit's "dictionary that grows
+// forever"), and a flush that fails part-way keeps the rest, in order,
+// for the next try, ahead of what arrived meanwhile.
+func TestUnannouncedRemovalsAreBoundedAndKeptInOrder(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, probeInterval: time.Hour}) // no flush but the test's
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.Close(context.Background()) })
+	kept := func() (ids []string) {
+		m.unannounced.mu.Lock()
+		defer m.unannounced.mu.Unlock()
+		for _, r := range m.unannounced.q {
+			ids = append(ids, r.ids[0])
+		}
+		return ids
+	}
+	for i := range 2 * maxUnannounced {
+		m.keepRemoval(removal{pairKey{"u", "p"}, []string{fmt.Sprint(i)}})
+	}
+	ids := kept()
+	require.Len(t, ids, maxUnannounced)
+	assert.Equal(t, fmt.Sprint(maxUnannounced), ids[0], "the oldest are dropped")
+	assert.Equal(t, fmt.Sprint(2*maxUnannounced-1), ids[len(ids)-1])
+
+	// Redis fails the flush at once: everything is kept, in order.
+	mr.SetError("LOADING")
+	m.flushRemovals(context.Background())
+	mr.SetError("")
+	assert.Equal(t, ids, kept())
+
+	// A flush that succeeds announces every removal, and keeps nothing.
+	sub := rdb.Subscribe(context.Background(), "sandboxpool:removed")
+	t.Cleanup(func() { _ = sub.Close() })
+	_, err = sub.Receive(context.Background())
+	require.NoError(t, err)
+	m.flushRemovals(context.Background())
+	assert.Empty(t, kept())
+	msg, err := sub.ReceiveMessage(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, "u:p "+ids[0], msg.Payload)
+}

@@ -389,6 +389,30 @@ func servedID(m *sandboxpool.Manager, user, project string) string {
 	return l.Sandbox().ID
 }
 
+// cutEnv is two instances on one redis-server: direct, and cut, whose
+// Redis traffic goes through link. Probes are an hour apart, so that only
+// announcements, and what makes up for missed ones, tell an instance a
+// sandbox is gone. Both hold the sandbox id of the pair ("u", "p").
+type cutEnv struct {
+	srv         *redistest.Server
+	link        *redistest.Link
+	p           *fp.Provider
+	direct, cut *sandboxpool.Manager
+	id          string
+}
+
+func newCutEnv(t *testing.T) *cutEnv {
+	e := &cutEnv{srv: redistest.Start(t), p: fp.New()}
+	e.link = redistest.StartLink(t, e.srv.Addr, 0)
+	hourlyProbes := func(c *sandboxpool.Config) { c.HealthCheckAfter = time.Hour }
+	e.direct = instances(t, 1, e.p, func() redis.UniversalClient { return e.srv.Client(t) }, hourlyProbes)[0]
+	e.cut = instances(t, 1, e.p, pooledClient(t, e.link.Addr, 0), hourlyProbes)[0]
+	waitSubscribed(t, e.srv, 2)
+	e.id = acquireID(t, e.direct, "u", "p")
+	require.Equal(t, e.id, acquireID(t, e.cut, "u", "p"))
+	return e
+}
+
 // An instance whose connections to Redis die without a word (Link.Cut: a
 // partition TCP gave up on, a NAT or load balancer that dropped its flows,
 // a Redis host gone without a reset) misses the announcement of a Remove
@@ -399,21 +423,14 @@ func servedID(m *sandboxpool.Manager, user, project string) string {
 // the ping's write succeeded into the dead connection, nothing noticed the
 // silence, and the sandbox was handed out until HealthCheckAfter.
 func TestRealRedisRemovalMissedOnADeadConnectionIsMadeUp(t *testing.T) {
-	srv := redistest.Start(t)
-	link := redistest.StartLink(t, srv.Addr, 0)
-	p := fp.New()
-	hourlyProbes := func(c *sandboxpool.Config) { c.HealthCheckAfter = time.Hour }
-	direct := instances(t, 1, p, func() redis.UniversalClient { return srv.Client(t) }, hourlyProbes)[0]
-	cut := instances(t, 1, p, pooledClient(t, link.Addr, 0), hourlyProbes)[0]
-	waitSubscribed(t, srv, 2)
-	id := acquireID(t, direct, "u", "p")
-	require.Equal(t, id, acquireID(t, cut, "u", "p"))
+	e := newCutEnv(t)
+	direct, cut, p, id := e.direct, e.cut, e.p, e.id
 
-	link.Cut()
+	e.link.Cut()
 	require.NoError(t, direct.Remove(context.Background(), "u", "p"))
 	require.NotContains(t, p.Alive(), id)
 	require.Equal(t, id, acquireID(t, cut, "u", "p"), "cut off, it heard nothing and still hands the sandbox out from memory")
-	link.Heal()
+	e.link.Heal()
 
 	require.Eventually(t, func() bool {
 		got := servedID(cut, "u", "p")
@@ -423,4 +440,30 @@ func TestRealRedisRemovalMissedOnADeadConnectionIsMadeUp(t *testing.T) {
 	require.Eventually(t, func() bool { return servedID(direct, "u", "p") == servedID(cut, "u", "p") }, 15*time.Second, 20*time.Millisecond,
 		"the instances agree on the pair's new sandbox")
 	assert.Len(t, p.Alive(), 1, "one sandbox for the pair")
+}
+
+// A Remove on an instance cut off from Redis kills the pair's sandbox but
+// can neither delete its record nor announce it: it fails with
+// ErrUnavailable, and keeps the removal. Once Redis answers that instance
+// again, the record is deleted and the removal announced, and the other
+// instance forgets the sandbox at once, with no Acquire and no probe (an
+// hour away here). Before, the record stayed until its expiry, and the
+// other instance handed the sandbox out until its next probe.
+func TestRealRedisRemovalCutOffFromRedisIsMadeOnRecovery(t *testing.T) {
+	e := newCutEnv(t)
+	other, cut, p, id := e.direct, e.cut, e.p, e.id
+	admin := e.srv.Client(t)
+	record := func() string { return admin.HGet(context.Background(), "sandboxpool:{u:p}:sbx", "id").Val() }
+
+	e.link.Cut()
+	require.ErrorIs(t, cut.Remove(context.Background(), "u", "p"), sandboxpool.ErrUnavailable)
+	require.NotContains(t, p.Alive(), id, "killed all the same")
+	require.Equal(t, id, record(), "cut off, it could not delete the record")
+	require.Equal(t, id, acquireID(t, other, "u", "p"), "not told, the other instance still hands the sandbox out")
+	e.link.Heal()
+
+	require.Eventually(t, func() bool { return other.Stats().Active == 0 }, 10*time.Second, 10*time.Millisecond,
+		"the other instance was not told of the removal once Redis answered again")
+	assert.Empty(t, record(), "the record outlived the removal")
+	assert.NotEqual(t, id, acquireID(t, other, "u", "p"))
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -17,13 +18,100 @@ import (
 // of handing them out from memory until its next probe.
 func (st *store) removedChannel() string { return st.ns + ":removed" }
 
-// announceRemoval publishes removalMessage(k, ids) on removedChannel.
+// announceRemoval publishes removalMessage(k, ids) on removedChannel. If
+// Redis gives no answer (it is down, stalled or cut off from this
+// instance, or ctx ended first), the removal is kept and made once Redis
+// answers again (see flushRemovals).
 func (m *Manager) announceRemoval(ctx context.Context, k pairKey, ids []string) error {
 	if m.store == nil || len(ids) == 0 {
 		return nil
 	}
-	msg := removalMessage(k, ids)
+	err := m.publishRemoval(ctx, removal{k, ids})
+	if err != nil && !answered(err) {
+		m.keepRemoval(removal{k, ids})
+	}
+	return err
+}
+
+func (m *Manager) publishRemoval(ctx context.Context, r removal) error {
+	msg := removalMessage(r.k, r.ids)
 	return m.store.do(ctx, func(ctx context.Context) error { return m.store.rdb.Publish(ctx, m.store.removedChannel(), msg).Err() })
+}
+
+// removal is a pair's sandboxes killed by a Remove or a condemnation.
+type removal struct {
+	k   pairKey
+	ids []string
+}
+
+// maxUnannounced bounds the removals kept while Redis does not answer
+// (about 200 bytes each): past it the oldest are dropped, and the
+// instances that hold those sandboxes find them gone at their next probe,
+// as they would with no announcement at all.
+const maxUnannounced = 1024
+
+// unannounced are removals whose announcement Redis did not answer, oldest
+// first.
+type unannounced struct {
+	mu sync.Mutex
+	q  []removal
+}
+
+// keepRemoval keeps r for flushRemovals.
+func (m *Manager) keepRemoval(r removal) {
+	m.unannounced.mu.Lock()
+	defer m.unannounced.mu.Unlock()
+	if len(m.unannounced.q) >= maxUnannounced {
+		m.unannounced.q = slices.Delete(m.unannounced.q, 0, 1)
+	}
+	m.unannounced.q = append(m.unannounced.q, r)
+}
+
+func (m *Manager) hasUnannounced() bool {
+	m.unannounced.mu.Lock()
+	defer m.unannounced.mu.Unlock()
+	return len(m.unannounced.q) > 0
+}
+
+// flushRemovals makes the removals Redis did not answer, once it answers
+// again (probeLoop): it deletes the record of each sandbox killed if it
+// still names it (a Remove cut off from Redis could not), with its quota
+// place, then announces the removal, so that the other instances forget
+// the sandboxes at once instead of at their next probe. Late is harmless:
+// a killed sandbox's id never names a live one. It stops at the first
+// failure and keeps what is left for the next try.
+func (m *Manager) flushRemovals(ctx context.Context) {
+	m.unannounced.mu.Lock()
+	q := m.unannounced.q
+	m.unannounced.q = nil
+	m.unannounced.mu.Unlock()
+	for i, r := range q {
+		if err := m.makeRemoval(ctx, r); err != nil {
+			m.unannounced.mu.Lock()
+			m.unannounced.q = append(q[i:], m.unannounced.q...)
+			if n := len(m.unannounced.q); n > maxUnannounced {
+				m.unannounced.q = m.unannounced.q[n-maxUnannounced:]
+			}
+			m.unannounced.mu.Unlock()
+			return
+		}
+	}
+}
+
+// makeRemoval deletes r's records and announces r.
+func (m *Manager) makeRemoval(ctx context.Context, r removal) error {
+	for _, id := range r.ids {
+		deleted, err := m.store.compareDelete(ctx, r.k, id)
+		if err != nil {
+			return err
+		}
+		if deleted {
+			if err := m.store.unreserve(ctx, r.k); err != nil {
+				return err
+			}
+		}
+	}
+	return m.publishRemoval(ctx, r)
 }
 
 // removalMessage is "<user>:<project> <id> <id>…": valid ids hold no ':'

@@ -116,7 +116,8 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: unresponsive sandbox killed, to be replaced",
 		slog.String("sandbox", s.id), slog.Duration("unresponsive_for", time.Duration(now-sp.since)))
 	if err := m.announceRemoval(ctx, s.key, []string{s.id}); err != nil {
-		// Instances not told find it gone at their next probe.
+		// Unless Redis refused, it is announced once Redis answers again;
+		// instances not told find it gone at their next probe.
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: announcing a condemned sandbox to other instances failed", slog.String("sandbox", s.id), attrErr(err))
 	}
 	return true, nil
