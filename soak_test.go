@@ -4,9 +4,9 @@ package sandboxpool_test
 
 // The soak: several Managers against a real redis-server and the fake E2B
 // over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
-// hung sandboxes, Redis restarts, a Redis stall, create-lock expiry, Manager
-// restarts), checking the invariants after each phase. Run: make soak
-// DURATION=60s.
+// hung sandboxes, Redis restarts, a Redis stall, one Manager cut off from
+// Redis, create-lock expiry, Manager restarts), checking the invariants
+// after each phase. Run: make soak DURATION=60s.
 
 import (
 	"context"
@@ -69,18 +69,25 @@ type soakPhase struct {
 }
 
 type soak struct {
-	t       *testing.T
-	redis   *redistest.Server
-	fake    *e2btest.Server
-	client  *e2b.Client
-	mu      sync.Mutex
-	ms      []*sandboxpool.Manager
-	rdbs    []*redis.Client // closed at the end, after every manager
-	errs    sync.Map        // kind → *atomic.Int64
-	served  atomic.Int64
-	removed atomic.Int64         // Removes that returned nil
-	churn   atomic.Int64         // the load's pairs are churn … churn+soakPairs-1
-	hung    map[string][2]string // sandboxes hung by the soak → their pair; guarded by mu
+	t     *testing.T
+	redis *redistest.Server
+	// link carries the first Manager's Redis traffic (see cutSlot), so
+	// that a phase can cut that Manager alone off from Redis.
+	link   *redistest.Link
+	fake   *e2btest.Server
+	client *e2b.Client
+	mu     sync.Mutex
+	ms     []*sandboxpool.Manager
+	rdbs   []*redis.Client // closed at the end, after every manager
+	errs   sync.Map        // kind → *atomic.Int64
+	served atomic.Int64
+	// servedGone counts Acquires served a sandbox the fake no longer runs
+	// (removed on another instance, announced but not heard yet, or not
+	// heard at all across a partition), looked up as Acquire returns.
+	servedGone atomic.Int64
+	removed    atomic.Int64         // Removes that returned nil
+	churn      atomic.Int64         // the load's pairs are churn … churn+soakPairs-1
+	hung       map[string][2]string // sandboxes hung by the soak → their pair; guarded by mu
 	// servedHung counts Acquires served a hung sandbox (before its first
 	// failing probe on that instance: a reconnect, or a memory hit on a
 	// recent check); each calls Lease.Recheck.
@@ -105,8 +112,16 @@ func (s *soak) closeManager(m *sandboxpool.Manager) {
 	}
 }
 
-func (s *soak) newManager() *sandboxpool.Manager {
-	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
+// cutSlot is the Manager slot whose Redis traffic goes through s.link.
+const cutSlot = 0
+
+// newManager builds the Manager for slot (of soakManagers).
+func (s *soak) newManager(slot int) *sandboxpool.Manager {
+	addr := s.redis.Addr
+	if slot == cutSlot {
+		addr = s.link.Addr
+	}
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
 		ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond})
 	s.mu.Lock()
 	s.rdbs = append(s.rdbs, rdb)
@@ -176,6 +191,9 @@ func (s *soak) load(ctx context.Context) {
 					continue
 				}
 				s.served.Add(1)
+				if _, running := s.fake.StartedAt(l.Sandbox().ID); !running {
+					s.servedGone.Add(1)
+				}
 				time.Sleep(time.Duration(rand.IntN(5)) * time.Millisecond) // use it
 				if s.isHung(l.Sandbox().ID) {
 					// Its envd calls failed, as a handler's would: ask for a
@@ -309,6 +327,7 @@ func (s *soak) settle(d *drains) (took time.Duration, last census) {
 
 func TestSoak(t *testing.T) {
 	s := &soak{t: t, redis: redistest.Start(t), hung: map[string][2]string{}}
+	s.link = redistest.StartLink(t, s.redis.Addr, 0)
 	s.fake = e2btest.Start(e2btest.Config{MaxConcurrent: 500})
 	defer s.fake.Close()
 	opts := s.fake.ClientOptions()
@@ -317,7 +336,7 @@ func TestSoak(t *testing.T) {
 	s.client, err = e2b.New(opts)
 	require.NoError(t, err)
 	for range soakManagers {
-		s.ms = append(s.ms, s.newManager())
+		s.ms = append(s.ms, s.newManager(len(s.ms)))
 	}
 	goroutinesAtStart := runtime.NumGoroutine()
 
@@ -350,6 +369,12 @@ func TestSoak(t *testing.T) {
 			sleep(ctx, 1500*time.Millisecond)
 			s.redis.Resume()
 		}, nil},
+		{"redis cut off from one manager", func(ctx context.Context, s *soak) {
+			sleep(ctx, 300*time.Millisecond)
+			s.link.Cut() // its connections die silently; the other managers keep Redis
+			sleep(ctx, 1500*time.Millisecond)
+			s.link.Heal()
+		}, nil},
 		{"create-lock expiry", func(ctx context.Context, s *soak) {
 			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 			defer rdb.Close()
@@ -372,10 +397,11 @@ func TestSoak(t *testing.T) {
 		{"manager restarts", func(ctx context.Context, s *soak) {
 			for i := 0; ctx.Err() == nil; i++ {
 				sleep(ctx, 500*time.Millisecond)
-				fresh := s.newManager()
+				slot := i % soakManagers
+				fresh := s.newManager(slot)
 				s.mu.Lock()
-				old := s.ms[i%len(s.ms)]
-				s.ms[i%len(s.ms)] = fresh
+				old := s.ms[slot]
+				s.ms[slot] = fresh
 				s.mu.Unlock()
 				s.closeManager(old)
 			}
@@ -386,6 +412,7 @@ func TestSoak(t *testing.T) {
 	type row struct {
 		phase            string
 		served, removed  int64
+		servedGone       int64
 		failed           int64
 		creates, kills   int64 // at the fake
 		converged        time.Duration
@@ -398,7 +425,7 @@ func TestSoak(t *testing.T) {
 	broken := []string{}
 	for _, ph := range phases {
 		ctx, cancel := context.WithTimeout(context.Background(), per)
-		before, removedBefore := s.served.Load(), s.removed.Load()
+		before, removedBefore, goneBefore := s.served.Load(), s.removed.Load(), s.servedGone.Load()
 		failedBefore := s.totalErrs()
 		createsBefore, killsBefore := s.fake.Calls(e2btest.OpCreate), s.fake.Calls(e2btest.OpKill)
 		var fw sync.WaitGroup
@@ -411,7 +438,7 @@ func TestSoak(t *testing.T) {
 		cancel()
 		fw.Wait()
 		took, last := s.settle(d)
-		r := row{phase: ph.name, served: s.served.Load() - before, removed: s.removed.Load() - removedBefore, failed: s.totalErrs() - failedBefore,
+		r := row{phase: ph.name, served: s.served.Load() - before, servedGone: s.servedGone.Load() - goneBefore, removed: s.removed.Load() - removedBefore, failed: s.totalErrs() - failedBefore,
 			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore,
 			converged: took, dupsLeft: last.dups, drain: d.longest, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
 		rows = append(rows, r)
@@ -463,11 +490,11 @@ func TestSoak(t *testing.T) {
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tremoved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tserved gone\tremoved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.removed, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.servedGone, r.removed, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
