@@ -92,6 +92,8 @@ type soak struct {
 	// failing probe on that instance: a reconnect, or a memory hit on a
 	// recent check); each calls Lease.Recheck.
 	servedHung atomic.Int64
+	// cutBefore is the cut-off manager's Stats as its phase began.
+	cutBefore sandboxpool.Stats
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -370,11 +372,12 @@ func TestSoak(t *testing.T) {
 			s.redis.Resume()
 		}, nil},
 		{"redis cut off from one manager", func(ctx context.Context, s *soak) {
+			s.cutBefore = s.manager(cutSlot).Stats()
 			sleep(ctx, 300*time.Millisecond)
 			s.link.Cut() // its connections die silently; the other managers keep Redis
 			sleep(ctx, 1500*time.Millisecond)
 			s.link.Heal()
-		}, nil},
+		}, (*soak).agreeAfterCut},
 		{"create-lock expiry", func(ctx context.Context, s *soak) {
 			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 			defer rdb.Close()
@@ -504,6 +507,64 @@ func TestSoak(t *testing.T) {
 	if len(broken) > 0 {
 		t.Fatalf("soak invariants broken:\n- %s", strings.Join(broken, "\n- "))
 	}
+}
+
+// soakAgree bounds how long after its phase the manager cut off from
+// Redis may take to close its breaker and to serve every pair the sandbox
+// another manager serves: Redis is probed every 200 ms, the sandboxes it
+// created alone are published (or superseded, when another was published
+// for the pair meanwhile) at once, and its removal subscription is found
+// dead within a second and replaced, which has what it holds rechecked.
+const soakAgree = soakIdle
+
+// agreeAfterCut checks that the manager cut off from Redis comes back: its
+// breaker closes, and for every pair of the load it serves the sandbox
+// another manager serves, so memory and Redis did not drift apart across
+// the partition.
+func (s *soak) agreeAfterCut() (string, []string) {
+	cut, other := s.manager(cutSlot), s.manager(cutSlot+1)
+	var broken []string
+	during := cut.Stats()
+	if during.RedisErrors == s.cutBefore.RedisErrors {
+		broken = append(broken, "the cut-off manager counted no Redis error: the cut did not reach it")
+	}
+	start := time.Now()
+	for cut.Stats().RedisDegraded && time.Since(start) < soakAgree {
+		time.Sleep(20 * time.Millisecond)
+	}
+	closedIn := time.Since(start)
+	if cut.Stats().RedisDegraded {
+		broken = append(broken, fmt.Sprintf("its breaker was still open %v after the phase", soakAgree))
+	}
+	var (
+		mu      sync.Mutex
+		agreed  int
+		longest time.Duration
+		wg      sync.WaitGroup
+	)
+	churn := int(s.churn.Load())
+	for pair := churn; pair < churn+soakPairs; pair++ {
+		user, project := fmt.Sprint("u", pair%7), fmt.Sprint("p", pair)
+		wg.Go(func() {
+			var a, b string
+			for begin := time.Now(); time.Since(begin) < soakAgree; time.Sleep(50 * time.Millisecond) {
+				if a, b = servedID(cut, user, project), servedID(other, user, project); a != "" && a == b {
+					mu.Lock()
+					agreed++
+					longest = max(longest, time.Since(begin))
+					mu.Unlock()
+					return
+				}
+			}
+			mu.Lock()
+			broken = append(broken, fmt.Sprintf("%s/%s: the cut-off manager serves %q, another %q, %v after the phase", user, project, a, b, soakAgree))
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return fmt.Sprintf("%d Redis errors and %d creates without the lock on the cut-off manager; its breaker closed %v after the phase; %d of %d pairs served the same sandbox by it and by another manager, the longest in %v",
+		during.RedisErrors-s.cutBefore.RedisErrors, during.DegradedCreates-s.cutBefore.DegradedCreates, closedIn.Round(10*time.Millisecond),
+		agreed, soakPairs, longest.Round(10*time.Millisecond)), broken
 }
 
 // hangOne hangs a random running sandbox the soak has not hung yet: E2B
