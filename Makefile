@@ -24,7 +24,7 @@ all: lint test
 
 ### test: THE test command (CI runs it): vet + gofmt, generated code fresh, race tests, a short fuzz pass, a short soak
 test: lint check-generated race fuzz
-	$(MAKE) soak DURATION=30s
+	$(MAKE) soak DURATION=45s
 
 ### race: every package's tests under the race detector
 race:

@@ -4,9 +4,9 @@ package sandboxpool_test
 
 // The soak: several Managers against a real redis-server and the fake E2B
 // over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
-// hung sandboxes, Redis restarts, a Redis stall, one Manager cut off from
-// Redis, create-lock expiry, Manager restarts), checking the invariants
-// after each phase. Run: make soak DURATION=60s.
+// an E2B outage, hung sandboxes, Redis restarts, a Redis stall, one Manager
+// cut off from Redis, create-lock expiry, Manager restarts), checking the
+// invariants after each phase. Run: make soak DURATION=60s.
 
 import (
 	"context"
@@ -353,6 +353,12 @@ func TestSoak(t *testing.T) {
 				time.Sleep(20 * time.Millisecond)
 			}
 		}, nil},
+		{"e2b outage (every call 503)", func(ctx context.Context, s *soak) {
+			sleep(ctx, 300*time.Millisecond)
+			s.fake.Down(e2btest.Fault{Status: 503}) // past IdleTimeout: keepalives fail, and every deadline passes
+			sleep(ctx, soakIdle+500*time.Millisecond)
+			s.fake.Up()
+		}, nil},
 		{"hung sandboxes", func(ctx context.Context, s *soak) {
 			for ctx.Err() == nil {
 				s.hangOne()
@@ -416,6 +422,7 @@ func TestSoak(t *testing.T) {
 		phase            string
 		served, removed  int64
 		servedGone       int64
+		servedRunning    time.Duration // after the phase, the longest a pair waited for a running sandbox
 		failed           int64
 		creates, kills   int64 // at the fake
 		converged        time.Duration
@@ -461,6 +468,11 @@ func TestSoak(t *testing.T) {
 				broken = append(broken, ph.name+": "+msg)
 			}
 		}
+		var b []string
+		rows[len(rows)-1].servedRunning, b = s.servedRunning()
+		for _, msg := range b {
+			broken = append(broken, ph.name+": "+msg)
+		}
 	}
 
 	// Close everything: the fake must be empty once deadlines pass (aligned
@@ -493,11 +505,11 @@ func TestSoak(t *testing.T) {
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tserved gone\tremoved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tserved gone\tall served running in\tremoved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.servedGone, r.removed, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%v\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.servedGone, r.servedRunning.Round(100*time.Millisecond), r.removed, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
@@ -507,6 +519,63 @@ func TestSoak(t *testing.T) {
 	if len(broken) > 0 {
 		t.Fatalf("soak invariants broken:\n- %s", strings.Join(broken, "\n- "))
 	}
+}
+
+// await calls try every 50 ms until it reports true or bound has passed;
+// it returns how long that took and whether try succeeded.
+func await(bound time.Duration, try func() bool) (time.Duration, bool) {
+	begin := time.Now()
+	for {
+		if try() {
+			return time.Since(begin), true
+		}
+		if time.Since(begin) >= bound {
+			return time.Since(begin), false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// soakServe bounds how long after a phase every manager may take to serve
+// each pair of the load a sandbox the fake runs and that answers: one that
+// died during the phase (removed on an instance not heard, expired during
+// an outage) is found at its next probe, due within HealthCheckAfter
+// (1 s), and replaced; one that hung is condemned UnresponsiveAfter (1 s)
+// after its first failing probe; and the replacement's create may meet a
+// lock held elsewhere.
+const soakServe = soakMaxAge / 2
+
+// servedRunning asks every manager for every pair of the load until it is
+// served a sandbox the fake runs and that answers. It returns the longest
+// wait, and each pair a manager did not serve one within soakServe.
+func (s *soak) servedRunning() (longest time.Duration, broken []string) {
+	var (
+		mu sync.Mutex
+		wg sync.WaitGroup
+	)
+	churn := int(s.churn.Load())
+	for i := range soakManagers {
+		m := s.manager(i)
+		for pair := churn; pair < churn+soakPairs; pair++ {
+			user, project := fmt.Sprint("u", pair%7), fmt.Sprint("p", pair)
+			wg.Go(func() {
+				var got string
+				took, ok := await(soakServe, func() bool {
+					got = servedID(m, user, project)
+					_, running := s.fake.StartedAt(got)
+					return running && !s.isHung(got)
+				})
+				mu.Lock()
+				defer mu.Unlock()
+				longest = max(longest, took)
+				if !ok {
+					broken = append(broken, fmt.Sprintf("manager %d served %s/%s %q for %v after the phase, not a sandbox the fake runs and that answers", i, user, project, got, soakServe))
+				}
+			})
+		}
+	}
+	wg.Wait()
+	return longest, broken
 }
 
 // soakAgree bounds how long after its phase the manager cut off from
@@ -547,18 +616,18 @@ func (s *soak) agreeAfterCut() (string, []string) {
 		user, project := fmt.Sprint("u", pair%7), fmt.Sprint("p", pair)
 		wg.Go(func() {
 			var a, b string
-			for begin := time.Now(); time.Since(begin) < soakAgree; time.Sleep(50 * time.Millisecond) {
-				if a, b = servedID(cut, user, project), servedID(other, user, project); a != "" && a == b {
-					mu.Lock()
-					agreed++
-					longest = max(longest, time.Since(begin))
-					mu.Unlock()
-					return
-				}
-			}
+			took, ok := await(soakAgree, func() bool {
+				a, b = servedID(cut, user, project), servedID(other, user, project)
+				return a != "" && a == b
+			})
 			mu.Lock()
-			broken = append(broken, fmt.Sprintf("%s/%s: the cut-off manager serves %q, another %q, %v after the phase", user, project, a, b, soakAgree))
-			mu.Unlock()
+			defer mu.Unlock()
+			if !ok {
+				broken = append(broken, fmt.Sprintf("%s/%s: the cut-off manager serves %q, another %q, %v after the phase", user, project, a, b, soakAgree))
+				return
+			}
+			agreed++
+			longest = max(longest, took)
 		})
 	}
 	wg.Wait()

@@ -510,6 +510,31 @@ func TestFakeExpiresAtDeadline(t *testing.T) {
 	assert.Equal(t, []string{ap.ID}, srv.Paused())
 }
 
+// During an outage (Down) every request fails, sandboxes reach their
+// deadlines all the same, and a fault queued by Inject still comes first;
+// after Up, requests pass again.
+func TestFakeOutage(t *testing.T) {
+	c, srv, clk := setup(t, e2btest.Config{})
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: 10 * time.Second})
+	require.NoError(t, err)
+	srv.Down(e2btest.Fault{Status: http.StatusServiceUnavailable})
+	var ae *e2b.APIError
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, http.StatusServiceUnavailable, ae.StatusCode)
+	require.Error(t, c.SetTimeout(ctx, sb.ID, time.Minute))
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: http.StatusTeapot})
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, http.StatusTeapot, ae.StatusCode, "the queued fault first")
+	clk.Advance(10 * time.Second)
+	srv.Up()
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorIs(t, err, e2b.ErrNotFound, "its deadline passed during the outage")
+	_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.NoError(t, err)
+}
+
 func TestFakeRejectsBadInput(t *testing.T) {
 	c, _, _ := setup(t, e2btest.Config{})
 	_, err := c.Get(ctx, "Bad_ID")

@@ -105,6 +105,7 @@ type Server struct {
 	calls      sync.Map // Op → *atomic.Int64
 	requests   atomic.Int64
 	lastHeader atomic.Pointer[http.Header]
+	down       atomic.Pointer[Fault] // set by Down: every request's fault
 }
 
 // NewServer starts a fake with the zero Config and closes it at test end.
@@ -165,6 +166,15 @@ func (s *Server) Inject(op Op, faults ...Fault) {
 	s.faults[op] = append(s.faults[op], faults...)
 	s.mu.Unlock()
 }
+
+// Down starts an outage: until Up, every request to the API and to envd
+// that has no fault queued by Inject meets f (a 503, say, or a dropped
+// connection), as in an E2B incident. Sandboxes keep running, and reach
+// their deadlines, meanwhile.
+func (s *Server) Down(f Fault) { s.down.Store(&f) }
+
+// Up ends an outage Down started.
+func (s *Server) Up() { s.down.Store(nil) }
 
 // Calls returns how many requests reached op (faulted ones included).
 func (s *Server) Calls(op Op) int64 {
@@ -301,6 +311,9 @@ func (s *Server) handle(op Op, h http.HandlerFunc) http.HandlerFunc {
 		hdr := r.Header.Clone()
 		s.lastHeader.Store(&hdr)
 		f, faulted := s.nextFault(op)
+		if d := s.down.Load(); d != nil && !faulted {
+			f, faulted = *d, true
+		}
 		if faulted && f.Latency > 0 {
 			t := time.NewTimer(f.Latency)
 			select {
