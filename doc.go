@@ -42,7 +42,9 @@
 //     opens; sandboxes in memory are still served, and new ones are created
 //     without the cross-instance lock (counted in Stats().DegradedCreates) or
 //     refused (Config.RefuseCreatesWhenDegraded). A background probe closes
-//     the breaker once Redis answers and publishes what was created meanwhile.
+//     the breaker once Redis answers, publishes what was created meanwhile,
+//     and makes the removals it could not announce; every pooled sandbox is
+//     rechecked once the removal subscription is confirmed again.
 //  10. Caller cancellation does not strand work: a create that has started
 //     finishes within Config.CreateTimeout and is kept for the next caller.
 //     A caller whose context has already ended starts nothing: Acquire
@@ -68,6 +70,8 @@
 //	<ns>:{<user>:<project>}:lock   the pair's create lock (redislock)
 //	<ns>:live, <ns>:{<user>}:live  live pairs, scored by deadline (MaxSandboxes, MaxPerUser)
 //	rate:<ns>:{<user>}:rate        the user's create rate limit (GCRA; redis_rate adds "rate:")
+//	<ns>:removed                   Pub/Sub channel: "<user>:<project> <id>…", the sandboxes a Remove
+//	                               or a condemnation killed, which every instance forgets at once
 //
 // The braces are a Redis Cluster hash tag: a pair's keys share a slot. Valid
 // ids contain no ":", "{", "}", so the mapping from pair to key is injective

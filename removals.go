@@ -225,7 +225,8 @@ func (m *Manager) removalLoop() {
 				cancel()
 				heard = time.Now()
 			}
-		default:
+		default: // the connection failed: go-redis redials on the next receive
+			pinged = time.Time{}
 			if !pause(m.baseCtx, removalRetry) {
 				return
 			}
