@@ -437,6 +437,8 @@ func TestRealRedisRemovalMissedOnADeadConnectionIsMadeUp(t *testing.T) {
 		return got != "" && got != id
 	}, 15*time.Second, 20*time.Millisecond, "the removed sandbox is still handed out after the link healed")
 	assert.NotContains(t, p.Alive(), id)
+	assert.Positive(t, cut.Stats().Resubscribed, "the cut instance subscribed again")
+	assert.Zero(t, direct.Stats().Resubscribed, "the other instance kept its subscription")
 	require.Eventually(t, func() bool { return servedID(direct, "u", "p") == servedID(cut, "u", "p") }, 15*time.Second, 20*time.Millisecond,
 		"the instances agree on the pair's new sandbox")
 	assert.Len(t, p.Alive(), 1, "one sandbox for the pair")
@@ -459,11 +461,13 @@ func TestRealRedisRemovalCutOffFromRedisIsMadeOnRecovery(t *testing.T) {
 	require.ErrorIs(t, cut.Remove(context.Background(), "u", "p"), sandboxpool.ErrUnavailable)
 	require.NotContains(t, p.Alive(), id, "killed all the same")
 	require.Equal(t, id, record(), "cut off, it could not delete the record")
+	require.EqualValues(t, 1, cut.Stats().UnannouncedRemovals)
 	require.Equal(t, id, acquireID(t, other, "u", "p"), "not told, the other instance still hands the sandbox out")
 	e.link.Heal()
 
 	require.Eventually(t, func() bool { return other.Stats().Active == 0 }, 10*time.Second, 10*time.Millisecond,
 		"the other instance was not told of the removal once Redis answered again")
 	assert.Empty(t, record(), "the record outlived the removal")
+	assert.Zero(t, cut.Stats().UnannouncedRemovals)
 	assert.NotEqual(t, id, acquireID(t, other, "u", "p"))
 }

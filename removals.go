@@ -278,6 +278,7 @@ func (s *subscriber) close() {
 // at most one probe per pair, at its next Acquire: what HealthCheckAfter
 // costs anyway.
 func (m *Manager) recheckPooled() {
+	m.ctr.resubscribed.Add(1)
 	n := 0
 	m.pool.each(func(s *slot) {
 		m.recheck(s)

@@ -29,12 +29,16 @@ type Stats struct {
 	LockLost         int64 // creates whose Redis lock was lost before publishing (sandbox killed)
 	Reconciled       int64 // creates with an unknown outcome whose sandbox was then found by metadata
 	Superseded       int64 // pooled sandboxes retired because Redis names another sandbox for the pair
+	Resubscribed     int64 // times Redis confirmed the removal subscription again after it was lost; each rechecks every pooled sandbox
 
 	// Gauges.
 	Active        int64 // sandboxes in this process's pool
 	Leased        int64 // leases held on sandboxes in the pool
 	KeyLocks      int64 // per-pair lock entries (in-flight acquires) in memory
 	RedisDegraded bool  // the Redis circuit breaker is open
+	// UnannouncedRemovals are removals whose Redis calls got no answer,
+	// kept until Redis answers again (see Manager.Remove).
+	UnannouncedRemovals int64
 
 	// Redis is the Redis client's own connection-pool statistics (zero
 	// without Redis).
@@ -57,7 +61,7 @@ type counters struct {
 	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects             atomic.Int64
 	healthChecks, replaced, touches, evictions, kills, killErrors                  atomic.Int64
 	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost, reconciled atomic.Int64
-	superseded, unresponsive                                                       atomic.Int64
+	superseded, unresponsive, resubscribed                                         atomic.Int64
 }
 
 // Stats returns a snapshot of the Manager's counters and gauges. It costs
@@ -85,6 +89,7 @@ func (m *Manager) Stats() Stats {
 		LockLost:        m.ctr.lockLost.Load(),
 		Reconciled:      m.ctr.reconciled.Load(),
 		Superseded:      m.ctr.superseded.Load(),
+		Resubscribed:    m.ctr.resubscribed.Load(),
 		Active:          m.pool.active.Load(),
 		KeyLocks:        m.pool.keyLocks.Load(),
 	}
@@ -96,6 +101,9 @@ func (m *Manager) Stats() Stats {
 		st.MemoryHits += hits
 		st.Leased += leased
 	}
+	m.unannounced.mu.Lock()
+	st.UnannouncedRemovals = int64(len(m.unannounced.q))
+	m.unannounced.mu.Unlock()
 	st.Acquires += st.MemoryHits
 	st.HealthCheckSkips = st.MemoryHits
 	m.redisStats(&st)
