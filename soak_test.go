@@ -52,9 +52,12 @@ const (
 	// soakUnresponsive is the soak's UnresponsiveAfter: short next to a
 	// phase, so the sandboxes hung in a phase are condemned within it.
 	soakUnresponsive = time.Second
-	// soakRecover bounds how long a pair whose sandbox hung may take to be
-	// served a sandbox that answers, after its phase: a probe is due within
-	// HealthCheckAfter (1 s), condemnation UnresponsiveAfter later, and the
+	// soakRecover bounds how long after a phase a manager may take to
+	// serve a pair a sandbox that the fake runs and that answers. One that
+	// died during the phase (removed on an instance that did not hear,
+	// expired during an outage) is found at its next probe, due within
+	// HealthCheckAfter (1 s), and replaced; one that hung is condemned
+	// UnresponsiveAfter (1 s) after its first failing probe; and the
 	// replacement's create may meet a lock held by another instance. Half
 	// of MaxAge: a pair does not recover by its sandbox's rotation alone.
 	soakRecover = soakMaxAge / 2
@@ -536,18 +539,9 @@ func await(bound time.Duration, try func() bool) (time.Duration, bool) {
 	}
 }
 
-// soakServe bounds how long after a phase every manager may take to serve
-// each pair of the load a sandbox the fake runs and that answers: one that
-// died during the phase (removed on an instance not heard, expired during
-// an outage) is found at its next probe, due within HealthCheckAfter
-// (1 s), and replaced; one that hung is condemned UnresponsiveAfter (1 s)
-// after its first failing probe; and the replacement's create may meet a
-// lock held elsewhere.
-const soakServe = soakMaxAge / 2
-
 // servedRunning asks every manager for every pair of the load until it is
 // served a sandbox the fake runs and that answers. It returns the longest
-// wait, and each pair a manager did not serve one within soakServe.
+// wait, and each pair a manager did not serve one within soakRecover.
 func (s *soak) servedRunning() (longest time.Duration, broken []string) {
 	var (
 		mu sync.Mutex
@@ -560,7 +554,7 @@ func (s *soak) servedRunning() (longest time.Duration, broken []string) {
 			user, project := fmt.Sprint("u", pair%7), fmt.Sprint("p", pair)
 			wg.Go(func() {
 				var got string
-				took, ok := await(soakServe, func() bool {
+				took, ok := await(soakRecover, func() bool {
 					got = servedID(m, user, project)
 					_, running := s.fake.StartedAt(got)
 					return running && !s.isHung(got)
@@ -569,7 +563,7 @@ func (s *soak) servedRunning() (longest time.Duration, broken []string) {
 				defer mu.Unlock()
 				longest = max(longest, took)
 				if !ok {
-					broken = append(broken, fmt.Sprintf("manager %d served %s/%s %q for %v after the phase, not a sandbox the fake runs and that answers", i, user, project, got, soakServe))
+					broken = append(broken, fmt.Sprintf("manager %d served %s/%s %q for %v after the phase, not a sandbox the fake runs and that answers", i, user, project, got, soakRecover))
 				}
 			})
 		}
@@ -681,27 +675,19 @@ func (s *soak) recoverHung() (string, []string) {
 	)
 	for k := range pairs {
 		wg.Go(func() {
-			start := time.Now()
-			for time.Since(start) < soakRecover {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				l, err := s.manager(0).Acquire(ctx, k[0], k[1])
-				cancel()
-				if err == nil {
-					_, isHung := hung[l.Sandbox().ID]
-					l.Release()
-					if !isHung {
-						mu.Lock()
-						recovered++
-						longest = max(longest, time.Since(start))
-						mu.Unlock()
-						return
-					}
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
+			took, ok := await(soakRecover, func() bool {
+				id := servedID(s.manager(0), k[0], k[1])
+				_, isHung := hung[id]
+				return id != "" && !isHung
+			})
 			mu.Lock()
-			broken = append(broken, fmt.Sprintf("%s/%s was not served a sandbox that answers within %v", k[0], k[1], soakRecover))
-			mu.Unlock()
+			defer mu.Unlock()
+			if !ok {
+				broken = append(broken, fmt.Sprintf("%s/%s was not served a sandbox that answers within %v", k[0], k[1], soakRecover))
+				return
+			}
+			recovered++
+			longest = max(longest, took)
 		})
 	}
 	wg.Wait()
