@@ -113,6 +113,28 @@ func (st *store) get(ctx context.Context, k pairKey) (rec record, ok bool, err e
 	return rec, ok, err
 }
 
+// recordIDs returns the sandbox each pair's record names ("" where there is
+// none), read in one pipeline.
+func (st *store) recordIDs(ctx context.Context, ks []pairKey) ([]string, error) {
+	ids := make([]string, len(ks))
+	err := st.do(ctx, func(ctx context.Context) error {
+		cmds, err := st.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, k := range ks {
+				p.HGet(ctx, st.sbxKey(k), fieldID)
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, redis.Nil) {
+			return err
+		}
+		for i, c := range cmds {
+			ids[i] = c.(*redis.StringCmd).Val()
+		}
+		return nil
+	})
+	return ids, err
+}
+
 // publish writes s as the pair's record if token still holds the lock.
 func (st *store) publish(ctx context.Context, s *slot, token string) (bool, error) {
 	var n int64

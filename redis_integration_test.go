@@ -419,12 +419,15 @@ func newCutEnv(t *testing.T) *cutEnv {
 // made meanwhile on another instance. Once it reaches Redis again it stops
 // handing the removed sandbox out without waiting for its next probe (an
 // hour away here): its subscriber finds the dead connection by a ping that
-// gets no answer, subscribes anew, and has what it holds rechecked. Before,
-// the ping's write succeeded into the dead connection, nothing noticed the
-// silence, and the sandbox was handed out until HealthCheckAfter.
+// gets no answer, subscribes anew, and rechecks what Redis no longer names
+// (a pair nobody removed is not probed). Before, the ping's write succeeded
+// into the dead connection, nothing noticed the silence, and the sandbox
+// was handed out until HealthCheckAfter.
 func TestRealRedisRemovalMissedOnADeadConnectionIsMadeUp(t *testing.T) {
 	e := newCutEnv(t)
 	direct, cut, p, id := e.direct, e.cut, e.p, e.id
+	kept := acquireID(t, direct, "u", "q") // a pair nobody removes
+	require.Equal(t, kept, acquireID(t, cut, "u", "q"))
 
 	e.link.Cut()
 	require.NoError(t, direct.Remove(context.Background(), "u", "p"))
@@ -439,9 +442,14 @@ func TestRealRedisRemovalMissedOnADeadConnectionIsMadeUp(t *testing.T) {
 	assert.NotContains(t, p.Alive(), id)
 	assert.Positive(t, cut.Stats().Resubscribed, "the cut instance subscribed again")
 	assert.Zero(t, direct.Stats().Resubscribed, "the other instance kept its subscription")
+	// Only what Redis no longer names was rechecked: the pair nobody
+	// removed is still a memory hit, with no probe.
+	probes := cut.Stats().HealthChecks
+	assert.Equal(t, kept, acquireID(t, cut, "u", "q"))
+	assert.Equal(t, probes, cut.Stats().HealthChecks, "a sandbox Redis still names was probed")
 	require.Eventually(t, func() bool { return servedID(direct, "u", "p") == servedID(cut, "u", "p") }, 15*time.Second, 20*time.Millisecond,
 		"the instances agree on the pair's new sandbox")
-	assert.Len(t, p.Alive(), 1, "one sandbox for the pair")
+	assert.ElementsMatch(t, []string{kept, servedID(direct, "u", "p")}, p.Alive(), "one sandbox per pair")
 }
 
 // A Remove on an instance cut off from Redis kills the pair's sandbox but

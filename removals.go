@@ -162,8 +162,9 @@ const (
 // no answer within RedisTimeout is replaced by a new subscription on a new
 // connection. Announcements made while it was lost never arrive: whenever
 // Redis confirms a subscription again (after go-redis redialled, or after
-// a replacement), every pooled sandbox is rechecked (recheckPooled), so
-// one another instance killed meanwhile is found gone at its pair's next
+// a replacement), the pool is compared with Redis, and every pooled
+// sandbox whose record no longer names it is rechecked (recheckPooled), so
+// one another instance removed meanwhile is found gone at its pair's next
 // Acquire instead of being handed out until its next probe is due.
 //
 // A subscription Redis refuses (an ACL without SUBSCRIBE) is given up at
@@ -272,20 +273,45 @@ func (s *subscriber) close() {
 	_ = ps.Close()
 }
 
-// recheckPooled makes the next Acquire of every pooled pair probe its
-// sandbox (see Lease.Recheck): the removal subscription was confirmed
-// again, and a removal announced while it was lost was missed. The cost is
-// at most one probe per pair, at its next Acquire: what HealthCheckAfter
-// costs anyway.
+// recheckBatch is how many records one pipeline reads when the pool is
+// compared with Redis (recheckPooled): a million pooled pairs take 2,000
+// round trips, and one pipeline stays far within RedisTimeout.
+const recheckBatch = 512
+
+// recheckPooled runs when Redis confirms the removal subscription after a
+// time without one, when a removal announced meanwhile may have been
+// missed. A removal deletes the pair's record (a condemnation, or a
+// replacement, makes it name another sandbox), so in the background it
+// compares each pooled sandbox with the pair's record, and makes the next
+// Acquire of each pair whose record no longer names its sandbox probe it
+// (see Lease.Recheck). After a Redis that lost its data, that is every
+// pooled pair: at most one probe each, what HealthCheckAfter costs anyway.
+// Where Redis fails the read, the pairs are rechecked too.
 func (m *Manager) recheckPooled() {
 	m.ctr.resubscribed.Add(1)
-	n := 0
-	m.pool.each(func(s *slot) {
-		m.recheck(s)
-		n++
+	var slots []*slot
+	m.pool.each(func(s *slot) { slots = append(slots, s) })
+	m.goBackground(func() {
+		pooled, rechecked := len(slots), 0
+		keys := make([]pairKey, 0, recheckBatch)
+		for len(slots) > 0 && !m.closed.Load() {
+			batch := slots[:min(len(slots), recheckBatch)]
+			slots = slots[len(batch):]
+			keys = keys[:0]
+			for _, s := range batch {
+				keys = append(keys, s.key)
+			}
+			ids, err := m.store.recordIDs(m.baseCtx, keys)
+			for i, s := range batch {
+				if err != nil || ids[i] != s.id {
+					m.recheck(s)
+					rechecked++
+				}
+			}
+		}
+		m.log.LogAttrs(m.baseCtx, slog.LevelInfo, "sandboxpool: subscribed to other instances' removals again; the pooled sandboxes Redis no longer names are checked at their next Acquire",
+			slog.Int("pooled", pooled), slog.Int("rechecked", rechecked))
 	})
-	m.log.LogAttrs(m.baseCtx, slog.LevelInfo, "sandboxpool: subscribed to other instances' removals again; pooled sandboxes are checked at their next Acquire",
-		slog.Int("sandboxes", n))
 }
 
 // timedOut reports whether err is a wait that ran out of time.

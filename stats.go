@@ -29,7 +29,7 @@ type Stats struct {
 	LockLost         int64 // creates whose Redis lock was lost before publishing (sandbox killed)
 	Reconciled       int64 // creates with an unknown outcome whose sandbox was then found by metadata
 	Superseded       int64 // pooled sandboxes retired because Redis names another sandbox for the pair
-	Resubscribed     int64 // times Redis confirmed the removal subscription after a time without one (lost, or not confirmed at New); each rechecks every pooled sandbox
+	Resubscribed     int64 // times Redis confirmed the removal subscription after a time without one (lost, or not confirmed at New); each rechecks the pooled sandboxes Redis no longer names
 
 	// Gauges.
 	Active        int64 // sandboxes in this process's pool
