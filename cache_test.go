@@ -1242,3 +1242,53 @@ func TestRedisLostLockWithAFailedReadKillsNothing(t *testing.T) {
 	assert.Equal(t, ours, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
 	assert.EqualValues(t, 0, m.Stats().DegradedCreates)
 }
+
+// failPipelines fails a client's pipelines of HGETs while on, as a Redis
+// that fails one read among answered calls would. (go-redis sends a new
+// connection's handshake as a pipeline too: that one passes.)
+type failPipelines struct{ on atomic.Bool }
+
+func (h *failPipelines) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *failPipelines) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return next
+}
+func (h *failPipelines) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if h.on.Load() && cmds[0].Name() == "hget" {
+			for _, c := range cmds {
+				c.SetErr(errInjected)
+			}
+			return errInjected
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// When Redis confirms the removal subscription again (here after a restart
+// that kept its data), the pool is compared with Redis: a sandbox whose
+// record still names it is not probed. Where Redis fails that read, the
+// pooled sandboxes are rechecked: the pair's next Acquire probes.
+func TestRedisResubscriptionRechecksWhatRedisCannotVouchFor(t *testing.T) {
+	c := newMiniCluster(t)
+	fault := &failPipelines{}
+	m := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Redis = c.client(t, fault) })
+	id := acquireID(t, m, "u", "p")
+	c.waitSubscribers(t, 1)
+	restart := func(n int64) {
+		c.mr.Close()
+		require.NoError(t, c.mr.Restart())
+		require.Eventually(t, func() bool { return m.Stats().Resubscribed == n }, 5*time.Second, 5*time.Millisecond, "subscribed again")
+	}
+
+	probes := m.Stats().HealthChecks
+	restart(1)
+	require.Never(t, func() bool {
+		return acquireID(t, m, "u", "p") != id || m.Stats().HealthChecks != probes
+	}, 300*time.Millisecond, 10*time.Millisecond, "a sandbox Redis still names was probed")
+
+	fault.on.Store(true)
+	restart(2)
+	require.Eventually(t, func() bool {
+		return acquireID(t, m, "u", "p") == id && m.Stats().HealthChecks > probes
+	}, 5*time.Second, 10*time.Millisecond, "a sandbox Redis could not vouch for was handed out unprobed")
+}
