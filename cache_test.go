@@ -1283,12 +1283,12 @@ func TestRedisResubscriptionRechecksWhatRedisCannotVouchFor(t *testing.T) {
 	probes := m.Stats().HealthChecks
 	restart(1)
 	require.Never(t, func() bool {
-		return acquireID(t, m, "u", "p") != id || m.Stats().HealthChecks != probes
+		return servedID(m, "u", "p") != id || m.Stats().HealthChecks != probes
 	}, 300*time.Millisecond, 10*time.Millisecond, "a sandbox Redis still names was probed")
 
 	fault.on.Store(true)
 	restart(2)
 	require.Eventually(t, func() bool {
-		return acquireID(t, m, "u", "p") == id && m.Stats().HealthChecks > probes
+		return servedID(m, "u", "p") == id && m.Stats().HealthChecks > probes
 	}, 5*time.Second, 10*time.Millisecond, "a sandbox Redis could not vouch for was handed out unprobed")
 }
