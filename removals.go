@@ -57,8 +57,10 @@ type unannounced struct {
 	q  []removal
 }
 
-// keepRemoval keeps r for flushRemovals.
+// keepRemoval keeps r for flushRemovals, with its own copy of the ids (a
+// caller's may share a larger string, such as a request's body).
 func (m *Manager) keepRemoval(r removal) {
+	r.k = r.k.clone()
 	m.unannounced.mu.Lock()
 	defer m.unannounced.mu.Unlock()
 	if len(m.unannounced.q) >= maxUnannounced {
