@@ -118,6 +118,16 @@ func (c *cluster) client(t *testing.T, hooks ...redis.Hook) *redis.Client {
 	return rdb
 }
 
+// sharing builds two instances that both hold the pair ("u", "p")'s one
+// sandbox, id.
+func (c *cluster) sharing(t *testing.T) (a, b *sandboxpool.Manager, id string) {
+	t.Helper()
+	a, b = c.instance(t), c.instance(t)
+	id = acquireID(t, a, "u", "p")
+	require.Equal(t, id, acquireID(t, b, "u", "p"))
+	return a, b, id
+}
+
 func (c *cluster) advance(d time.Duration) {
 	c.clock.Advance(d)
 	if c.mr != nil {
@@ -486,9 +496,7 @@ func TestRedisMaxAgeNeverKillsAnotherInstancesLease(t *testing.T) {
 // kill a sandbox another instance keeps using.
 func TestRedisIdleClockSharedAcrossInstances(t *testing.T) {
 	c := newMiniCluster(t)
-	a, b := c.instance(t), c.instance(t)
-	id := acquireID(t, a, "u", "p")
-	require.Equal(t, id, acquireID(t, b, "u", "p"))
+	a, b, id := c.sharing(t)
 	for range 4 { // b uses it every 2 min; a never does
 		c.advance(2 * time.Minute)
 		require.Equal(t, id, acquireID(t, b, "u", "p"))
@@ -926,9 +934,7 @@ func (c *cluster) waitSubscribers(t *testing.T, n int64) {
 func TestRedisRemoveForgetsOnEveryInstance(t *testing.T) {
 	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
 		c := newCluster(t)
-		a, b := c.instance(t), c.instance(t)
-		id := acquireID(t, a, "u", "p")
-		require.Equal(t, id, acquireID(t, b, "u", "p"))
+		a, b, id := c.sharing(t)
 		c.waitSubscribers(t, 2)
 		require.NoError(t, a.Remove(context.Background(), "u", "p"))
 		require.Eventually(t, func() bool { return b.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,

@@ -217,9 +217,7 @@ func TestE2BHungSandboxIsReplaced(t *testing.T) {
 func TestRedisHungSandboxIsReplacedOnce(t *testing.T) {
 	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
 		c := newCluster(t)
-		a, b := c.instance(t), c.instance(t)
-		id := acquireID(t, a, "u", "p")
-		require.Equal(t, id, acquireID(t, b, "u", "p"))
+		a, b, id := c.sharing(t)
 		c.p.Hang(id)
 		c.advance(sandboxpool.DefaultHealthCheckAfter)
 		for _, m := range []*sandboxpool.Manager{a, b} {
