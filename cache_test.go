@@ -1048,6 +1048,50 @@ func TestRedisRemoveWithoutPubSubPermission(t *testing.T) {
 	assert.Equal(t, 5, strings.Count(logs.String(), "announcing a removal to other instances failed"))
 }
 
+// A Manager closed before its background probe made a removal Redis did
+// not answer makes it in Close, if Redis answers by then: the record does
+// not outlive the removal, and the other instances forget the sandbox at
+// once instead of at their next probe. If Redis still does not answer,
+// Close returns all the same, and says what it could not announce.
+func TestCloseMakesTheRemovalsRedisDidNotAnswer(t *testing.T) {
+	var logs syncBuffer
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) {
+		sandboxpool.SlowRedisProbe(cfg, time.Hour) // no flush but Close's
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	other, m := c.instance(t), c.instance(t)
+	id := acquireID(t, m, "u", "p")
+	require.Equal(t, id, acquireID(t, other, "u", "p"))
+	c.waitSubscribers(t, 2)
+	removeUnanswered := func(project string) {
+		t.Helper()
+		c.mr.Close()
+		require.ErrorIs(t, m.Remove(context.Background(), "u", project), sandboxpool.ErrUnavailable)
+		require.NoError(t, c.mr.Restart())
+	}
+
+	removeUnanswered("p")
+	require.EqualValues(t, 1, m.Stats().UnannouncedRemovals)
+	require.Eventually(t, func() bool { return other.Stats().Resubscribed == 1 }, 5*time.Second, 5*time.Millisecond)
+	require.Equal(t, id, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "Redis did not answer the Remove")
+	require.NoError(t, m.Close(context.Background()))
+	assert.Zero(t, m.Stats().UnannouncedRemovals)
+	assert.Empty(t, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the record outlived the removal")
+	require.Eventually(t, func() bool { return other.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+		"the other instance was not told of the removal")
+	assert.NotContains(t, logs.String(), "not announced")
+
+	// Redis does not answer Close either: the removal is reported.
+	m = c.instance(t)
+	acquireID(t, m, "u", "q")
+	removeUnanswered("q")
+	c.mr.Close()
+	require.NoError(t, m.Close(context.Background()))
+	assert.EqualValues(t, 1, m.Stats().UnannouncedRemovals)
+	assert.Contains(t, logs.String(), "removals not announced")
+	assert.Contains(t, logs.String(), "removals=1")
+}
+
 // syncBuffer is a bytes.Buffer safe for a logger and a test to share.
 type syncBuffer struct {
 	mu sync.Mutex

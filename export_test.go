@@ -61,6 +61,10 @@ func FastRedisRecovery(cfg *Config, d time.Duration) {
 	cfg.breakerCooldown, cfg.probeInterval, cfg.removalPingAfter = d, d, d
 }
 
+// SlowRedisProbe sets how often the background probe runs, which makes the
+// removals Redis did not answer.
+func SlowRedisProbe(cfg *Config, every time.Duration) { cfg.probeInterval = every }
+
 // EffectiveConfig returns the Config a Manager runs with: defaults filled,
 // durations capped.
 func EffectiveConfig(m *Manager) Config { return m.cfg }

@@ -770,7 +770,7 @@ func (m *Manager) park(sh *shard, s *slot) {
 // other instances, which forget them at once. If Redis does not answer, it
 // still kills what it finds, and returns an error wrapping ErrUnavailable:
 // the deletion of the pair's record and the announcement are made once
-// Redis answers this instance again. Removing a pair that has no sandbox
+// Redis answers this instance again, at the latest by Close. Removing a pair that has no sandbox
 // is not an error. With a ctx that has already ended, Remove
 // returns its error and changes nothing.
 func (m *Manager) Remove(ctx context.Context, user, project string) error {
@@ -1004,6 +1004,13 @@ func (m *Manager) forgetLocal(s *slot) {
 // ErrClosed, and Close still waits for them to return). Sandboxes are left
 // running: their provider deadlines reap them, or a new Manager reuses them.
 //
+// Once background work has stopped, Close makes the removals Redis did not
+// answer (Stats.UnannouncedRemovals), if Redis answers now, within ctx and
+// at most closeFlushTimeout: it deletes their records and announces them,
+// so that the other instances forget those sandboxes at once. What Redis
+// still does not answer is logged, and stays counted in Stats: the other
+// instances find those sandboxes gone at their next probe.
+//
 // Close may be called more than once, from any goroutine (a signal handler
 // and a deferred Close, say): every call returns only once background work
 // has stopped, as the first does, and returns nil unless its own ctx ended
@@ -1024,6 +1031,9 @@ func (m *Manager) Close(ctx context.Context) error {
 		err = fmt.Errorf("sandboxpool: close: background work cancelled: %w", context.Cause(ctx))
 		m.cancel()
 		<-m.stopped
+	}
+	if err == nil {
+		m.flushAtClose(ctx)
 	}
 	m.cancel()
 	return err
