@@ -101,6 +101,11 @@ type store struct {
 	// silent.
 	born  time.Time
 	heard atomic.Int64
+	// closed is set by Close once background work has stopped: its last
+	// try at what waits for Redis (see settleAtClose) is one bounded try
+	// with nothing left to protect, so it does not wait out an open
+	// breaker's cooldown.
+	closed atomic.Bool
 }
 
 // silent reports whether Redis has answered no call for RedisTimeout. The
@@ -147,13 +152,18 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	// as soon as it opens, as calls arriving then do, instead of taking
 	// RedisTimeout each.
 	err := st.bounded(ctx, func(call context.Context) error {
-		_, err := st.cb.Execute(func() (struct{}, error) {
+		run := func() (struct{}, error) {
 			err := endedBy(ctx, fn(call))
 			if heardFrom(err) {
 				st.heard.Store(int64(time.Since(st.born)))
 			}
 			return struct{}{}, err
-		})
+		}
+		if st.closed.Load() {
+			_, err := run()
+			return err
+		}
+		_, err := st.cb.Execute(run)
 		return err
 	})
 	switch {
@@ -244,6 +254,40 @@ func (m *Manager) probeLoop(interval time.Duration) {
 			m.flushRemovals(ctx)
 		}
 		cancel()
+	}
+}
+
+// settleTimeout bounds Close's last try at what waits for Redis: a Redis
+// that stalls costs a shutdown RedisTimeout (each step stops at its first
+// failure), and a long backlog cannot hold it past this.
+const settleTimeout = visitTimeout
+
+// settleAtClose is Close's last try at what waits for Redis, once
+// background work (probeLoop among it) has stopped, past an open breaker
+// if Redis answers a ping: it publishes the sandboxes created while Redis
+// was down, so that another instance reuses them instead of creating new
+// ones, and makes the removals Redis did not answer. What is left is
+// logged.
+func (m *Manager) settleAtClose(ctx context.Context) {
+	if m.store == nil || (!m.hasUnpublished() && !m.hasUnannounced()) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, settleTimeout)
+	defer cancel()
+	m.store.closed.Store(true)
+	if m.store.ping(ctx) == nil {
+		m.reconcile(ctx)
+		m.flushRemovals(ctx)
+	}
+	m.unpubMu.Lock()
+	unpublished := len(m.unpublished)
+	m.unpubMu.Unlock()
+	m.unannounced.mu.Lock()
+	unannounced := len(m.unannounced.q)
+	m.unannounced.mu.Unlock()
+	if unpublished > 0 || unannounced > 0 {
+		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: close: Redis did not answer; other instances cannot reuse the sandboxes created while it was down, and find those removed gone only at their next probe",
+			slog.Int("unpublished", unpublished), slog.Int("removals", unannounced))
 	}
 }
 

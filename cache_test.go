@@ -1079,7 +1079,7 @@ func TestCloseMakesTheRemovalsRedisDidNotAnswer(t *testing.T) {
 	assert.Empty(t, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the record outlived the removal")
 	require.Eventually(t, func() bool { return other.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
 		"the other instance was not told of the removal")
-	assert.NotContains(t, logs.String(), "not announced")
+	assert.NotContains(t, logs.String(), "close: Redis did not answer")
 
 	// Redis does not answer Close either: the removal is reported.
 	m = c.instance(t)
@@ -1088,8 +1088,45 @@ func TestCloseMakesTheRemovalsRedisDidNotAnswer(t *testing.T) {
 	c.mr.Close()
 	require.NoError(t, m.Close(context.Background()))
 	assert.EqualValues(t, 1, m.Stats().UnannouncedRemovals)
-	assert.Contains(t, logs.String(), "removals not announced")
-	assert.Contains(t, logs.String(), "removals=1")
+	assert.Contains(t, logs.String(), "close: Redis did not answer")
+	assert.Contains(t, logs.String(), "unpublished=0 removals=1")
+}
+
+// A Manager closed before its background probe published the sandboxes it
+// created while Redis was down publishes them in Close, if Redis answers
+// by then: another instance reuses such a sandbox (and what the user left
+// in it) instead of creating a new one. Before, it was left running,
+// known to no one, until its provider deadline.
+func TestClosePublishesTheSandboxesCreatedWhileRedisWasDown(t *testing.T) {
+	var logs syncBuffer
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) {
+		sandboxpool.SlowRedisProbe(cfg, time.Hour) // no publication but Close's
+		cfg.MaxSandboxes = 10                      // quota places kept in Redis
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	a, b := c.instance(t), c.instance(t)
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	cold := acquireID(t, a, "u", "cold")
+	require.EqualValues(t, 1, a.Stats().DegradedCreates)
+	c.mr.SetError("")
+	require.Empty(t, c.hget(t, "sandboxpool:{u:cold}:sbx", "id"), "not published before Close")
+
+	require.NoError(t, a.Close(context.Background()))
+	assert.Equal(t, cold, c.hget(t, "sandboxpool:{u:cold}:sbx", "id"))
+	places, err := c.rdb.ZRange(context.Background(), "sandboxpool:live", 0, -1).Result()
+	require.NoError(t, err)
+	assert.Contains(t, places, "u:cold", "with its quota place")
+	assert.Equal(t, cold, acquireID(t, b, "u", "cold"), "another instance reuses it")
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+	assert.NotContains(t, logs.String(), "close: Redis did not answer")
+
+	// Redis does not answer Close either: the sandbox is reported.
+	a = c.instance(t)
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	acquireID(t, a, "u", "colder")
+	c.mr.Close()
+	require.NoError(t, a.Close(context.Background()))
+	assert.Contains(t, logs.String(), "unpublished=1 removals=0")
 }
 
 // syncBuffer is a bytes.Buffer safe for a logger and a test to share.

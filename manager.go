@@ -1004,12 +1004,13 @@ func (m *Manager) forgetLocal(s *slot) {
 // ErrClosed, and Close still waits for them to return). Sandboxes are left
 // running: their provider deadlines reap them, or a new Manager reuses them.
 //
-// Once background work has stopped, Close makes the removals Redis did not
-// answer (Stats.UnannouncedRemovals), if Redis answers now, within ctx and
-// at most closeFlushTimeout: it deletes their records and announces them,
-// so that the other instances forget those sandboxes at once. What Redis
-// still does not answer is logged, and stays counted in Stats: the other
-// instances find those sandboxes gone at their next probe.
+// Once background work has stopped, Close makes one last try, within ctx
+// and at most settleTimeout, at what waits for Redis to answer: it
+// publishes the sandboxes created while Redis was down, so that another
+// instance reuses them instead of creating new ones, and makes the
+// removals Redis did not answer (Stats.UnannouncedRemovals): it deletes
+// their records and announces them, so that the other instances forget
+// those sandboxes at once. What Redis still does not answer is logged.
 //
 // Close may be called more than once, from any goroutine (a signal handler
 // and a deferred Close, say): every call returns only once background work
@@ -1033,7 +1034,7 @@ func (m *Manager) Close(ctx context.Context) error {
 		<-m.stopped
 	}
 	if err == nil {
-		m.flushAtClose(ctx)
+		m.settleAtClose(ctx)
 	}
 	m.cancel()
 	return err

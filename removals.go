@@ -100,30 +100,6 @@ func (m *Manager) flushRemovals(ctx context.Context) {
 	}
 }
 
-// closeFlushTimeout bounds Close's last try at the removals Redis did not
-// answer: a Redis that stalls costs a shutdown RedisTimeout (the flush
-// stops at the first failure), and a long queue cannot hold it past this.
-const closeFlushTimeout = visitTimeout
-
-// flushAtClose is Close's last try at the removals Redis did not answer,
-// once background work (probeLoop's flush among it) has stopped. What is
-// left is logged, and stays counted in Stats.
-func (m *Manager) flushAtClose(ctx context.Context) {
-	if !m.hasUnannounced() {
-		return
-	}
-	ctx, cancel := context.WithTimeout(ctx, closeFlushTimeout)
-	defer cancel()
-	m.flushRemovals(ctx)
-	m.unannounced.mu.Lock()
-	left := len(m.unannounced.q)
-	m.unannounced.mu.Unlock()
-	if left > 0 {
-		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: close: Redis did not answer; removals not announced, other instances find those sandboxes gone at their next probe",
-			slog.Int("removals", left))
-	}
-}
-
 // makeRemoval deletes r's records and announces r.
 func (m *Manager) makeRemoval(ctx context.Context, r removal) error {
 	for _, id := range r.ids {
