@@ -770,9 +770,9 @@ func (m *Manager) park(sh *shard, s *slot) {
 // other instances, which forget them at once. If Redis does not answer, it
 // still kills what it finds, and returns an error wrapping ErrUnavailable:
 // the deletion of the pair's record and the announcement are made once
-// Redis answers this instance again, at the latest by Close. Removing a pair that has no sandbox
-// is not an error. With a ctx that has already ended, Remove
-// returns its error and changes nothing.
+// Redis answers this instance again, or by Close if Redis answers then.
+// Removing a pair that has no sandbox is not an error. With a ctx that has
+// already ended, Remove returns its error and changes nothing.
 func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	if m.closed.Load() {
 		return ErrClosed
