@@ -309,6 +309,31 @@ func TestAdmissionPlacesArePairs(t *testing.T) {
 	assert.Empty(t, none.places, "no quota, no map")
 }
 
+// The in-process create limiter (memory-only, or Redis down) keeps a
+// user's entry only while it restricts that user: a stream of distinct
+// users does not grow it for ever (the audit's "dictionary that grows
+// forever", for rate limits), and the sweep never frees a user it still
+// restricts.
+func TestCreateLimiterForgetsUsersItNoLongerRestricts(t *testing.T) {
+	a := newAdmission(Config{CreateLimit: RateLimit{Rate: 1, Burst: 1, Per: time.Second}})
+	const users, step = 100_000, int64(10 * time.Millisecond) // about 100 users restricted at any time
+	now, peak := int64(0), 0
+	for i := range users {
+		if err := a.reserve(pairKey{fmt.Sprint("u", i), "p"}, now, true); err != nil {
+			t.Fatalf("user %d, never seen before, refused: %v", i, err)
+		}
+		peak = max(peak, len(a.tat))
+		// The user before last second's, whatever sweep ran since, is
+		// still restricted (a refusal changes nothing).
+		if i >= 99 && !errors.Is(a.reserve(pairKey{fmt.Sprint("u", i-99), "q"}, now, true), ErrRateLimited) {
+			t.Fatalf("user %d, still restricted, was swept", i-99)
+		}
+		now += step
+	}
+	assert.LessOrEqual(t, peak, minSweep, "entries outlived the limits they kept")
+	require.NoError(t, a.reserve(pairKey{fmt.Sprint("u", users-101), "q"}, now, true), "a user no longer restricted")
+}
+
 // Removals kept while Redis does not answer are bounded: past
 // maxUnannounced the oldest go (the audit's "dictionary that grows
 // forever"), and a flush that fails part-way keeps the rest, in order,
