@@ -225,6 +225,32 @@ type acquireResult struct {
 	err error
 }
 
+// A create that outlasts LockTTL keeps the pair's lock, which it refreshes
+// every LockTTL/3: another instance asking for the pair meanwhile waits for
+// it and reuses its sandbox, instead of taking the lock once LockTTL has
+// passed and creating a second. Real Redis expires the lock on its own
+// clock. Before this test, no create outlasted its lock's first refresh.
+func TestRealRedisCreateOutlastingLockTTLKeepsItsLock(t *testing.T) {
+	const ttl = 450 * time.Millisecond // refreshed every 150 ms
+	c := newRealCluster(t, func(cfg *sandboxpool.Config) { cfg.LockTTL = ttl })
+	a, b := c.instance(t), c.instance(t)
+	c.p.SetLatency(fp.OpCreate, 5*ttl)
+	first := acquireAsync(a, "u", "p")
+	require.Eventually(t, func() bool { return c.p.Calls(fp.OpCreate) == 1 }, 5*time.Second, time.Millisecond)
+	time.Sleep(2 * ttl) // the lock would have expired twice over unrefreshed
+	left, err := c.rdb.PTTL(context.Background(), "sandboxpool:{u:p}:lock").Result()
+	require.NoError(t, err)
+	assert.Positive(t, left, "the create's lock expired while it ran")
+	second := acquireAsync(b, "u", "p")
+
+	ra, rb := result(t, first), result(t, second)
+	require.NoError(t, ra.err)
+	require.NoError(t, rb.err)
+	assert.Equal(t, ra.id, rb.id, "the other instance made its own sandbox")
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+	assert.Zero(t, a.Stats().LockLost)
+}
+
 // A creator whose lock expired (stalled past LockTTL) cannot publish: it
 // kills its own sandbox and adopts the winner's.
 func TestRedisStalledLockHolderCannotPublish(t *testing.T) {
