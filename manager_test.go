@@ -298,6 +298,41 @@ func TestRemove(t *testing.T) {
 	require.ErrorIs(t, e.m.Remove(context.Background(), "bad:user", "p"), sandboxpool.ErrInvalidID)
 }
 
+// Remove waits for an Acquire of the pair in flight, then removes what it
+// made: a create that finished just after Remove looked would otherwise
+// leave the pair a sandbox Remove never saw. A Remove whose ctx ends while
+// it waits returns its error and changes nothing.
+func TestRemoveWaitsForAnAcquireInFlight(t *testing.T) {
+	e := newEnv(t)
+	e.p.SetLatency(fp.OpCreate, 300*time.Millisecond)
+	acquired := make(chan string, 1)
+	go func() {
+		l, err := e.m.Acquire(context.Background(), "u", "p")
+		if err != nil {
+			acquired <- err.Error()
+			return
+		}
+		acquired <- l.Sandbox().ID
+		l.Release()
+	}()
+	require.Eventually(t, func() bool { return e.p.Calls(fp.OpCreate) == 1 }, 5*time.Second, time.Millisecond)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, e.m.Remove(ctx, "u", "p"), context.DeadlineExceeded, "its ctx ended while it waited")
+	assert.EqualValues(t, 0, e.p.Calls(fp.OpKill), "a Remove cut short killed something")
+
+	require.NoError(t, e.m.Remove(context.Background(), "u", "p"))
+	killed := e.p.Killed()
+	require.Len(t, killed, 1, "the sandbox the Acquire in flight made outlived the Remove")
+	// The Acquire leased the sandbox before the Remove (which killed it
+	// all the same), or found it removed and made a new one.
+	if got := <-acquired; got != killed[0] {
+		assert.Equal(t, []string{got}, e.p.Alive())
+	}
+	require.Eventually(t, func() bool { return e.m.Stats().KeyLocks == 0 }, 5*time.Second, time.Millisecond, "a flight reference was kept")
+}
+
 // Remove with a context that has already ended changes nothing: before, it
 // took the pair out of memory, failed to kill its sandbox, and left Redis
 // naming a sandbox this instance had let go.
