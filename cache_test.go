@@ -579,6 +579,24 @@ func TestRedisDownDegradesAndRecovers(t *testing.T) {
 		"the outage's sandbox is published on recovery")
 }
 
+// An idle sandbox whose pair Redis cannot answer for (it is down) is
+// dropped from memory but not killed: another instance may be using it,
+// and only Redis's idle clock could say. Its provider deadline, which only
+// a keepalive pushes, reaps it if nobody uses it.
+func TestRedisDownIdleEvictionForgetsWithoutKilling(t *testing.T) {
+	c := newMiniCluster(t)
+	m := c.instance(t)
+	id := acquireID(t, m, "u", "p")
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	c.advance(5*time.Minute + time.Second) // past IdleTimeout
+	m.ReapNow()
+	st := m.Stats()
+	assert.Zero(t, st.Active)
+	assert.EqualValues(t, 1, st.Evictions)
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill), "killed a sandbox another instance may lease")
+	assert.NotContains(t, c.p.Killed(), id)
+}
+
 // A Remove while Redis is down kills the pair's sandbox and says that
 // Redis failed as ErrUnavailable, which a service answers with 503 and a
 // retry finishes; before, it was an unclassified error (500 in the example

@@ -2,6 +2,7 @@ package sandboxpool_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"testing"
@@ -62,6 +63,27 @@ func TestUseExtendsDeadline(t *testing.T) {
 	assert.Positive(t, e.m.Stats().Touches)
 	assert.EqualValues(t, 0, e.p.Calls(fp.OpConnect), "touches are SetTimeout only")
 	assert.EqualValues(t, 4, e.p.Calls(fp.OpCheck), "one probe per use older than HealthCheckAfter")
+}
+
+// A keepalive the provider fails with anything but a definitive not-found
+// (a 503, a timeout) keeps the sandbox and is tried again at the next tick
+// until one succeeds: a lease never loses its sandbox to a blip, and its
+// deadline is pushed before it passes.
+func TestFailedKeepaliveIsRetriedAtTheNextTick(t *testing.T) {
+	e := newEnv(t)
+	l := e.acquire(t, "u", "p")
+	defer l.Release()
+	id := l.Sandbox().ID
+	first, _ := e.p.Deadline(id)
+	blip := errors.New("fake: 503 Service Unavailable")
+	e.p.FailNext(fp.OpSetTimeout, blip, blip)
+	e.run(4 * time.Minute) // past the first keepalive (IdleTimeout/2 before the deadline), short of the deadline
+	assert.EqualValues(t, 3, e.p.Calls(fp.OpSetTimeout), "two failures, then the keepalive that held")
+	dl, ok := e.p.Deadline(id)
+	require.True(t, ok, "the provider reaped a leased sandbox")
+	assert.True(t, dl.After(first), "the deadline was never pushed")
+	assert.EqualValues(t, 0, e.p.Calls(fp.OpKill))
+	assert.EqualValues(t, 1, e.m.Stats().Active)
 }
 
 // Guarantee 4: a leased sandbox is never reaped for idleness, and its
