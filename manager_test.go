@@ -280,6 +280,44 @@ func TestAdoptAfterRestart(t *testing.T) {
 	assert.NotEqual(t, id, l3.Sandbox().ID)
 }
 
+// Among several sandboxes of the pair left by earlier processes, a Manager
+// without Redis adopts the newest, kills the other ones young enough to be
+// handed out (leftovers of an earlier process, with nobody to share them),
+// and leaves one past MaxAge to its provider deadline (it may still be
+// leased). A reconnect that fails ambiguously creates nothing and adopts
+// nothing (fail closed); one that finds the newest gone adopts the next.
+func TestAdoptsTheNewestLeftoverAndKillsTheOthers(t *testing.T) {
+	e := newEnv(t)
+	meta := map[string]string{sandboxpool.MetaNamespace: "sandboxpool", sandboxpool.MetaUser: "u", sandboxpool.MetaProject: "p"}
+	leave := func(age time.Duration) string { // a sandbox of the pair made age ago
+		t.Helper()
+		sb, err := e.p.Create(context.Background(), sandboxpool.CreateRequest{Template: "base", Timeout: time.Hour, Metadata: meta})
+		require.NoError(t, err)
+		e.clock.Advance(age)
+		return sb.ID
+	}
+	expired := leave(10 * time.Minute) // 16 minutes old: past MaxAge
+	older := leave(5 * time.Minute)
+	newer := leave(30 * time.Second)
+	leave(30 * time.Second) // the newest, which the provider will report gone
+
+	blip := errors.New("fake: 503 Service Unavailable")
+	e.p.FailNext(fp.OpConnect, blip)
+	_, err := e.m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, blip)
+	assert.Empty(t, e.p.Killed(), "an ambiguous answer killed something")
+
+	e.p.FailNext(fp.OpConnect, fmt.Errorf("fake: %w", sandboxpool.ErrSandboxNotFound))
+	l := e.acquire(t, "u", "p")
+	defer l.Release()
+	assert.Equal(t, newer, l.Sandbox().ID, "the newest that answers")
+	assert.EqualValues(t, 3, e.p.Calls(fp.OpConnect), "failed, gone, adopted")
+	assert.Equal(t, sandboxpool.OutcomeCacheHit, l.Outcome())
+	assert.Equal(t, []string{older}, e.p.Killed())
+	assert.Contains(t, e.p.Alive(), expired, "one past MaxAge is left to its deadline")
+	assert.EqualValues(t, 4, e.p.Calls(fp.OpCreate), "the test's own four: the Manager created none")
+}
+
 func TestRemove(t *testing.T) {
 	e := newEnv(t)
 	l := e.acquire(t, "u", "p")
