@@ -1278,6 +1278,32 @@ func (h *faultHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	}
 }
 
+// A create whose publish Redis fails (after the sandbox was made) keeps the
+// sandbox and hands it out: killing it would only make the caller wait for
+// another. It is published once Redis answers the background probe, and
+// another instance then reuses it.
+func TestRedisPublishFailingAfterTheCreateKeepsTheSandboxAndPublishesItLater(t *testing.T) {
+	const sbxKey = "sandboxpool:{u:p}:sbx"
+	cl := newMiniCluster(t)
+	var failed atomic.Bool
+	hook := &faultHook{key: sbxKey, fate: func(_ int, cmd redis.Cmder) fate {
+		if n := cmd.Name(); (n == "evalsha" || n == "eval") && failed.CompareAndSwap(false, true) {
+			return fail // the first script on the record: the publish
+		}
+		return pass
+	}}
+	m := cl.instance(t, func(cfg *sandboxpool.Config) { cfg.Redis = cl.client(t, hook) })
+	id := acquireID(t, m, "u", "p")
+	require.True(t, failed.Load(), "no publish was failed")
+	assert.Equal(t, []string{id}, cl.p.Alive(), "the sandbox made is kept")
+	assert.EqualValues(t, 0, m.Stats().DegradedCreates, "made under the lock")
+
+	require.Eventually(t, func() bool { return cl.mr.HGet(sbxKey, "id") == id }, 5*time.Second, 5*time.Millisecond,
+		"never published once Redis answered")
+	assert.Equal(t, id, acquireID(t, cl.instance(t), "u", "p"), "another instance reuses it")
+	assert.EqualValues(t, 1, cl.p.Calls(fp.OpCreate))
+}
+
 // A Redis call on the create path that fails while Redis answers the
 // others is no outage: the create is tried again under the lock, never
 // made without it. Before, one such failure made the pair a sandbox
