@@ -1278,6 +1278,32 @@ func (h *faultHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	}
 }
 
+// An instance that finds the pair's record within a moment of MaxAge does
+// not reconnect to it (it would be retired at once, and never handed out
+// again): it deletes the record and makes the pair a new sandbox, while the
+// instance that leases the old one keeps its lease.
+func TestRedisRecordAtMaxAgeIsNotReconnected(t *testing.T) {
+	const sbxKey = "sandboxpool:{u:p}:sbx"
+	c := newMiniCluster(t)
+	a, b := c.instance(t), c.instance(t)
+	l, err := a.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer l.Release()
+	old := l.Sandbox().ID
+	for range 29 { // 14 min 30 s, the lease's keepalives keeping the record
+		c.advance(30 * time.Second)
+		a.ReapNow()
+	}
+	c.advance(29 * time.Second) // a second short of MaxAge
+	require.Equal(t, old, c.mr.HGet(sbxKey, "id"))
+
+	fresh := acquireID(t, b, "u", "p")
+	assert.NotEqual(t, old, fresh, "handed out a sandbox a second from MaxAge")
+	assert.Zero(t, b.Stats().Reconnects)
+	assert.Equal(t, fresh, c.mr.HGet(sbxKey, "id"))
+	assert.Contains(t, c.p.Alive(), old, "the lease on the old one was cut")
+}
+
 // A create whose publish Redis fails (after the sandbox was made) keeps the
 // sandbox and hands it out: killing it would only make the caller wait for
 // another. It is published once Redis answers the background probe, and
