@@ -597,6 +597,32 @@ func TestRedisDownIdleEvictionForgetsWithoutKilling(t *testing.T) {
 	assert.NotContains(t, c.p.Killed(), id)
 }
 
+// Two instances that each made the pair a sandbox while Redis was down
+// converge once it answers: the background probe of one publishes its
+// sandbox, the other's finds Redis naming another, retires its own
+// (superseded, left to its provider deadline: another instance may have
+// adopted it) and serves the published one.
+func TestRedisOutageDuplicatesConvergeOnRecovery(t *testing.T) {
+	c := newMiniCluster(t)
+	a, b := c.instance(t), c.instance(t)
+	c.p.SetLatency(fp.OpCreate, 100*time.Millisecond) // neither finds the other's by metadata
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	ra, rb := acquireAsync(a, "u", "p"), acquireAsync(b, "u", "p")
+	ida, idb := result(t, ra), result(t, rb)
+	require.NoError(t, ida.err)
+	require.NoError(t, idb.err)
+	require.NotEqual(t, ida.id, idb.id, "no duplicate to converge")
+	c.mr.SetError("")
+
+	require.Eventually(t, func() bool {
+		return a.Stats().Superseded+b.Stats().Superseded == 1
+	}, 5*time.Second, 5*time.Millisecond, "neither retired its duplicate")
+	published := c.mr.HGet("sandboxpool:{u:p}:sbx", "id")
+	assert.Contains(t, []string{ida.id, idb.id}, published)
+	assert.Equal(t, published, servedID(a, "u", "p"))
+	assert.Equal(t, published, servedID(b, "u", "p"))
+}
+
 // A Remove while Redis is down kills the pair's sandbox and says that
 // Redis failed as ErrUnavailable, which a service answers with 503 and a
 // retry finishes; before, it was an unclassified error (500 in the example
