@@ -801,27 +801,39 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	}
 	var errs []error
 	var removed []string // the pair's sandboxes killed (or found already gone)
+	var pooled string    // the pooled sandbox, while its kill has failed
+	var poolErr error
 	if s := sh.get(k); s != nil && m.pool.detach(sh, s, stateDead, false) {
 		m.reaper.unschedule(s)
 		if err := m.kill(ctx, s); err != nil {
-			errs = append(errs, err)
+			pooled, poolErr = s.id, err
 		} else {
 			removed = append(removed, s.id)
 		}
 		m.forget(ctx, s)
 	}
 	// Sandboxes of the pair this process does not hold (another instance's,
-	// or an earlier process's) are found by metadata.
+	// or an earlier process's) are found by metadata: the pooled one too,
+	// if its kill failed, which is then tried again.
 	found, err := m.listPair(ctx, k)
 	if err != nil {
 		errs = append(errs, pairErr("list sandboxes", k, err))
 	}
 	for _, sb := range found {
+		if slices.Contains(removed, sb.ID) {
+			continue
+		}
 		if err := m.killID(ctx, sb.ID, "removed"); err != nil {
 			errs = append(errs, err)
 			continue
 		}
+		if sb.ID == pooled {
+			poolErr = nil
+		}
 		removed = append(removed, sb.ID)
+	}
+	if poolErr != nil {
+		errs = append(errs, poolErr)
 	}
 	// An Acquire that ran meanwhile may have pooled one of them here; other
 	// instances may hold them in memory, where a hit would hand them out

@@ -336,6 +336,42 @@ func TestRemove(t *testing.T) {
 	require.ErrorIs(t, e.m.Remove(context.Background(), "bad:user", "p"), sandboxpool.ErrInvalidID)
 }
 
+// A Remove the provider fails (its kill, or its listing of the pair's
+// other sandboxes) returns that error, and a retry finishes it: the
+// sandbox left running is found by metadata and killed. A failed kill of
+// the pooled sandbox is tried again once, when the listing finds it: if
+// that kill holds, Remove succeeds (before, it returned the first error
+// with the sandbox killed).
+func TestRemoveThatFailsIsFinishedByARetry(t *testing.T) {
+	e := newEnv(t)
+	blip := errors.New("fake: 503 Service Unavailable")
+	acquire := func() string {
+		l := e.acquire(t, "u", "p")
+		defer l.Release()
+		return l.Sandbox().ID
+	}
+
+	id := acquire()
+	e.p.FailNext(fp.OpKill, blip)
+	require.NoError(t, e.m.Remove(context.Background(), "u", "p"), "the second try of the kill held")
+	assert.Equal(t, []string{id}, e.p.Killed())
+	assert.EqualValues(t, 2, e.p.Calls(fp.OpKill))
+
+	for _, op := range []fp.Op{fp.OpKill, fp.OpList} {
+		id := acquire()
+		if op == fp.OpKill {
+			e.p.FailNext(op, blip, blip)
+		} else {
+			e.p.FailNext(op, blip)
+		}
+		require.ErrorIs(t, e.m.Remove(context.Background(), "u", "p"), blip, op)
+		assert.EqualValues(t, 0, e.m.Stats().Active, op)
+		require.NoError(t, e.m.Remove(context.Background(), "u", "p"), op)
+		assert.Empty(t, e.p.Alive(), op)
+		assert.Contains(t, e.p.Killed(), id, op)
+	}
+}
+
 // Remove waits for an Acquire of the pair in flight, then removes what it
 // made: a create that finished just after Remove looked would otherwise
 // leave the pair a sandbox Remove never saw. A Remove whose ctx ends while
