@@ -260,6 +260,41 @@ func TestCreateAnswerWithoutIDIsAnUnknownOutcome(t *testing.T) {
 	assert.EqualValues(t, 1, calls.Load())
 }
 
+// An answer with a success status whose body does not decode is an error,
+// never a not-found (the pool replaces a sandbox only on a definitive
+// not-found), and for a create an unknown outcome (the sandbox may exist).
+// The error does not quote the body, which may hold an access token.
+func TestUndecodableAnswersAreAmbiguous(t *testing.T) {
+	const body = `{"sandboxID": 42, "envdAccessToken": "tok_secret"`
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		if r.Method == http.MethodPost && r.URL.Path == "/sandboxes" {
+			w.WriteHeader(http.StatusCreated)
+		}
+		_, _ = w.Write([]byte(body))
+	}))
+	defer ts.Close()
+	cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL})
+	require.NoError(t, err)
+	defer cl.CloseIdleConnections()
+
+	_, err = cl.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.ErrorIs(t, err, e2b.ErrOutcomeUnknown, "create")
+	errs := []error{err}
+	_, err = cl.Connect(ctx, "isandbox", time.Minute)
+	errs = append(errs, err)
+	_, err = cl.Get(ctx, "isandbox")
+	errs = append(errs, err)
+	_, err = cl.List(ctx, map[string]string{"k": "v"})
+	errs = append(errs, err)
+	for i, err := range errs {
+		require.Error(t, err, i)
+		assert.NotErrorIs(t, err, e2b.ErrNotFound, i)
+		assert.Contains(t, err.Error(), "decoding", i)
+		assert.NotContains(t, err.Error(), "tok_secret", i)
+	}
+}
+
 // A Retry-After longer than MaxRetryWait is not waited out: the call returns
 // at once with the hint, however large the number the server sent.
 func TestRetryAfterBeyondMaxRetryWaitReturnsAtOnce(t *testing.T) {
