@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strconv"
 	"time"
 
@@ -98,19 +99,42 @@ var errCorruptRecord = errors.New("corrupt record")
 func (st *store) get(ctx context.Context, k pairKey) (rec record, ok bool, err error) {
 	err = st.do(ctx, func(ctx context.Context) error {
 		vals, err := st.rdb.HGetAll(ctx, st.sbxKey(k)).Result()
-		if err != nil || len(vals) == 0 || vals[fieldID] == "" {
+		if err != nil {
 			return err
 		}
-		rec.id, rec.template, ok = vals[fieldID], vals[fieldTemplate], true
-		c, err1 := strconv.ParseInt(vals[fieldCreated], 10, 64)
-		d, err2 := strconv.ParseInt(vals[fieldDeadline], 10, 64)
-		if err := errors.Join(err1, err2); err != nil {
+		if rec, ok, err = parseRecord(vals); err != nil {
 			return fmt.Errorf("%w %s: %w", errCorruptRecord, st.sbxKey(k), err)
 		}
-		rec.created, rec.deadline = msToNs(c), msToNs(d)
 		return nil
 	})
 	return rec, ok, err
+}
+
+// maxRecordMs is the latest time a record may hold, in unix ms: the
+// latest a unix-ns int64 can hold (the year 2262).
+const maxRecordMs = math.MaxInt64 / int64(time.Millisecond)
+
+// parseRecord reads a pair's record as HGETALL returns it; ok is false
+// for none (no id). Its times must be unix ms between 1970 and
+// maxRecordMs: anything else is no time this library wrote, and would
+// overflow as nanoseconds.
+func parseRecord(vals map[string]string) (rec record, ok bool, err error) {
+	if vals[fieldID] == "" {
+		return record{}, false, nil
+	}
+	ms := func(field string) int64 {
+		v, perr := strconv.ParseInt(vals[field], 10, 64)
+		if perr == nil && (v < 0 || v > maxRecordMs) {
+			perr = fmt.Errorf("%s %d out of range", field, v)
+		}
+		err = errors.Join(err, perr)
+		return v
+	}
+	created, deadline := ms(fieldCreated), ms(fieldDeadline)
+	if err != nil {
+		return record{}, false, err
+	}
+	return record{id: vals[fieldID], template: vals[fieldTemplate], created: msToNs(created), deadline: msToNs(deadline)}, true, nil
 }
 
 // recordIDs returns the sandbox each pair's record names ("" where there is
@@ -213,6 +237,10 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 		return nil, nil
 	}
 	now := m.clock.precise()
+	// A record made in this instance's future (another instance's clock
+	// ahead, or a hand edit) is timed from now: MaxAge is never stretched
+	// past now+MaxAge.
+	rec.created = min(rec.created, now)
 	if now+m.guard >= rec.created+int64(m.cfg.MaxAge) {
 		// Past MaxAge: not handed out again. Its holders retire it; the
 		// record makes way for a new sandbox.

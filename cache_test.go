@@ -251,6 +251,62 @@ func TestRealRedisCreateOutlastingLockTTLKeepsItsLock(t *testing.T) {
 	assert.Zero(t, a.Stats().LockLost)
 }
 
+// FuzzRecord: whatever another program (or a hand edit) leaves in a
+// pair's record, parsing it never panics, and the times of a record it
+// accepts are the unix ms written, as nanoseconds that did not overflow;
+// any time the Manager writes parses back to itself, to the millisecond.
+func FuzzRecord(f *testing.F) {
+	f.Add("1764000000000", "1764000300000", int64(1764000000123456789), int64(0))
+	f.Add("9223372036854", "9223372036855", int64(math.MaxInt64), int64(-1))
+	f.Add("-1", "", int64(1), int64(999999))
+	f.Add("1e3", " 5", int64(0), int64(math.MaxInt64))
+	f.Fuzz(func(t *testing.T, created, deadline string, ns1, ns2 int64) {
+		_, c, d, ok, err := sandboxpool.ParseRecord(map[string]string{"id": "i1", "created": created, "deadline": deadline})
+		if err == nil {
+			require.True(t, ok)
+			for raw, ns := range map[string]int64{created: c, deadline: d} {
+				ms, perr := strconv.ParseInt(raw, 10, 64)
+				require.NoError(t, perr, "accepted %q", raw)
+				require.GreaterOrEqual(t, ns, int64(0), "accepted %q", raw)
+				require.Equal(t, ms, ns/int64(time.Millisecond), "%q overflowed", raw)
+			}
+		}
+		if ns1 < 0 || ns2 < 0 {
+			return // no time the Manager keeps
+		}
+		written := map[string]string{"id": "i1",
+			"created": strconv.FormatInt(ns1/int64(time.Millisecond), 10), "deadline": strconv.FormatInt(ns2/int64(time.Millisecond), 10)}
+		_, c, d, ok, err = sandboxpool.ParseRecord(written)
+		require.NoError(t, err, "%v", written)
+		require.True(t, ok)
+		assert.Equal(t, ns1/int64(time.Millisecond), c/int64(time.Millisecond))
+		assert.Equal(t, ns2/int64(time.Millisecond), d/int64(time.Millisecond))
+	})
+}
+
+// A record whose creation time is in this instance's future (another
+// instance's clock far ahead, or a hand edit) is timed from now: the
+// sandbox is not handed out past now+MaxAge. Before, a record created a
+// year ahead kept its sandbox in service for a year and MaxAge.
+func TestRedisRecordFromTheFutureKeepsMaxAge(t *testing.T) {
+	c := newMiniCluster(t)
+	m := c.instance(t)
+	sb, err := c.p.Create(context.Background(), sandboxpool.CreateRequest{Template: "base", Timeout: time.Hour})
+	require.NoError(t, err)
+	now := c.clock.Now()
+	key := "sandboxpool:{u:p}:sbx"
+	require.NoError(t, c.rdb.HSet(context.Background(), key, "id", sb.ID, "tpl", "base",
+		"created", now.AddDate(1, 0, 0).UnixMilli(), "deadline", now.Add(5*time.Minute).UnixMilli()).Err())
+	require.Equal(t, sb.ID, acquireID(t, m, "u", "p"), "reconnected")
+
+	for range 31 { // 15 min 30 s of use every 30 s: past MaxAge
+		c.advance(30 * time.Second)
+		m.ReapNow()
+		acquireID(t, m, "u", "p")
+	}
+	assert.NotEqual(t, sb.ID, acquireID(t, m, "u", "p"), "handed out past MaxAge")
+}
+
 // A creator whose lock expired (stalled past LockTTL) cannot publish: it
 // kills its own sandbox and adopts the winner's.
 func TestRedisStalledLockHolderCannotPublish(t *testing.T) {

@@ -50,6 +50,13 @@ func ParseRemoval(msg string) (user, project string, ids []string, ok bool) {
 	return k.user, k.project, ids, ok
 }
 
+// ParseRecord exposes the parsing of a pair's Redis record to its fuzz
+// test: times in unix ns.
+func ParseRecord(vals map[string]string) (id string, created, deadline int64, ok bool, err error) {
+	rec, ok, err := parseRecord(vals)
+	return rec.id, rec.created, rec.deadline, ok, err
+}
+
 // ConfigFrom exposes the environment parser with an explicit source.
 func ConfigFrom(env map[string]string) (Config, error) {
 	return configFrom(func(k string) (string, bool) { v, ok := env[k]; return v, ok })
