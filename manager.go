@@ -627,13 +627,14 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 	sort.Slice(found, func(i, j int) bool { return found[i].CreatedAt.After(found[j].CreatedAt) })
 	now := m.clock.precise()
 	for i, sb := range found {
-		if now+m.guard >= sb.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
+		created := min(sb.CreatedAt.UnixNano(), now) // a provider clock ahead does not stretch MaxAge
+		if now+m.guard >= created+int64(m.cfg.MaxAge) {
 			// Past MaxAge: never handed out again. It may still be leased
 			// (here or elsewhere), so it is left to its holder and to its
 			// provider deadline, which is aligned with MaxAge.
 			continue
 		}
-		s, err := m.connect(ctx, k, sb.ID, sb.CreatedAt.UnixNano(), now)
+		s, err := m.connect(ctx, k, sb.ID, created, now)
 		if err == nil {
 			m.ctr.adopted.Add(1)
 			if m.store == nil { // alone: older duplicates are an earlier process's leftovers

@@ -318,6 +318,28 @@ func TestAdoptsTheNewestLeftoverAndKillsTheOthers(t *testing.T) {
 	assert.EqualValues(t, 4, e.p.Calls(fp.OpCreate), "the test's own four: the Manager created none")
 }
 
+// A leftover sandbox that the provider says was made in the future (its
+// clock ahead of this instance's) is timed from now when adopted: it is
+// not handed out past now+MaxAge.
+func TestAdoptedSandboxFromTheFutureKeepsMaxAge(t *testing.T) {
+	e := newEnv(t)
+	e.p.Now = func() time.Time { return e.clock.Now().AddDate(1, 0, 0) }
+	sb, err := e.p.Create(context.Background(), sandboxpool.CreateRequest{Template: "base", Timeout: time.Hour,
+		Metadata: map[string]string{sandboxpool.MetaNamespace: "sandboxpool", sandboxpool.MetaUser: "u", sandboxpool.MetaProject: "p"}})
+	require.NoError(t, err)
+	e.p.Now = e.clock.Now
+	l := e.acquire(t, "u", "p")
+	require.Equal(t, sb.ID, l.Sandbox().ID, "adopted")
+	l.Release()
+	for range 31 { // 15 min 30 s of use every 30 s: past MaxAge
+		e.run(30 * time.Second)
+		e.acquire(t, "u", "p").Release()
+	}
+	l = e.acquire(t, "u", "p")
+	defer l.Release()
+	assert.NotEqual(t, sb.ID, l.Sandbox().ID, "handed out past MaxAge")
+}
+
 func TestRemove(t *testing.T) {
 	e := newEnv(t)
 	l := e.acquire(t, "u", "p")
