@@ -824,14 +824,16 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 		if slices.Contains(removed, sb.ID) {
 			continue
 		}
-		if err := m.killID(ctx, sb.ID, "removed"); err != nil {
+		err := m.killID(ctx, sb.ID, "removed")
+		switch {
+		case sb.ID == pooled:
+			poolErr = err // the second try's answer is the one to report
+		case err != nil:
 			errs = append(errs, err)
-			continue
 		}
-		if sb.ID == pooled {
-			poolErr = nil
+		if err == nil {
+			removed = append(removed, sb.ID)
 		}
-		removed = append(removed, sb.ID)
 	}
 	if poolErr != nil {
 		errs = append(errs, poolErr)

@@ -386,7 +386,9 @@ func TestRemoveThatFailsIsFinishedByARetry(t *testing.T) {
 		} else {
 			e.p.FailNext(op, blip)
 		}
-		require.ErrorIs(t, e.m.Remove(context.Background(), "u", "p"), blip, op)
+		err := e.m.Remove(context.Background(), "u", "p")
+		require.ErrorIs(t, err, blip, op)
+		assert.Equal(t, 1, strings.Count(err.Error(), blip.Error()), "one error per failure left: %v", err)
 		assert.EqualValues(t, 0, e.m.Stats().Active, op)
 		require.NoError(t, e.m.Remove(context.Background(), "u", "p"), op)
 		assert.Empty(t, e.p.Alive(), op)
