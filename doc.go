@@ -43,9 +43,9 @@
 //     without the cross-instance lock (counted in Stats().DegradedCreates) or
 //     refused (Config.RefuseCreatesWhenDegraded). A background probe closes
 //     the breaker once Redis answers, publishes what was created meanwhile,
-//     and makes the removals it could not announce; once the removal
-//     subscription is confirmed again, every pooled sandbox whose Redis
-//     record no longer names it is rechecked.
+//     and makes the removals it could not announce (Close makes a last
+//     try at both); once the removal subscription is confirmed again, every
+//     pooled sandbox whose Redis record no longer names it is rechecked.
 //  10. Caller cancellation does not strand work: a create that has started
 //     finishes within Config.CreateTimeout and is kept for the next caller.
 //     A caller whose context has already ended starts nothing: Acquire
