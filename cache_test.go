@@ -314,7 +314,7 @@ func TestRedisStalledLockHolderCannotPublish(t *testing.T) {
 }
 
 func testStalledLockHolder(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
-	c := newCluster(t)
+	c := newCluster(t, func(cfg *sandboxpool.Config) { cfg.LockTTL = 600 * time.Millisecond }) // a refresh within the create
 	m := c.instance(t)
 	// The winner another instance will publish (created up front, under
 	// other metadata so that our listing cannot adopt it early).
@@ -334,6 +334,7 @@ func testStalledLockHolder(t *testing.T, newCluster func(*testing.T, ...func(*sa
 	assert.Equal(t, []string{winner.ID}, c.p.Alive(), "its own sandbox was killed")
 	assert.Equal(t, winner.ID, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "never overwrote the winner")
 	assert.EqualValues(t, 1, m.Stats().LockLost)
+	assert.Zero(t, m.Stats().RedisErrors, "a lock another instance holds is no Redis failure")
 }
 
 // A creator whose lock expired while the new holder found the creator's

@@ -117,8 +117,12 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 			case endedHere(err):
 				// Our own calls kept Redis busy, or the call outlasted the wait
 				// for the next tick: try again at that tick.
+			case errors.Is(err, redislock.ErrNotObtained):
+				// Lost (expired, and taken or not): Redis answered, and
+				// publish will find out (it checks the token; Stats.LockLost).
+				return
 			case err != nil:
-				// Lost or unreachable: publish will find out (it checks the token).
+				// Unreachable: publish will find out too.
 				m.ctr.redisErrors.Add(1)
 				return
 			}
