@@ -270,9 +270,6 @@ func (c *Config) validate() error {
 	if err := validateID("namespace", c.Namespace, maxNamespaceLen); err != nil {
 		bad("Namespace: %w", err)
 	}
-	if c.Template == "" {
-		bad("Template is empty")
-	}
 	for name, d := range map[string]time.Duration{
 		"IdleTimeout": c.IdleTimeout, "MaxAge": c.MaxAge, "ReapInterval": c.ReapInterval,
 		"CreateTimeout": c.CreateTimeout, "RedisTimeout": c.RedisTimeout, "LockTTL": c.LockTTL,
