@@ -629,11 +629,13 @@ func TestRedisDownDegradesAndRecovers(t *testing.T) {
 		acquireID(t, m, "u", fmt.Sprint("more", st.RedisErrors))
 	}
 	assert.True(t, m.Stats().RedisDegraded, "the breaker opened")
+	assert.EqualValues(t, 2, m.Stats().UnpublishedSandboxes, "u/cold and u/more…")
 
 	c.mr.SetError("")
 	require.Eventually(t, func() bool { return !m.Stats().RedisDegraded }, 5*time.Second, 5*time.Millisecond, "the probe closes the breaker with no traffic")
 	require.Eventually(t, func() bool { return c.mr.HGet("sandboxpool:{u:cold}:sbx", "id") == cold }, 5*time.Second, 5*time.Millisecond,
 		"the outage's sandbox is published on recovery")
+	require.Eventually(t, func() bool { return m.Stats().UnpublishedSandboxes == 0 }, 5*time.Second, 5*time.Millisecond)
 }
 
 // An idle sandbox whose pair Redis cannot answer for (it is down) is
@@ -1237,8 +1239,10 @@ func TestClosePublishesTheSandboxesCreatedWhileRedisWasDown(t *testing.T) {
 	require.EqualValues(t, 1, a.Stats().DegradedCreates)
 	c.mr.SetError("")
 	require.Empty(t, c.hget(t, "sandboxpool:{u:cold}:sbx", "id"), "not published before Close")
+	require.EqualValues(t, 1, a.Stats().UnpublishedSandboxes)
 
 	require.NoError(t, a.Close(context.Background()))
+	assert.Zero(t, a.Stats().UnpublishedSandboxes)
 	assert.Equal(t, cold, c.hget(t, "sandboxpool:{u:cold}:sbx", "id"))
 	places, err := c.rdb.ZRange(context.Background(), "sandboxpool:live", 0, -1).Result()
 	require.NoError(t, err)

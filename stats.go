@@ -26,7 +26,7 @@ type Stats struct {
 	QuotaRejected    int64 // creates refused by MaxSandboxes or MaxPerUser
 	RedisErrors      int64 // failed Redis calls
 	DegradedCreates  int64 // creates made without the Redis lock while Redis was down
-	LockLost         int64 // creates whose Redis lock was lost before publishing (sandbox killed)
+	LockLost         int64 // creates whose Redis lock was lost before publishing (the sandbox kept if it is the pair's, else killed)
 	Reconciled       int64 // creates with an unknown outcome whose sandbox was then found by metadata
 	Superseded       int64 // pooled sandboxes retired because Redis names another sandbox for the pair
 	Resubscribed     int64 // times Redis confirmed the removal subscription after a time without one (lost, or not confirmed at New); each rechecks the pooled sandboxes Redis no longer names
@@ -39,6 +39,11 @@ type Stats struct {
 	// UnannouncedRemovals are removals whose Redis calls got no answer,
 	// kept until Redis answers again (see Manager.Remove).
 	UnannouncedRemovals int64
+	// UnpublishedSandboxes are sandboxes this process created (or could
+	// not publish) while Redis did not answer, in its pool but not yet in
+	// Redis: no other instance can reuse them until Redis answers again
+	// (or Close) and they are published.
+	UnpublishedSandboxes int64
 
 	// Redis is the Redis client's own connection-pool statistics (zero
 	// without Redis).
@@ -104,6 +109,9 @@ func (m *Manager) Stats() Stats {
 	m.unannounced.mu.Lock()
 	st.UnannouncedRemovals = int64(len(m.unannounced.q))
 	m.unannounced.mu.Unlock()
+	m.unpubMu.Lock()
+	st.UnpublishedSandboxes = int64(len(m.unpublished))
+	m.unpubMu.Unlock()
 	st.Acquires += st.MemoryHits
 	st.HealthCheckSkips = st.MemoryHits
 	m.redisStats(&st)

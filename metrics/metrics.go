@@ -115,6 +115,7 @@ func (x *Metrics) descs() []stat {
 			return 0
 		}),
 		gauge("unannounced_removals", "Removals kept until Redis answers again.", func(s sandboxpool.Stats) float64 { return float64(s.UnannouncedRemovals) }),
+		gauge("unpublished_sandboxes", "Sandboxes created while Redis did not answer, not yet published for other instances to reuse.", func(s sandboxpool.Stats) float64 { return float64(s.UnpublishedSandboxes) }),
 		counter("redis_pool_hits", "Redis connections reused from the pool.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Hits) }),
 		counter("redis_pool_misses", "Redis connections that had to be dialled.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Misses) }),
 		counter("redis_pool_timeouts", "Waits for a Redis connection that timed out.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Timeouts) }),
