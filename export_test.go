@@ -68,8 +68,9 @@ func FastRedisRecovery(cfg *Config, d time.Duration) {
 	cfg.breakerCooldown, cfg.probeInterval, cfg.removalPingAfter = d, d, d
 }
 
-// SlowRedisProbe sets how often the background probe runs, which makes the
-// removals Redis did not answer.
+// SlowRedisProbe sets how often the background probe runs: the probe
+// publishes what was created while Redis was down and makes the removals
+// Redis did not answer, so a long interval leaves both to Close.
 func SlowRedisProbe(cfg *Config, every time.Duration) { cfg.probeInterval = every }
 
 // EffectiveConfig returns the Config a Manager runs with: defaults filled,
