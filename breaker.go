@@ -245,7 +245,7 @@ func (m *Manager) probeLoop(interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		if !m.store.degraded() && !m.hasUnpublished() && !m.hasUnannounced() {
+		if !m.store.degraded() && m.unpublishedCount() == 0 && m.unannouncedCount() == 0 {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(m.baseCtx, visitTimeout)
@@ -269,7 +269,7 @@ const settleTimeout = visitTimeout
 // ones, and makes the removals Redis did not answer. What is left is
 // logged.
 func (m *Manager) settleAtClose(ctx context.Context) {
-	if m.store == nil || (!m.hasUnpublished() && !m.hasUnannounced()) {
+	if m.store == nil || (m.unpublishedCount() == 0 && m.unannouncedCount() == 0) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, settleTimeout)
@@ -279,22 +279,17 @@ func (m *Manager) settleAtClose(ctx context.Context) {
 		m.reconcile(ctx)
 		m.flushRemovals(ctx)
 	}
-	m.unpubMu.Lock()
-	unpublished := len(m.unpublished)
-	m.unpubMu.Unlock()
-	m.unannounced.mu.Lock()
-	unannounced := len(m.unannounced.q)
-	m.unannounced.mu.Unlock()
-	if unpublished > 0 || unannounced > 0 {
+	if unpublished, unannounced := m.unpublishedCount(), m.unannouncedCount(); unpublished > 0 || unannounced > 0 {
 		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: close: Redis did not answer; other instances cannot reuse the sandboxes created while it was down, and find those removed gone only at their next probe",
 			slog.Int("unpublished", unpublished), slog.Int("removals", unannounced))
 	}
 }
 
-func (m *Manager) hasUnpublished() bool {
+// unpublishedCount is how many sandboxes wait to be published.
+func (m *Manager) unpublishedCount() int {
 	m.unpubMu.Lock()
 	defer m.unpubMu.Unlock()
-	return len(m.unpublished) > 0
+	return len(m.unpublished)
 }
 
 // reconcile publishes the sandboxes created while Redis was down, with

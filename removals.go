@@ -69,10 +69,11 @@ func (m *Manager) keepRemoval(r removal) {
 	m.unannounced.q = append(m.unannounced.q, r)
 }
 
-func (m *Manager) hasUnannounced() bool {
+// unannouncedCount is how many removals are kept for flushRemovals.
+func (m *Manager) unannouncedCount() int {
 	m.unannounced.mu.Lock()
 	defer m.unannounced.mu.Unlock()
-	return len(m.unannounced.q) > 0
+	return len(m.unannounced.q)
 }
 
 // flushRemovals makes the removals Redis did not answer, once it answers

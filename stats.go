@@ -106,12 +106,8 @@ func (m *Manager) Stats() Stats {
 		st.MemoryHits += hits
 		st.Leased += leased
 	}
-	m.unannounced.mu.Lock()
-	st.UnannouncedRemovals = int64(len(m.unannounced.q))
-	m.unannounced.mu.Unlock()
-	m.unpubMu.Lock()
-	st.UnpublishedSandboxes = int64(len(m.unpublished))
-	m.unpubMu.Unlock()
+	st.UnannouncedRemovals = int64(m.unannouncedCount())
+	st.UnpublishedSandboxes = int64(m.unpublishedCount())
 	st.Acquires += st.MemoryHits
 	st.HealthCheckSkips = st.MemoryHits
 	m.redisStats(&st)
