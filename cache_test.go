@@ -1221,6 +1221,61 @@ func TestCloseMakesTheRemovalsRedisDidNotAnswer(t *testing.T) {
 	assert.Contains(t, logs.String(), "unpublished=0 removals=1")
 }
 
+// Close waits for a Remove in flight, so that a removal Redis did not
+// answer is in Close's last try; before, Close returned while the Remove
+// ran, and the removal it kept afterwards was lost: the record named a
+// killed sandbox until it expired. A Close whose ctx ends first cuts the
+// Remove, which then says the Manager closed.
+func TestCloseWaitsForARemoveInFlight(t *testing.T) {
+	var logs syncBuffer
+	var mr *miniredis.Miniredis
+	var kills *endedKills
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) {
+		kills = &endedKills{Provider: cfg.Provider}
+		sandboxpool.SlowRedisProbe(cfg, time.Hour) // no flush but Close's
+		cfg.Provider = kills
+		// Redis answers again as soon as the Remove has kept its removal:
+		// it answers Close's last try.
+		cfg.Logger = slog.New(onMessage{slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}),
+			"announcing a removal to other instances failed", func() { mr.SetError("") }})
+	})
+	mr = c.mr
+	other, m := c.instance(t), c.instance(t)
+	id := acquireID(t, m, "u", "p")
+	require.Equal(t, id, acquireID(t, other, "u", "p"))
+	c.waitSubscribers(t, 2)
+
+	c.p.SetLatency(fp.OpKill, 200*time.Millisecond)
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	removed := make(chan error, 1)
+	go func() { removed <- m.Remove(context.Background(), "u", "p") }()
+	require.Eventually(t, func() bool { return c.p.Calls(fp.OpKill) == 1 }, 5*time.Second, time.Millisecond)
+	require.NoError(t, m.Close(context.Background()))
+	require.EqualValues(t, 1, kills.n.Load(), "Close returned before the Remove in flight")
+	require.ErrorIs(t, <-removed, sandboxpool.ErrUnavailable, "Redis did not answer the Remove")
+	assert.Zero(t, m.Stats().UnannouncedRemovals)
+	assert.Empty(t, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the record outlived the removal")
+	assert.Empty(t, c.p.Alive())
+	require.Eventually(t, func() bool { return other.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+		"the other instance was not told of the removal")
+	assert.NotContains(t, logs.String(), "close: Redis did not answer")
+}
+
+// onMessage is a slog.Handler that calls fn before it handles a record
+// whose message contains msg: a test's hook on a moment only a log marks.
+type onMessage struct {
+	slog.Handler
+	msg string
+	fn  func()
+}
+
+func (h onMessage) Handle(ctx context.Context, r slog.Record) error {
+	if strings.Contains(r.Message, h.msg) {
+		h.fn()
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
 // A Manager closed before its background probe published the sandboxes it
 // created while Redis was down publishes them in Close, if Redis answers
 // by then: another instance reuses such a sandbox (and what the user left

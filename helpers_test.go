@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -126,4 +127,16 @@ func (e *env) acquire(t testing.TB, user, project string) *sandboxpool.Lease {
 	l, err := e.m.Acquire(context.Background(), user, project)
 	require.NoError(t, err)
 	return l
+}
+
+// endedKills is a Provider that counts the Kill calls that have returned:
+// a test's sign that a call waiting on a kill has gone past it.
+type endedKills struct {
+	sandboxpool.Provider
+	n atomic.Int64
+}
+
+func (p *endedKills) Kill(ctx context.Context, id string) error {
+	defer p.n.Add(1)
+	return p.Provider.Kill(ctx, id)
 }

@@ -139,12 +139,9 @@ func (m *Manager) goBackground(fn func()) bool {
 		return true
 	default:
 	}
-	m.bgMu.Lock()
-	defer m.bgMu.Unlock()
-	if m.closed.Load() {
+	if !m.enter() {
 		return false
 	}
-	m.bg.Add(1)
 	go m.worker(fn)
 	return true
 }
@@ -774,10 +771,39 @@ func (m *Manager) park(sh *shard, s *slot) {
 // Redis answers this instance again, or by Close if Redis answers then.
 // Removing a pair that has no sandbox is not an error. With a ctx that has
 // already ended, Remove returns its error and changes nothing.
+//
+// Close waits for a Remove in flight, so that what Redis did not answer is
+// in Close's last try, and cuts it if Close's own ctx ends first: the
+// Remove then returns an error wrapping ErrClosed.
 func (m *Manager) Remove(ctx context.Context, user, project string) error {
-	if m.closed.Load() {
+	if !m.enter() {
 		return ErrClosed
 	}
+	defer m.bg.Done()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	defer context.AfterFunc(m.baseCtx, func() { cancel(ErrClosed) })()
+	err := m.remove(ctx, user, project)
+	if err != nil && m.baseCtx.Err() != nil && !errors.Is(err, ErrClosed) {
+		err = fmt.Errorf("%w: %w", ErrClosed, err)
+	}
+	return err
+}
+
+// enter counts a caller's call in the work Close waits for, unless Close
+// has begun; the caller must then call m.bg.Done.
+func (m *Manager) enter() bool {
+	m.bgMu.Lock()
+	defer m.bgMu.Unlock()
+	if m.closed.Load() {
+		return false
+	}
+	m.bg.Add(1)
+	return true
+}
+
+// remove is Remove's work, within Close's wait.
+func (m *Manager) remove(ctx context.Context, user, project string) error {
 	if ctx.Err() != nil { // half a removal would leave the pair named in Redis
 		return endedErr(ctx, "remove")
 	}
@@ -1014,9 +1040,10 @@ func (m *Manager) forgetLocal(s *slot) {
 }
 
 // Close stops the Manager: later Acquire and Remove calls return ErrClosed,
-// background work stops, and Close waits for it, including fills in flight,
-// until ctx ends (then they are cancelled, their waiting Acquires return
-// ErrClosed, and Close still waits for them to return). Sandboxes are left
+// background work stops, and Close waits for it, including fills and
+// Removes in flight, until ctx ends (then they are cancelled, their waiting
+// Acquires and the Removes return ErrClosed, and Close still waits for them
+// to return). Sandboxes are left
 // running: their provider deadlines reap them, or a new Manager reuses them.
 //
 // Once background work has stopped, Close makes one last try, within ctx

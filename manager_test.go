@@ -623,6 +623,29 @@ func TestAcquireCutShortByCloseReturnsErrClosed(t *testing.T) {
 	assert.ErrorIs(t, err, context.Canceled, "the cause stays readable")
 }
 
+// Close waits for a Remove in flight (see TestCloseWaitsForARemoveInFlight
+// for why), and a Close whose ctx ends first cuts it: the Remove learns
+// that the Manager closed, as a cut Acquire does, with the cause readable.
+func TestRemoveCutShortByCloseReturnsErrClosed(t *testing.T) {
+	p := fp.New()
+	kills := &endedKills{Provider: p}
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: kills})
+	require.NoError(t, err)
+	acquireID(t, m, "u", "p")
+	p.SetLatency(fp.OpKill, time.Hour)
+	done := make(chan error, 1)
+	go func() { done <- m.Remove(context.Background(), "u", "p") }()
+	require.Eventually(t, func() bool { return p.Calls(fp.OpKill) == 1 }, 5*time.Second, time.Millisecond)
+	cctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, m.Close(cctx), context.DeadlineExceeded)
+	require.EqualValues(t, 1, kills.n.Load(), "Close returned before the Remove it cut")
+	err = <-done
+	require.ErrorIs(t, err, sandboxpool.ErrClosed)
+	assert.ErrorIs(t, err, context.Canceled, "the cause stays readable")
+	require.ErrorIs(t, m.Remove(context.Background(), "u", "p"), sandboxpool.ErrClosed)
+}
+
 // gatedCreates holds each Create until gate is closed (or its ctx ends),
 // and records that one finished.
 type gatedCreates struct {
