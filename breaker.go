@@ -250,8 +250,7 @@ func (m *Manager) probeLoop(interval time.Duration) {
 		}
 		ctx, cancel := context.WithTimeout(m.baseCtx, visitTimeout)
 		if m.store.ping(ctx) == nil && !m.store.degraded() {
-			m.reconcile(ctx)
-			m.flushRemovals(ctx)
+			m.catchUp(ctx)
 		}
 		cancel()
 	}
@@ -276,8 +275,7 @@ func (m *Manager) settleAtClose(ctx context.Context) {
 	defer cancel()
 	m.store.closed.Store(true)
 	if m.store.ping(ctx) == nil {
-		m.reconcile(ctx)
-		m.flushRemovals(ctx)
+		m.catchUp(ctx)
 	}
 	if unpublished, unannounced := m.unpublishedCount(), m.unannouncedCount(); unpublished > 0 || unannounced > 0 {
 		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: close: Redis did not answer; other instances cannot reuse the sandboxes created while it was down, and find those removed gone only at their next probe",
@@ -290,6 +288,18 @@ func (m *Manager) unpublishedCount() int {
 	m.unpubMu.Lock()
 	defer m.unpubMu.Unlock()
 	return len(m.unpublished)
+}
+
+// catchUp makes what waited for Redis to answer again: the removals it
+// did not answer first, then the publication of the sandboxes created
+// meanwhile, and only once every removal is made. In that order because a
+// removed sandbox's record, still in Redis, would make a sandbox created
+// for the pair since (a Remove then an Acquire, or a condemned sandbox
+// replaced, during the outage) look like a duplicate of it, and retire it.
+func (m *Manager) catchUp(ctx context.Context) {
+	if m.flushRemovals(ctx) {
+		m.reconcile(ctx)
+	}
 }
 
 // reconcile publishes the sandboxes created while Redis was down, with

@@ -682,6 +682,56 @@ func TestRedisOutageDuplicatesConvergeOnRecovery(t *testing.T) {
 	assert.Equal(t, published, servedID(b, "u", "p"))
 }
 
+// A pair removed and acquired again while Redis is down keeps the sandbox
+// created for it when Redis answers again: the removal's record deletion
+// is made before the outage's sandboxes are published. Before, the
+// publication came first, found the record still naming the removed
+// sandbox, and retired the new one as a duplicate of it (left running
+// until its deadline, with what the user had put in it); the next Acquire
+// then found the removed sandbox gone and created a third.
+//
+// The publication also waits until the removal is made: here Redis
+// answers again but fails the removal's record deletion for a while.
+func TestRedisOutageRemoveThenAcquireKeepsTheNewSandbox(t *testing.T) {
+	c := newMiniCluster(t)
+	var holding atomic.Bool
+	var old atomic.Value
+	hook := &faultHook{key: "sandboxpool:{u:p}:sbx", fate: func(_ int, cmd redis.Cmder) fate {
+		if holding.Load() && slices.Contains(cmd.Args(), old.Load()) {
+			return fail
+		}
+		return pass
+	}}
+	a := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Redis = c.client(t, hook) })
+	b := c.instance(t)
+	old.Store(acquireID(t, a, "u", "p"))
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	require.ErrorIs(t, a.Remove(context.Background(), "u", "p"), sandboxpool.ErrUnavailable)
+	fresh := acquireID(t, a, "u", "p")
+	require.NotEqual(t, old.Load(), fresh)
+	require.EqualValues(t, 1, a.Stats().UnannouncedRemovals)
+	require.EqualValues(t, 1, a.Stats().UnpublishedSandboxes)
+	holding.Store(true)
+	c.mr.SetError("")
+
+	assert.Never(t, func() bool {
+		st := a.Stats()
+		return st.UnannouncedRemovals == 0 || st.UnpublishedSandboxes == 0 || st.Superseded > 0
+	}, 300*time.Millisecond, 5*time.Millisecond, "published before the removal was made")
+	assert.Equal(t, old.Load(), c.mr.HGet("sandboxpool:{u:p}:sbx", "id"))
+	holding.Store(false)
+
+	require.Eventually(t, func() bool {
+		st := a.Stats()
+		return st.UnannouncedRemovals == 0 && st.UnpublishedSandboxes == 0
+	}, 5*time.Second, 5*time.Millisecond)
+	assert.Equal(t, fresh, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	assert.Zero(t, a.Stats().Superseded, "the new sandbox was retired as a duplicate of the removed one")
+	assert.Equal(t, fresh, acquireID(t, a, "u", "p"))
+	assert.Equal(t, fresh, acquireID(t, b, "u", "p"), "another instance reuses it")
+	assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+}
+
 // A Remove while Redis is down kills the pair's sandbox and says that
 // Redis failed as ErrUnavailable, which a service answers with 503 and a
 // retry finishes; before, it was an unclassified error (500 in the example

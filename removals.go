@@ -81,24 +81,32 @@ func (m *Manager) unannouncedCount() int {
 // still names it (a Remove cut off from Redis could not), with its quota
 // place, then announces the removal, so that the other instances forget
 // the sandboxes at once instead of at their next probe. Late is harmless:
-// a killed sandbox's id never names a live one. It stops at the first
-// failure and keeps what is left for the next try.
-func (m *Manager) flushRemovals(ctx context.Context) {
+// a killed sandbox's id never names a live one. A removal Redis refuses
+// (see answered) is dropped: trying it again would not help. Otherwise
+// flushRemovals stops at the first failure, keeps what is left for the
+// next try, and reports false.
+func (m *Manager) flushRemovals(ctx context.Context) bool {
 	m.unannounced.mu.Lock()
 	q := m.unannounced.q
 	m.unannounced.q = nil
 	m.unannounced.mu.Unlock()
 	for i, r := range q {
-		if err := m.makeRemoval(ctx, r); err != nil {
+		err := m.makeRemoval(ctx, r)
+		switch {
+		case err == nil:
+		case answered(err):
+			m.log.LogAttrs(ctx, slogWarn, "sandboxpool: Redis refused a removal kept for it; dropped", slog.String("pair", pairMember(r.k)), attrErr(err))
+		default:
 			m.unannounced.mu.Lock()
 			m.unannounced.q = append(q[i:], m.unannounced.q...)
 			if n := len(m.unannounced.q); n > maxUnannounced {
 				m.unannounced.q = m.unannounced.q[n-maxUnannounced:]
 			}
 			m.unannounced.mu.Unlock()
-			return
+			return false
 		}
 	}
+	return true
 }
 
 // makeRemoval deletes r's records and announces r.
