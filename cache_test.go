@@ -714,10 +714,11 @@ func TestRedisOutageRemoveThenAcquireKeepsTheNewSandbox(t *testing.T) {
 	holding.Store(true)
 	c.mr.SetError("")
 
+	var seen sandboxpool.Stats
 	assert.Never(t, func() bool {
-		st := a.Stats()
-		return st.UnannouncedRemovals == 0 || st.UnpublishedSandboxes == 0 || st.Superseded > 0
-	}, 300*time.Millisecond, 5*time.Millisecond, "published before the removal was made")
+		seen = a.Stats()
+		return seen.UnannouncedRemovals == 0 || seen.UnpublishedSandboxes == 0 || seen.Superseded > 0
+	}, 300*time.Millisecond, 5*time.Millisecond, "published before the removal was made: %+v", &seen)
 	assert.Equal(t, old.Load(), c.mr.HGet("sandboxpool:{u:p}:sbx", "id"))
 	holding.Store(false)
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -387,4 +388,52 @@ func TestUnannouncedRemovalsAreBoundedAndKeptInOrder(t *testing.T) {
 	assert.True(t, m.flushRemovals(context.Background()))
 	mr.SetError("")
 	assert.Empty(t, kept())
+}
+
+// Removals being made still count as waiting until each is made: a flush
+// takes them from the queue first, and Stats().UnannouncedRemovals read 0
+// for as long as it ran (up to a Redis timeout per step) while nothing had
+// been made yet.
+func TestUnannouncedRemovalsCountWhileTheyAreMade(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	entered, release := make(chan struct{}), make(chan struct{})
+	rdb.AddHook(gateHook{arg: "x", entered: entered, release: release})
+	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, probeInterval: time.Hour}) // no flush but the test's
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.Close(context.Background()) })
+	m.keepRemoval(removal{pairKey{"u", "p"}, []string{"x"}})
+	m.keepRemoval(removal{pairKey{"u", "q"}, []string{"y"}})
+
+	done := make(chan bool)
+	go func() { done <- m.flushRemovals(context.Background()) }()
+	<-entered // the first removal is being made
+	assert.EqualValues(t, 2, m.Stats().UnannouncedRemovals)
+	m.keepRemoval(removal{pairKey{"u", "r"}, []string{"z"}})
+	assert.EqualValues(t, 3, m.Stats().UnannouncedRemovals)
+	close(release)
+	require.True(t, <-done)
+	assert.EqualValues(t, 1, m.Stats().UnannouncedRemovals, "the one kept during the flush waits for the next")
+}
+
+// gateHook holds the first Redis command that carries arg until release
+// is closed, and closes entered when it arrives.
+type gateHook struct {
+	arg              string
+	entered, release chan struct{}
+}
+
+func (gateHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (gateHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h gateHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	var once sync.Once
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if slices.Contains(cmd.Args(), any(h.arg)) {
+			once.Do(func() { close(h.entered); <-h.release })
+		}
+		return next(ctx, cmd)
+	}
 }

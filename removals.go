@@ -53,8 +53,9 @@ const maxUnannounced = 1024
 // unannounced are removals whose announcement Redis did not answer, oldest
 // first.
 type unannounced struct {
-	mu sync.Mutex
-	q  []removal
+	mu       sync.Mutex
+	q        []removal
+	flushing int // taken from q by flushRemovals and not made yet
 }
 
 // keepRemoval keeps r for flushRemovals, with its own copy of the ids (a
@@ -69,11 +70,12 @@ func (m *Manager) keepRemoval(r removal) {
 	m.unannounced.q = append(m.unannounced.q, r)
 }
 
-// unannouncedCount is how many removals are kept for flushRemovals.
+// unannouncedCount is how many removals wait to be made: kept for
+// flushRemovals, or taken by it and not made yet.
 func (m *Manager) unannouncedCount() int {
 	m.unannounced.mu.Lock()
 	defer m.unannounced.mu.Unlock()
-	return len(m.unannounced.q)
+	return len(m.unannounced.q) + m.unannounced.flushing
 }
 
 // flushRemovals makes the removals Redis did not answer, once it answers
@@ -88,7 +90,7 @@ func (m *Manager) unannouncedCount() int {
 func (m *Manager) flushRemovals(ctx context.Context) bool {
 	m.unannounced.mu.Lock()
 	q := m.unannounced.q
-	m.unannounced.q = nil
+	m.unannounced.q, m.unannounced.flushing = nil, len(q)
 	m.unannounced.mu.Unlock()
 	for i, r := range q {
 		err := m.makeRemoval(ctx, r)
@@ -98,13 +100,16 @@ func (m *Manager) flushRemovals(ctx context.Context) bool {
 			m.log.LogAttrs(ctx, slogWarn, "sandboxpool: Redis refused a removal kept for it; dropped", slog.String("pair", pairMember(r.k)), attrErr(err))
 		default:
 			m.unannounced.mu.Lock()
-			m.unannounced.q = append(q[i:], m.unannounced.q...)
+			m.unannounced.q, m.unannounced.flushing = append(q[i:], m.unannounced.q...), 0
 			if n := len(m.unannounced.q); n > maxUnannounced {
 				m.unannounced.q = m.unannounced.q[n-maxUnannounced:]
 			}
 			m.unannounced.mu.Unlock()
 			return false
 		}
+		m.unannounced.mu.Lock()
+		m.unannounced.flushing--
+		m.unannounced.mu.Unlock()
 	}
 	return true
 }
