@@ -686,9 +686,9 @@ func TestRedisOutageDuplicatesConvergeOnRecovery(t *testing.T) {
 // created for it when Redis answers again: the removal's record deletion
 // is made before the outage's sandboxes are published. Before, the
 // publication came first, found the record still naming the removed
-// sandbox, and retired the new one as a duplicate of it (left running
-// until its deadline, with what the user had put in it); the next Acquire
-// then found the removed sandbox gone and created a third.
+// sandbox, and retired the new one as a duplicate of it; the removal then
+// deleted the record, and the pair was named nowhere, its sandbox out of
+// every pool, until an Acquire found it again by metadata.
 //
 // The publication also waits until the removal is made: here Redis
 // answers again but fails the removal's record deletion for a while.
