@@ -296,7 +296,11 @@ func (m *Manager) unpublishedCount() int {
 // removed sandbox's record, still in Redis, would make a sandbox created
 // for the pair since (a Remove then an Acquire, or a condemned sandbox
 // replaced, during the outage) look like a duplicate of it, and retire it.
+// One runs at a time (Close may be called from several goroutines), so
+// that no publication overtakes another catchUp's removals.
 func (m *Manager) catchUp(ctx context.Context) {
+	m.catchUpMu.Lock()
+	defer m.catchUpMu.Unlock()
 	if m.flushRemovals(ctx) {
 		m.reconcile(ctx)
 	}

@@ -58,6 +58,7 @@ type Manager struct {
 
 	suspects    suspects    // sandboxes found unresponsive, not yet condemned
 	unannounced unannounced // removals Redis did not answer, made on recovery
+	catchUpMu   sync.Mutex  // one catchUp at a time: the probe's, or one of concurrent Closes'
 
 	probeAfter int64 // ns; <0 = always probe
 	guard      int64 // ns, hotGuard (at most IdleTimeout/4)

@@ -395,14 +395,7 @@ func TestUnannouncedRemovalsAreBoundedAndKeptInOrder(t *testing.T) {
 // for as long as it ran (up to a Redis timeout per step) while nothing had
 // been made yet.
 func TestUnannouncedRemovalsCountWhileTheyAreMade(t *testing.T) {
-	mr := miniredis.RunT(t)
-	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), MaxRetries: -1})
-	t.Cleanup(func() { _ = rdb.Close() })
-	entered, release := make(chan struct{}), make(chan struct{})
-	rdb.AddHook(gateHook{arg: "x", entered: entered, release: release})
-	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, probeInterval: time.Hour}) // no flush but the test's
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = m.Close(context.Background()) })
+	m, entered, release := gatedManager(t, "x")
 	m.keepRemoval(removal{pairKey{"u", "p"}, []string{"x"}})
 	m.keepRemoval(removal{pairKey{"u", "q"}, []string{"y"}})
 
@@ -415,6 +408,48 @@ func TestUnannouncedRemovalsCountWhileTheyAreMade(t *testing.T) {
 	close(release)
 	require.True(t, <-done)
 	assert.EqualValues(t, 1, m.Stats().UnannouncedRemovals, "the one kept during the flush waits for the next")
+}
+
+// Two catch-ups at once (two Close calls, each making its last try) run
+// one after the other: the second's publication must not overtake the
+// first's removals (see catchUp), and its flush must not hide the
+// removals the first is making from Stats.UnannouncedRemovals.
+func TestCatchUpsRunOneAtATime(t *testing.T) {
+	m, entered, release := gatedManager(t, "x")
+	m.keepRemoval(removal{pairKey{"u", "p"}, []string{"x"}})
+
+	first, second := make(chan struct{}), make(chan struct{})
+	go func() { m.catchUp(context.Background()); close(first) }()
+	<-entered // the first is making the removal
+	go func() { m.catchUp(context.Background()); close(second) }()
+	assert.Never(t, func() bool {
+		select {
+		case <-second:
+			return true
+		default:
+			return m.Stats().UnannouncedRemovals != 1
+		}
+	}, 100*time.Millisecond, time.Millisecond, "the second catch-up ran beside the first")
+	close(release)
+	<-first
+	<-second
+	assert.Zero(t, m.Stats().UnannouncedRemovals)
+}
+
+// gatedManager is a Manager on miniredis whose first Redis command that
+// carries arg is held until release is closed (entered is closed when it
+// arrives), and whose probe never runs: removals are made when the test
+// says.
+func gatedManager(t *testing.T, arg string) (m *Manager, entered, release chan struct{}) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	entered, release = make(chan struct{}), make(chan struct{})
+	rdb.AddHook(gateHook{arg: arg, entered: entered, release: release})
+	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, probeInterval: time.Hour})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.Close(context.Background()) })
+	return m, entered, release
 }
 
 // gateHook holds the first Redis command that carries arg until release

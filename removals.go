@@ -90,7 +90,8 @@ func (m *Manager) unannouncedCount() int {
 func (m *Manager) flushRemovals(ctx context.Context) bool {
 	m.unannounced.mu.Lock()
 	q := m.unannounced.q
-	m.unannounced.q, m.unannounced.flushing = nil, len(q)
+	m.unannounced.q = nil
+	m.unannounced.flushing += len(q)
 	m.unannounced.mu.Unlock()
 	for i, r := range q {
 		err := m.makeRemoval(ctx, r)
@@ -100,7 +101,8 @@ func (m *Manager) flushRemovals(ctx context.Context) bool {
 			m.log.LogAttrs(ctx, slogWarn, "sandboxpool: Redis refused a removal kept for it; dropped", slog.String("pair", pairMember(r.k)), attrErr(err))
 		default:
 			m.unannounced.mu.Lock()
-			m.unannounced.q, m.unannounced.flushing = append(q[i:], m.unannounced.q...), 0
+			m.unannounced.q = append(q[i:], m.unannounced.q...)
+			m.unannounced.flushing -= len(q) - i
 			if n := len(m.unannounced.q); n > maxUnannounced {
 				m.unannounced.q = m.unannounced.q[n-maxUnannounced:]
 			}
