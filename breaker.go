@@ -297,10 +297,13 @@ func (m *Manager) unpublishedCount() int {
 // for the pair since (a Remove then an Acquire, or a condemned sandbox
 // replaced, during the outage) look like a duplicate of it, and retire it.
 // One runs at a time (Close may be called from several goroutines), so
-// that no publication overtakes another catchUp's removals.
+// that no publication overtakes another catchUp's removals; one whose ctx
+// ends while it waits for its turn does nothing.
 func (m *Manager) catchUp(ctx context.Context) {
-	m.catchUpMu.Lock()
-	defer m.catchUpMu.Unlock()
+	if m.catchingUp.Acquire(ctx, 1) != nil {
+		return
+	}
+	defer m.catchingUp.Release(1)
 	if m.flushRemovals(ctx) {
 		m.reconcile(ctx)
 	}

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 )
 
 // Timing constants, each with its reason.
@@ -56,9 +58,9 @@ type Manager struct {
 	unpubMu     sync.Mutex
 	unpublished map[*slot]struct{} // created while Redis was down; published on recovery
 
-	suspects    suspects    // sandboxes found unresponsive, not yet condemned
-	unannounced unannounced // removals Redis did not answer, made on recovery
-	catchUpMu   sync.Mutex  // one catchUp at a time: the probe's, or one of concurrent Closes'
+	suspects    suspects            // sandboxes found unresponsive, not yet condemned
+	unannounced unannounced         // removals Redis did not answer, made on recovery
+	catchingUp  *semaphore.Weighted // one catchUp at a time: the probe's, or one of concurrent Closes'
 
 	probeAfter int64 // ns; <0 = always probe
 	guard      int64 // ns, hotGuard (at most IdleTimeout/4)
@@ -104,6 +106,7 @@ func New(cfg Config) (*Manager, error) {
 
 		unpublished: make(map[*slot]struct{}),
 		suspects:    suspects{m: make(map[*slot]suspicion)},
+		catchingUp:  semaphore.NewWeighted(1),
 		shapes:      make(map[shape]*shape),
 	}
 	if m.guard > int64(cfg.IdleTimeout/4) {

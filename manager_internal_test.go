@@ -413,7 +413,8 @@ func TestUnannouncedRemovalsCountWhileTheyAreMade(t *testing.T) {
 // Two catch-ups at once (two Close calls, each making its last try) run
 // one after the other: the second's publication must not overtake the
 // first's removals (see catchUp), and its flush must not hide the
-// removals the first is making from Stats.UnannouncedRemovals.
+// removals the first is making from Stats.UnannouncedRemovals. One whose
+// ctx ends while it waits returns.
 func TestCatchUpsRunOneAtATime(t *testing.T) {
 	m, entered, release := gatedManager(t, "x")
 	m.keepRemoval(removal{pairKey{"u", "p"}, []string{"x"}})
@@ -430,6 +431,11 @@ func TestCatchUpsRunOneAtATime(t *testing.T) {
 			return m.Stats().UnannouncedRemovals != 1
 		}
 	}, 100*time.Millisecond, time.Millisecond, "the second catch-up ran beside the first")
+	// A Close whose ctx ends while it waits for its turn gives up.
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	m.catchUp(ctx)
+	assert.EqualValues(t, 1, m.Stats().UnannouncedRemovals)
 	close(release)
 	<-first
 	<-second
