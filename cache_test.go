@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/alicebob/miniredis/v2"
+	"github.com/alicebob/miniredis/v2/server"
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -1640,6 +1641,70 @@ func (h *failPipelines) ProcessPipelineHook(next redis.ProcessPipelineHook) redi
 	}
 }
 
+// A resubscription that Redis refuses is made again. go-redis redials a
+// subscription whose connection died and sends SUBSCRIBE again; when Redis
+// refuses it (here BUSY, as while a script runs), the new connection
+// answers pings but is subscribed to nothing. Before, the subscriber took
+// it for healthy, and this instance never heard another removal until it
+// restarted: it handed out sandboxes removed elsewhere until their probes.
+//
+// A refusal for good (an ACL without SUBSCRIBE) is given up, as at the
+// start, rather than tried on a new connection ten times a second.
+func TestRedisRefusedResubscriptionIsMadeAgain(t *testing.T) {
+	var logs syncBuffer
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	a, b, id := c.sharing(t)
+	c.waitSubscribers(t, 2)
+	refuseSubscribes(t, c, "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.", false)
+
+	c.waitSubscribers(t, 2)
+	require.NoError(t, b.Remove(context.Background(), "u", "p"))
+	require.Eventually(t, func() bool { return a.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
+		"the removal of %s did not reach the other instance", id)
+
+	refused := refuseSubscribes(t, c, "NOPERM User has no permissions to run the 'subscribe' command", true)
+	require.Eventually(t, func() bool { return strings.Count(logs.String(), "cannot subscribe") == 2 }, 5*time.Second, time.Millisecond,
+		"the subscribers did not give up")
+	before := refused()
+	time.Sleep(500 * time.Millisecond) // five retries each, were they retried
+	assert.Equal(t, before, refused(), "a refusal for good was tried again")
+}
+
+// refuseSubscribes restarts c's miniredis refusing every command with msg.
+// Unless forGood, once two SUBSCRIBE commands (the instances'
+// resubscriptions) have been refused, it lets every command through;
+// forGood, it lets every command but SUBSCRIBE through at once. It returns
+// how many SUBSCRIBE commands its hook has refused (those refused between
+// the restart and the hook's installation are not counted).
+func refuseSubscribes(t *testing.T, c *cluster, msg string, forGood bool) (refused func() int64) {
+	t.Helper()
+	c.mr.Close()
+	c.mr.SetError(msg) // from the restart on
+	require.NoError(t, c.mr.Restart())
+	var n atomic.Int64
+	var all atomic.Bool
+	all.Store(true)
+	c.mr.Server().SetPreHook(func(p *server.Peer, cmd string, _ ...string) bool {
+		sub := strings.EqualFold(cmd, "subscribe")
+		if sub {
+			n.Add(1)
+		}
+		if all.Load() || sub && forGood {
+			p.WriteError(msg)
+			return true
+		}
+		return false
+	})
+	if !forGood {
+		require.Eventually(t, func() bool { return n.Load() >= 2 }, 5*time.Second, time.Millisecond,
+			"the subscribers did not subscribe again")
+	}
+	all.Store(false)
+	return n.Load
+}
+
 // When Redis confirms the removal subscription again (here after a restart
 // that kept its data), the pool is compared with Redis: a sandbox whose
 // record still names it is not probed. Where Redis fails that read, the
@@ -1653,7 +1718,7 @@ func TestRedisResubscriptionRechecksWhatRedisCannotVouchFor(t *testing.T) {
 	restart := func(n int64) {
 		c.mr.Close()
 		require.NoError(t, c.mr.Restart())
-		require.Eventually(t, func() bool { return m.Stats().Resubscribed == n }, 5*time.Second, 5*time.Millisecond, "subscribed again")
+		require.Eventually(t, func() bool { return m.Stats().Resubscribed == n }, 5*time.Second, 5*time.Millisecond, "subscribed again: %+v", m.Stats())
 	}
 
 	probes := m.Stats().HealthChecks

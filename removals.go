@@ -186,7 +186,9 @@ const (
 // Acquire instead of being handed out until its next probe is due.
 //
 // A subscription Redis refuses (an ACL without SUBSCRIBE) is given up at
-// once, with one warning: nothing would ever arrive on it.
+// once, with one warning: nothing would ever arrive on it. One refused for
+// a while (BUSY while a script runs), which go-redis's redial leaves
+// subscribed to nothing, is replaced until Redis takes it.
 func (m *Manager) removalLoop() {
 	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
 	sub := &subscriber{ps: m.store.rdb.Subscribe(ctx, m.store.removedChannel())}
@@ -244,6 +246,20 @@ func (m *Manager) removalLoop() {
 				cancel()
 				heard = time.Now()
 			}
+		case answered(err): // refused for good, as at the start
+			m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
+			return
+		case isRedisError(err):
+			// Redis refused a command on the subscription's connection,
+			// which stays up and answers pings: after go-redis redialled,
+			// the SUBSCRIBE it sent again was refused (a Redis busy with a
+			// script, say), and the connection is subscribed to nothing.
+			// Subscribe again, on a new connection.
+			if !pause(m.baseCtx, removalRetry) {
+				return
+			}
+			sub.renew(m.baseCtx, m.store.rdb, m.store.removedChannel(), m.cfg.RedisTimeout)
+			heard, pinged = time.Now(), time.Time{}
 		default: // the connection failed: go-redis redials on the next receive
 			pinged = time.Time{}
 			if !pause(m.baseCtx, removalRetry) {
@@ -336,4 +352,11 @@ func (m *Manager) recheckPooled() {
 func timedOut(err error) bool {
 	var ne net.Error
 	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
+}
+
+// isRedisError reports whether err is an error reply from Redis: it
+// refused a command, and the connection is still up.
+func isRedisError(err error) bool {
+	var re redis.Error
+	return errors.As(err, &re)
 }
