@@ -247,6 +247,7 @@ func (m *Manager) removalLoop() {
 				heard = time.Now()
 			}
 		case answered(err): // refused for good, as at the start
+			sub.close() // nothing reads it any more
 			m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
 			return
 		case isRedisError(err):
