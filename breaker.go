@@ -245,7 +245,7 @@ func (m *Manager) probeLoop(interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		if !m.store.degraded() && m.unpublishedCount() == 0 && m.unannouncedCount() == 0 {
+		if !m.store.degraded() && !m.waitsForRedis() {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(m.baseCtx, visitTimeout)
@@ -268,7 +268,7 @@ const settleTimeout = visitTimeout
 // ones, and makes the removals Redis did not answer. What is left is
 // logged.
 func (m *Manager) settleAtClose(ctx context.Context) {
-	if m.store == nil || (m.unpublishedCount() == 0 && m.unannouncedCount() == 0) {
+	if m.store == nil || !m.waitsForRedis() {
 		return
 	}
 	ctx, cancel := context.WithTimeout(ctx, settleTimeout)
@@ -281,6 +281,12 @@ func (m *Manager) settleAtClose(ctx context.Context) {
 		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: close: Redis did not answer; other instances cannot reuse the sandboxes created while it was down, and find those removed gone only at their next probe",
 			slog.Int("unpublished", unpublished), slog.Int("removals", unannounced))
 	}
+}
+
+// waitsForRedis reports whether sandboxes wait to be published or
+// removals to be made (see catchUp).
+func (m *Manager) waitsForRedis() bool {
+	return m.unpublishedCount() > 0 || m.unannouncedCount() > 0
 }
 
 // unpublishedCount is how many sandboxes wait to be published.

@@ -195,8 +195,7 @@ func (m *Manager) removalLoop() {
 	_, err := sub.ps.Receive(ctx) // the confirmation, or the refusal
 	cancel()
 	if answered(err) {
-		sub.close()
-		m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
+		m.giveUpRemovals(sub, err)
 		return
 	}
 	// Close ends a wait at once: closing the subscription fails its
@@ -247,8 +246,7 @@ func (m *Manager) removalLoop() {
 				heard = time.Now()
 			}
 		case answered(err): // refused for good, as at the start
-			sub.close() // nothing reads it any more
-			m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
+			m.giveUpRemovals(sub, err)
 			return
 		case isRedisError(err):
 			// Redis refused a command on the subscription's connection,
@@ -268,6 +266,13 @@ func (m *Manager) removalLoop() {
 			}
 		}
 	}
+}
+
+// giveUpRemovals closes a subscription Redis refused for good (err), which
+// nothing will read any more, and warns once.
+func (m *Manager) giveUpRemovals(sub *subscriber, err error) {
+	sub.close()
+	m.log.LogAttrs(m.baseCtx, slogWarn, "sandboxpool: cannot subscribe to other instances' removals; they reach this one at its next probe", attrErr(err))
 }
 
 // subscriber holds the removal subscription, which removalLoop may
