@@ -316,10 +316,11 @@ func (m *Manager) catchUp(ctx context.Context) {
 }
 
 // reconcile publishes the sandboxes created while Redis was down, with
-// their quota places. Where
-// another instance published a different sandbox for the pair meanwhile,
-// that one is canonical: ours is superseded (retired and left to its
-// provider deadline: another instance may have adopted it meanwhile).
+// their quota places. Where another instance published a different sandbox
+// for the pair meanwhile, that one is canonical: ours is superseded
+// (retired and left to its provider deadline: another instance may have
+// adopted it meanwhile). A record no Acquire would be given (past MaxAge,
+// see Manager.adopt) is not canonical: ours is written over it.
 func (m *Manager) reconcile(ctx context.Context) {
 	m.unpubMu.Lock()
 	pending := make([]*slot, 0, len(m.unpublished))
@@ -329,7 +330,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 	m.unpubMu.Unlock()
 	for _, s := range pending {
 		if s.state() == stateLive {
-			id, err := m.store.adopt(ctx, s, s.deadline.Load())
+			id, err := m.adopt(ctx, s, s.deadline.Load())
 			if err != nil {
 				return // Redis failed again: retry on the next probe
 			}

@@ -50,10 +50,18 @@ return 1
 `)
 	// luaAdopt writes the record if the pair has none (reconciling a create
 	// made while Redis was down). It returns the id that is now canonical.
-	// KEYS: sbx; ARGV: id, tpl, created, deadline.
+	// A record created at or before ARGV[5] is past MaxAge (no Acquire is
+	// given its sandbox again, though a holder's keepalive may keep the
+	// record alive), and one whose time does not parse is no record: both
+	// count as none, as they do for fromCache.
+	// KEYS: sbx; ARGV: id, tpl, created, deadline, stale (ms).
 	luaAdopt = redis.NewScript(`
-local cur = redis.call("hget", KEYS[1], "id")
-if cur then return cur end
+local cur = redis.call("hmget", KEYS[1], "id", "created")
+if cur[1] then
+  local created = tonumber(cur[2])
+  if created and created > tonumber(ARGV[5]) then return cur[1] end
+  redis.call("del", KEYS[1])
+end
 redis.call("hset", KEYS[1], "id", ARGV[1], "tpl", ARGV[2], "created", ARGV[3], "deadline", ARGV[4])
 redis.call("pexpireat", KEYS[1], ARGV[4])
 return ARGV[1]
@@ -170,16 +178,24 @@ func (st *store) publish(ctx context.Context, s *slot, token string) (bool, erro
 	return n == 1, err
 }
 
-// adopt writes s, with deadline, as the pair's record unless one exists; it
-// returns the canonical id.
-func (st *store) adopt(ctx context.Context, s *slot, deadline int64) (string, error) {
+// adopt writes s, with deadline, as the pair's record unless one exists
+// that was created after stale (unix ns; see Manager.adopt); it returns the
+// canonical id.
+func (st *store) adopt(ctx context.Context, s *slot, deadline, stale int64) (string, error) {
 	var id string
 	err := st.do(ctx, func(ctx context.Context) (err error) {
 		id, err = luaAdopt.Run(ctx, st.rdb, []string{st.sbxKey(s.key)},
-			s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(deadline)).Text()
+			s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(deadline), nsToMs(stale)).Text()
 		return err
 	})
 	return id, err
+}
+
+// adopt writes s, with deadline, as its pair's record unless the pair has
+// one that an Acquire may still be given (see fromCache: one past MaxAge,
+// hotGuard included, is not); it returns the canonical id.
+func (m *Manager) adopt(ctx context.Context, s *slot, deadline int64) (string, error) {
+	return m.store.adopt(ctx, s, deadline, m.clock.precise()+m.guard-int64(m.cfg.MaxAge))
 }
 
 // What a read of the pair's record found instead of a deadline (touch and
@@ -322,7 +338,7 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 	res, err := m.store.touch(ctx, s, deadline)
 	if err == nil && res == recordAbsent && s.state() == stateLive && m.clock.precise()+m.guard < m.expiresAt(s) {
 		var id string
-		if id, err = m.store.adopt(ctx, s, deadline); err == nil && id != s.id {
+		if id, err = m.adopt(ctx, s, deadline); err == nil && id != s.id {
 			res = recordSuperseded
 		}
 	}

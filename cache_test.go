@@ -734,6 +734,46 @@ func TestRedisOutageRemoveThenAcquireKeepsTheNewSandbox(t *testing.T) {
 	assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
 }
 
+// A sandbox retired at MaxAge while a lease still holds it keeps its record
+// alive past MaxAge (the holder's keepalive pushes it), though no Acquire
+// will be given that sandbox again. A sandbox created for the pair while
+// Redis is down is published over that record on recovery. Before, the
+// publication took the record for the canonical sandbox and retired the new
+// one as its duplicate, with a warning: the pair was named by a sandbox past
+// MaxAge, and its next Acquire found the new one again only by listing the
+// provider's sandboxes.
+func TestRedisOutageSandboxIsPublishedOverARecordPastMaxAge(t *testing.T) {
+	c := newMiniCluster(t)
+	a, b := c.instance(t), c.instance(t)
+	ctx := context.Background()
+	l, err := a.Acquire(ctx, "u", "p")
+	require.NoError(t, err)
+	defer l.Release()
+	old := l.Sandbox().ID
+	for range (15*time.Minute + 30*time.Second) / (5 * time.Second) { // past MaxAge, leased throughout
+		c.advance(5 * time.Second)
+		a.ReapNow()
+	}
+	require.EqualValues(t, 1, a.Stats().Evictions, "retired at MaxAge")
+	require.Equal(t, old, c.mr.HGet("sandboxpool:{u:p}:sbx", "id"), "the holder's keepalive kept the record")
+	created, err := strconv.ParseInt(c.mr.HGet("sandboxpool:{u:p}:sbx", "created"), 10, 64)
+	require.NoError(t, err)
+	require.LessOrEqual(t, created+(15*time.Minute).Milliseconds(), c.clock.Now().UnixMilli())
+
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	fresh := acquireID(t, a, "u", "p")
+	require.NotEqual(t, old, fresh)
+	require.EqualValues(t, 1, a.Stats().UnpublishedSandboxes)
+	c.mr.SetError("")
+
+	require.Eventually(t, func() bool { return a.Stats().UnpublishedSandboxes == 0 }, 5*time.Second, 5*time.Millisecond)
+	assert.Equal(t, fresh, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "published over the record past MaxAge")
+	assert.Zero(t, a.Stats().Superseded, "the new sandbox was retired as a duplicate of one past MaxAge")
+	assert.Equal(t, fresh, acquireID(t, a, "u", "p"))
+	assert.Equal(t, fresh, acquireID(t, b, "u", "p"), "another instance reuses it")
+	assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+}
+
 // A Remove while Redis is down kills the pair's sandbox and says that
 // Redis failed as ErrUnavailable, which a service answers with 503 and a
 // retry finishes; before, it was an unclassified error (500 in the example

@@ -17,6 +17,8 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/sandboxpool/sandboxpool/internal/redistest"
 )
 
 // stubProvider does nothing: these tests exercise the Manager's own
@@ -107,6 +109,65 @@ func TestBackgroundJobsAcceptedDuringCloseRun(t *testing.T) {
 	assert.Equal(t, accepted.Load(), ranAtClose, "a job accepted before Close returned had not run, or one was accepted after")
 	assert.Equal(t, ranAtClose, ran.Load(), "a job ran after Close returned")
 	assert.False(t, m.goBackground(func() {}), "accepted after Close")
+}
+
+// A sandbox published on recovery (adopt) yields only to a record an
+// Acquire could still be given: one past MaxAge, or whose creation time
+// does not parse, is written over, as fromCache would treat it as none.
+// The script runs on miniredis and on a real redis-server, whose Lua
+// differ.
+func TestAdoptWritesOverRecordsPastMaxAge(t *testing.T) {
+	for name, addr := range map[string]func(t *testing.T) string{
+		"miniredis":    func(t *testing.T) string { return miniredis.RunT(t).Addr() },
+		"redis-server": func(t *testing.T) string { return redistest.Start(t).Addr },
+	} {
+		t.Run(name, func(t *testing.T) {
+			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr(t)})
+			defer rdb.Close()
+			at := time.Now().Truncate(time.Millisecond)
+			m, err := New(Config{Provider: stubProvider{}, Redis: rdb, MaxAge: time.Hour, now: func() time.Time { return at }})
+			require.NoError(t, err)
+			defer m.Close(context.Background())
+			ctx := context.Background()
+			now := at.UnixNano()
+			stale := now + m.guard - int64(time.Hour)
+			k := pairKey{"u", "p"}
+			key := m.store.sbxKey(k)
+			ours := m.newSlot(k, Sandbox{ID: "iours"}, now, now, now+int64(time.Minute))
+			for _, c := range []struct {
+				name   string
+				record []any // fields of the record there before, none if empty
+				want   string
+			}{
+				{"none", nil, "iours"},
+				{"younger than MaxAge", []any{fieldID, "iother", fieldCreated, nsToMs(stale) + 1, fieldDeadline, nsToMs(now) + 60_000}, "iother"},
+				{"just past MaxAge", []any{fieldID, "iother", fieldCreated, nsToMs(stale), fieldDeadline, nsToMs(now) + 60_000, "extra", "x"}, "iours"},
+				{"time unparsed", []any{fieldID, "iother", fieldCreated, "yesterday", fieldDeadline, nsToMs(now) + 60_000}, "iours"},
+				{"no time", []any{fieldID, "iother"}, "iours"},
+			} {
+				require.NoError(t, rdb.Del(ctx, key).Err())
+				if c.record != nil {
+					require.NoError(t, rdb.HSet(ctx, key, c.record...).Err())
+				}
+				id, err := m.adopt(ctx, ours, ours.deadline.Load())
+				require.NoError(t, err, c.name)
+				assert.Equal(t, c.want, id, c.name)
+				rec, ok, err := m.store.get(ctx, k)
+				require.NoError(t, err, c.name)
+				require.True(t, ok, c.name)
+				assert.Equal(t, c.want, rec.id, c.name)
+				if c.want == "iours" {
+					assert.Equal(t, record{id: "iours", template: ours.shape.template, created: now, deadline: ours.deadline.Load()}, rec, c.name)
+					fields, err := rdb.HKeys(ctx, key).Result()
+					require.NoError(t, err)
+					assert.ElementsMatch(t, []string{fieldID, fieldTemplate, fieldCreated, fieldDeadline}, fields, c.name+": nothing left of the old record")
+					at, err := rdb.PExpireTime(ctx, key).Result()
+					require.NoError(t, err)
+					assert.Equal(t, nsToMs(ours.deadline.Load()), at.Milliseconds(), c.name+": expires at its deadline")
+				}
+			}
+		})
+	}
 }
 
 // Records Redis returns but that do not parse, and keys of another type,
