@@ -68,13 +68,18 @@ return ARGV[1]
 `)
 	// luaTouch extends the deadline (never shortens it) if the record still
 	// names our sandbox, and returns the deadline now in force; 0 when the
-	// pair has no record, -1 when it names another sandbox.
-	// KEYS: sbx; ARGV: id, deadline.
+	// pair has no record, or one created at or before ARGV[3] or whose time
+	// does not parse (as luaAdopt reads them); -1 when it names another
+	// sandbox. KEYS: sbx; ARGV: id, deadline, stale (ms).
 	luaTouch = redis.NewScript(`
-local id = redis.call("hget", KEYS[1], "id")
-if not id then return 0 end
-if id ~= ARGV[1] then return -1 end
-local cur = tonumber(redis.call("hget", KEYS[1], "deadline") or "0")
+local rec = redis.call("hmget", KEYS[1], "id", "created", "deadline")
+if not rec[1] then return 0 end
+if rec[1] ~= ARGV[1] then
+  local created = tonumber(rec[2])
+  if created and created > tonumber(ARGV[3]) then return -1 end
+  return 0
+end
+local cur = tonumber(rec[3] or "0")
 local want = tonumber(ARGV[2])
 if want > cur then
   redis.call("hset", KEYS[1], "deadline", ARGV[2])
@@ -179,8 +184,8 @@ func (st *store) publish(ctx context.Context, s *slot, token string) (bool, erro
 }
 
 // adopt writes s, with deadline, as the pair's record unless one exists
-// that was created after stale (unix ns; see Manager.adopt); it returns the
-// canonical id.
+// that was created after stale (unix ns; see Manager.stale); it returns
+// the canonical id.
 func (st *store) adopt(ctx context.Context, s *slot, deadline, stale int64) (string, error) {
 	var id string
 	err := st.do(ctx, func(ctx context.Context) (err error) {
@@ -191,11 +196,17 @@ func (st *store) adopt(ctx context.Context, s *slot, deadline, stale int64) (str
 	return id, err
 }
 
+// stale is the latest creation time (unix ns) of a record no Acquire is
+// given now: one past MaxAge, hotGuard included (see fromCache). Such a
+// record names no sandbox of the pair's: a holder's keepalive may keep it
+// alive past MaxAge, but a sandbox that Redis does not name yet (created
+// while Redis was down) is written over it, not retired as its duplicate.
+func (m *Manager) stale() int64 { return m.clock.precise() + m.guard - int64(m.cfg.MaxAge) }
+
 // adopt writes s, with deadline, as its pair's record unless the pair has
-// one that an Acquire may still be given (see fromCache: one past MaxAge,
-// hotGuard included, is not); it returns the canonical id.
+// one that an Acquire may still be given; it returns the canonical id.
 func (m *Manager) adopt(ctx context.Context, s *slot, deadline int64) (string, error) {
-	return m.store.adopt(ctx, s, deadline, m.clock.precise()+m.guard-int64(m.cfg.MaxAge))
+	return m.store.adopt(ctx, s, deadline, m.stale())
 }
 
 // What a read of the pair's record found instead of a deadline (touch and
@@ -207,11 +218,12 @@ const (
 )
 
 // touch extends the record's deadline if it names s's sandbox, and returns
-// the deadline in force, or recordAbsent, or recordSuperseded.
-func (st *store) touch(ctx context.Context, s *slot, deadline int64) (int64, error) {
+// the deadline in force, or recordAbsent (also for a record created at or
+// before stale, unix ns; see Manager.stale), or recordSuperseded.
+func (st *store) touch(ctx context.Context, s *slot, deadline, stale int64) (int64, error) {
 	var ms int64
 	err := st.do(ctx, func(ctx context.Context) (err error) {
-		ms, err = luaTouch.Run(ctx, st.rdb, []string{st.sbxKey(s.key)}, s.id, nsToMs(deadline)).Int64()
+		ms, err = luaTouch.Run(ctx, st.rdb, []string{st.sbxKey(s.key)}, s.id, nsToMs(deadline), nsToMs(stale)).Int64()
 		return err
 	})
 	if ms <= 0 {
@@ -279,7 +291,7 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 		// before another instance could think the sandbox idle.
 		s.deadline.Store(min(s.deadline.Load(), rec.deadline))
 		m.refreshHit(s)
-	} else if _, err := m.store.touch(ctx, s, s.deadline.Load()); err != nil {
+	} else if _, err := m.store.touch(ctx, s, s.deadline.Load(), m.stale()); err != nil {
 		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
 	}
 	m.park(sh, s)
@@ -335,7 +347,7 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 	if m.store == nil {
 		return false
 	}
-	res, err := m.store.touch(ctx, s, deadline)
+	res, err := m.store.touch(ctx, s, deadline, m.stale())
 	if err == nil && res == recordAbsent && s.state() == stateLive && m.clock.precise()+m.guard < m.expiresAt(s) {
 		var id string
 		if id, err = m.adopt(ctx, s, deadline); err == nil && id != s.id {
@@ -356,7 +368,8 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 
 // remoteDeadline returns the pair's deadline in Redis, which is later than
 // ours when another instance used the sandbox, or recordAbsent (also
-// without Redis), recordSuperseded or recordUnknown.
+// without Redis, and for another sandbox's record past MaxAge: see stale),
+// recordSuperseded or recordUnknown.
 func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 {
 	if m.store == nil {
 		return recordAbsent
@@ -365,7 +378,7 @@ func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 {
 	switch {
 	case err != nil:
 		return recordUnknown
-	case !ok:
+	case !ok || rec.id != s.id && rec.created <= m.stale():
 		return recordAbsent
 	case rec.id != s.id:
 		return recordSuperseded

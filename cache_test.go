@@ -745,20 +745,7 @@ func TestRedisOutageRemoveThenAcquireKeepsTheNewSandbox(t *testing.T) {
 func TestRedisOutageSandboxIsPublishedOverARecordPastMaxAge(t *testing.T) {
 	c := newMiniCluster(t)
 	a, b := c.instance(t), c.instance(t)
-	ctx := context.Background()
-	l, err := a.Acquire(ctx, "u", "p")
-	require.NoError(t, err)
-	defer l.Release()
-	old := l.Sandbox().ID
-	for range (15*time.Minute + 30*time.Second) / (5 * time.Second) { // past MaxAge, leased throughout
-		c.advance(5 * time.Second)
-		a.ReapNow()
-	}
-	require.EqualValues(t, 1, a.Stats().Evictions, "retired at MaxAge")
-	require.Equal(t, old, c.mr.HGet("sandboxpool:{u:p}:sbx", "id"), "the holder's keepalive kept the record")
-	created, err := strconv.ParseInt(c.mr.HGet("sandboxpool:{u:p}:sbx", "created"), 10, 64)
-	require.NoError(t, err)
-	require.LessOrEqual(t, created+(15*time.Minute).Milliseconds(), c.clock.Now().UnixMilli())
+	old := c.recordPastMaxAge(t, a)
 
 	c.mr.SetError("LOADING Redis is loading the dataset in memory")
 	fresh := acquireID(t, a, "u", "p")
@@ -772,6 +759,71 @@ func TestRedisOutageSandboxIsPublishedOverARecordPastMaxAge(t *testing.T) {
 	assert.Equal(t, fresh, acquireID(t, a, "u", "p"))
 	assert.Equal(t, fresh, acquireID(t, b, "u", "p"), "another instance reuses it")
 	assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+}
+
+// recordPastMaxAge leases the pair (u, p) on m and holds the lease while
+// the clock runs past MaxAge: the sandbox is retired, and the holder's
+// keepalive keeps its record alive. It returns the sandbox's id.
+func (c *cluster) recordPastMaxAge(t *testing.T, m *sandboxpool.Manager) string {
+	t.Helper()
+	l, err := m.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	t.Cleanup(l.Release) // before m closes
+	for range (c.base.MaxAge + 30*time.Second) / (5 * time.Second) {
+		c.advance(5 * time.Second)
+		m.ReapNow()
+	}
+	require.EqualValues(t, 1, m.Stats().Evictions, "retired at MaxAge")
+	require.Equal(t, l.Sandbox().ID, c.mr.HGet("sandboxpool:{u:p}:sbx", "id"), "the holder's keepalive kept the record")
+	created, err := strconv.ParseInt(c.mr.HGet("sandboxpool:{u:p}:sbx", "created"), 10, 64)
+	require.NoError(t, err)
+	require.LessOrEqual(t, created+c.base.MaxAge.Milliseconds(), c.clock.Now().UnixMilli())
+	return l.Sandbox().ID
+}
+
+// A sandbox that Redis does not name yet (created while Redis was down,
+// and not published when the reaper comes first) is not taken for a
+// duplicate of a record past MaxAge: its keepalive writes it over that
+// record, as the publication would, and its idle eviction is an eviction.
+// Before, both took the record for the canonical sandbox, and retired the
+// sandbox as its duplicate, with a warning (the sandbox in use, at its
+// keepalive).
+func TestRedisReaperIgnoresARecordPastMaxAge(t *testing.T) {
+	for _, leased := range []bool{true, false} {
+		t.Run(map[bool]string{true: "keepalive", false: "idle eviction"}[leased], func(t *testing.T) {
+			c := newMiniCluster(t)
+			a := c.instance(t, func(cfg *sandboxpool.Config) { sandboxpool.SlowRedisProbe(cfg, time.Hour) }) // no publication: the reaper comes first
+			old := c.recordPastMaxAge(t, a)
+
+			c.mr.SetError("LOADING Redis is loading the dataset in memory")
+			l, err := a.Acquire(context.Background(), "u", "p")
+			require.NoError(t, err)
+			fresh := l.Sandbox().ID
+			require.NotEqual(t, old, fresh)
+			require.EqualValues(t, 1, a.Stats().UnpublishedSandboxes)
+			if !leased {
+				l.Release()
+			}
+			c.mr.SetError("")
+
+			time.Sleep(50 * time.Millisecond) // past the breaker's cooldown: the reaper's calls reach Redis
+			evicted := a.Stats().Evictions
+			for range (c.base.IdleTimeout + 10*time.Second) / (5 * time.Second) { // its keepalives, or its idle deadline
+				c.advance(5 * time.Second)
+				a.ReapNow()
+			}
+			assert.Zero(t, a.Stats().Superseded, "retired as a duplicate of a sandbox past MaxAge")
+			if !leased {
+				assert.Equal(t, evicted+1, a.Stats().Evictions, "evicted when idle")
+				assert.Equal(t, old, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "an eviction writes nothing")
+				return
+			}
+			l.Release()
+			assert.Equal(t, fresh, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "the keepalive wrote it over the record past MaxAge")
+			assert.Equal(t, fresh, acquireID(t, a, "u", "p"))
+			assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+		})
+	}
 }
 
 // A Remove while Redis is down kills the pair's sandbox and says that
