@@ -296,6 +296,22 @@ func (m *Manager) unpublishedCount() int {
 	return len(m.unpublished)
 }
 
+// awaitsCatchUp reports whether s waits to be published while removals
+// wait to be made. Its pair's record may then still name a sandbox this
+// instance removed, which would make s look like that sandbox's duplicate:
+// only catchUp, which makes the removals first, writes s to Redis. (A
+// keepalive may come first: the reaper ticks while the probe, or a call
+// the breaker let through again, finds that Redis answers.)
+func (m *Manager) awaitsCatchUp(s *slot) bool {
+	if m.unannouncedCount() == 0 {
+		return false
+	}
+	m.unpubMu.Lock()
+	defer m.unpubMu.Unlock()
+	_, ok := m.unpublished[s]
+	return ok
+}
+
 // catchUp makes what waited for Redis to answer again: the removals it
 // did not answer first, then the publication of the sandboxes created
 // meanwhile, and only once every removal is made. In that order because a

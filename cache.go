@@ -342,9 +342,10 @@ func (m *Manager) uncacheSlot(ctx context.Context, s *slot) {
 // is gone (Redis lost its data, or it expired) is written again while s may
 // still be handed out, and a record that names another sandbox supersedes s
 // (then cacheTouch reports true). A Redis error is logged: the provider
-// deadline alone still holds.
+// deadline alone still holds. A sandbox that waits for the catch-up is left
+// to it (see awaitsCatchUp).
 func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (superseded bool) {
-	if m.store == nil {
+	if m.store == nil || m.awaitsCatchUp(s) {
 		return false
 	}
 	res, err := m.store.touch(ctx, s, deadline, m.stale())

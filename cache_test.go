@@ -826,6 +826,46 @@ func TestRedisReaperIgnoresARecordPastMaxAge(t *testing.T) {
 	}
 }
 
+// The keepalive of a sandbox created while Redis was down, when it comes
+// before the recovery's catch-up (the reaper ticks while the breaker lets
+// calls through again), leaves Redis to the catch-up while removals wait:
+// the record may still name a sandbox this instance removed during the
+// outage. Before, the keepalive read that record as the pair's sandbox and
+// retired the new one as its duplicate, the fault the catch-up's order
+// (TestRedisOutageRemoveThenAcquireKeepsTheNewSandbox) had closed for the
+// publication only.
+func TestRedisKeepaliveBeforeTheCatchUpKeepsTheNewSandbox(t *testing.T) {
+	c := newMiniCluster(t)
+	a := c.instance(t, func(cfg *sandboxpool.Config) { sandboxpool.SlowRedisProbe(cfg, time.Hour) }) // the reaper comes first
+	b := c.instance(t)
+	old := acquireID(t, a, "u", "p")
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	require.ErrorIs(t, a.Remove(context.Background(), "u", "p"), sandboxpool.ErrUnavailable)
+	l, err := a.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer l.Release()
+	fresh := l.Sandbox().ID
+	require.NotEqual(t, old, fresh)
+	require.EqualValues(t, 1, a.Stats().UnannouncedRemovals)
+	c.mr.SetError("")
+
+	time.Sleep(50 * time.Millisecond) // past the breaker's cooldown: the reaper's calls reach Redis
+	touches, until := a.Stats().Touches, c.clock.Now().Add(c.base.IdleTimeout)
+	for a.Stats().Touches == touches { // to the new sandbox's first keepalive
+		require.True(t, c.clock.Now().Before(until), "no keepalive")
+		c.advance(5 * time.Second)
+		a.ReapNow()
+	}
+	assert.Zero(t, a.Stats().Superseded, "the new sandbox was retired as a duplicate of the removed one")
+	assert.Equal(t, old, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "nothing written before the removal is made")
+	assert.EqualValues(t, 1, a.Stats().UnannouncedRemovals)
+
+	require.NoError(t, a.Close(context.Background())) // the catch-up
+	assert.Equal(t, fresh, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+	assert.Equal(t, fresh, acquireID(t, b, "u", "p"), "another instance reuses it")
+	assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+}
+
 // A Remove while Redis is down kills the pair's sandbox and says that
 // Redis failed as ErrUnavailable, which a service answers with 503 and a
 // retry finishes; before, it was an unclassified error (500 in the example
