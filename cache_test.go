@@ -252,6 +252,39 @@ func TestRealRedisCreateOutlastingLockTTLKeepsItsLock(t *testing.T) {
 	assert.Zero(t, a.Stats().LockLost)
 }
 
+// A create's lock outlives a refresh that Redis failed (a blip: a stall,
+// a dropped connection): the next refresh renews it. Before, the first
+// failed refresh stopped the refreshing for good, so the lock expired under
+// a create that outlasted it, and the instance waiting for the pair made a
+// second sandbox.
+func TestRealRedisCreateLockOutlivesAFailedRefresh(t *testing.T) {
+	const ttl = 450 * time.Millisecond // refreshed every 150 ms
+	c := newRealCluster(t, func(cfg *sandboxpool.Config) { cfg.LockTTL = ttl })
+	hook := &faultHook{key: "sandboxpool:{u:p}:lock", fate: func(n int, _ redis.Cmder) fate {
+		if n == 2 { // the first refresh, after the lock's grant
+			return fail
+		}
+		return pass
+	}}
+	a := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Redis = c.client(t, hook) })
+	b := c.instance(t)
+	c.p.SetLatency(fp.OpCreate, 5*ttl)
+	first := acquireAsync(a, "u", "p")
+	require.Eventually(t, func() bool { return c.p.Calls(fp.OpCreate) == 1 }, 5*time.Second, time.Millisecond)
+	second := acquireAsync(b, "u", "p") // waits for the lock
+
+	ra, rb := result(t, first), result(t, second)
+	require.NoError(t, ra.err)
+	require.NoError(t, rb.err)
+	hook.mu.Lock()
+	refreshes := hook.seen - 3 // the grant, the publish and the release
+	hook.mu.Unlock()
+	require.GreaterOrEqual(t, refreshes, 3, "the create outlasted several refreshes, one of them failed")
+	assert.Equal(t, ra.id, rb.id, "the other instance made its own sandbox")
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+	assert.Zero(t, a.Stats().LockLost)
+}
+
 // FuzzRecord: whatever another program (or a hand edit) leaves in a
 // pair's record, parsing it never panics, and the times of a record it
 // accepts are the unix ms written, as nanoseconds that did not overflow;

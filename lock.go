@@ -17,7 +17,8 @@ const lockRetry = 25 * time.Millisecond
 
 // pairLock is a held per-pair create lock in Redis (redislock), refreshed
 // every LockTTL/3 until released, so a holder that dies frees the pair
-// within LockTTL and a live one never loses it to expiry.
+// within LockTTL, and a live one loses it to expiry only if Redis fails
+// two refreshes in a row.
 type pairLock struct {
 	lock *redislock.Lock
 	stop chan struct{}
@@ -122,9 +123,10 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 				// publish will find out (it checks the token; Stats.LockLost).
 				return
 			case err != nil:
-				// Unreachable: publish will find out too.
+				// No answer: try again at the next tick, which comes before
+				// the lock expires, so a blip (a stall, a dropped connection)
+				// costs no lock. If Redis stays away, publish finds out.
 				m.ctr.redisErrors.Add(1)
-				return
 			}
 		}
 	}
