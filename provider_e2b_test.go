@@ -111,6 +111,21 @@ func TestE2BNotFoundReplaces(t *testing.T) {
 	assert.Equal(t, []string{id2}, e.srv.Running())
 }
 
+// An Acquire whose keepalive meets a sandbox being killed (E2B answers the
+// timeout 409) is given a new sandbox: the conflict is retried until E2B
+// says the sandbox is gone. Before, the 409 failed the Acquire.
+func TestE2BSandboxBeingKilledIsReplaced(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{})
+	id := acquireID(t, e.m, "u", "p")
+	e.clock.Advance(4 * time.Minute) // within a quarter of IdleTimeout of its deadline: the Acquire extends it
+	e.srv.Inject(e2btest.OpTimeout, e2btest.Fault{Status: http.StatusConflict, Message: "Sandbox \"" + id + "\" is being killed"})
+	e.srv.Vanish(id)
+	id2 := acquireID(t, e.m, "u", "p")
+	assert.NotEqual(t, id, id2)
+	assert.EqualValues(t, 2, e.srv.Calls(e2btest.OpTimeout), "the conflict, then the not-found")
+	assert.Equal(t, []string{id2}, e.srv.Running())
+}
+
 // A paused sandbox is not running: it is found by metadata and resumed,
 // not duplicated.
 func TestE2BPausedIsResumed(t *testing.T) {

@@ -220,24 +220,29 @@ func TestLargeAnswersDecodeWholeAndHugeOnesAreRefused(t *testing.T) {
 	assert.EqualValues(t, 1, calls.Load(), "not retried")
 }
 
-// A connect answered 409 (the sandbox is being paused, snapshotted or
-// killed) is retried: it resumes, or comes back 404 once the sandbox is gone,
-// which is the definitive not-found the pool replaces on.
-func TestConnectRetriesAConflict(t *testing.T) {
-	c, srv, _ := setup(t, e2btest.Config{})
-	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
-	require.NoError(t, err)
-	srv.Inject(e2btest.OpConnect, e2btest.Fault{Status: http.StatusConflict, Message: "Sandbox \"" + sb.ID + "\" is being paused"},
-		e2btest.Fault{Status: http.StatusConflict})
-	got, err := c.Connect(ctx, sb.ID, time.Minute)
-	require.NoError(t, err)
-	assert.Equal(t, sb.ID, got.ID)
-	assert.EqualValues(t, 3, srv.Calls(e2btest.OpConnect))
+// A connect or a set-timeout answered 409 (the sandbox is being paused,
+// snapshotted or killed) is retried: it runs again, or comes back 404 once
+// the sandbox is gone, which is the definitive not-found the pool replaces
+// on (within the Acquire that met it: TestE2BSandboxBeingKilledIsReplaced).
+func TestConflictsAreRetried(t *testing.T) {
+	for op, call := range map[e2btest.Op]func(c *e2b.Client, id string) error{
+		e2btest.OpConnect: func(c *e2b.Client, id string) error { _, err := c.Connect(ctx, id, time.Minute); return err },
+		e2btest.OpTimeout: func(c *e2b.Client, id string) error { return c.SetTimeout(ctx, id, time.Minute) },
+	} {
+		t.Run(string(op), func(t *testing.T) {
+			c, srv, _ := setup(t, e2btest.Config{})
+			sb, err := c.Create(ctx, e2b.CreateParams{Template: "base"})
+			require.NoError(t, err)
+			srv.Inject(op, e2btest.Fault{Status: http.StatusConflict, Message: "Sandbox \"" + sb.ID + "\" is being paused"},
+				e2btest.Fault{Status: http.StatusConflict})
+			require.NoError(t, call(c, sb.ID))
+			assert.EqualValues(t, 3, srv.Calls(op))
 
-	srv.Inject(e2btest.OpConnect, e2btest.Fault{Status: http.StatusConflict, Message: "Sandbox \"" + sb.ID + "\" is being killed"})
-	require.NoError(t, c.Kill(ctx, sb.ID))
-	_, err = c.Connect(ctx, sb.ID, time.Minute)
-	require.ErrorIs(t, err, e2b.ErrNotFound, "the retry finds it gone")
+			srv.Inject(op, e2btest.Fault{Status: http.StatusConflict, Message: "Sandbox \"" + sb.ID + "\" is being killed"})
+			require.NoError(t, c.Kill(ctx, sb.ID))
+			require.ErrorIs(t, call(c, sb.ID), e2b.ErrNotFound, "the retry finds it gone")
+		})
+	}
 }
 
 // A create answered 201 with a body that names no sandbox may still have

@@ -257,10 +257,12 @@ func (c *Client) Kill(ctx context.Context, id string) error {
 }
 
 // SetTimeout makes the sandbox expire timeout from now; it may shorten the
-// deadline. A paused sandbox is not found here.
+// deadline. A paused sandbox is not found here. A 409 says the sandbox is
+// not running (being paused or killed): retried, it runs again, or comes
+// back 404 once it is gone.
 func (c *Client) SetTimeout(ctx context.Context, id string, timeout time.Duration) error {
 	body := e2bapi.SandboxTimeoutRequest{Timeout: seconds(timeout)}
-	_, _, err := c.do(ctx, call{op: "set timeout", sandboxID: id, idempotent: true, ok: []int{http.StatusNoContent}},
+	_, _, err := c.do(ctx, call{op: "set timeout", sandboxID: id, idempotent: true, retryConflict: true, ok: []int{http.StatusNoContent}},
 		func() (*http.Response, error) { return c.api.PostSandboxesSandboxIDTimeout(ctx, id, body) })
 	return err
 }
