@@ -285,6 +285,25 @@ func TestRealRedisCreateLockOutlivesAFailedRefresh(t *testing.T) {
 	assert.Zero(t, a.Stats().LockLost)
 }
 
+// A Close whose ctx ends while a create is in flight cancels the create and
+// still lets go of the pair's create lock. Before, the release ran on the
+// cancelled context and never reached Redis: the other instances waiting
+// for the pair waited out LockTTL for a create that had ended.
+func TestCloseCutShortReleasesTheCreateLock(t *testing.T) {
+	c := newMiniCluster(t)
+	a := c.instance(t)
+	c.p.SetLatency(fp.OpCreate, time.Hour)
+	cut := acquireAsync(a, "u", "p")
+	require.Eventually(t, func() bool { return c.p.Calls(fp.OpCreate) == 1 }, 5*time.Second, time.Millisecond)
+	require.True(t, c.mr.Exists("sandboxpool:{u:p}:lock"), "the create holds the lock")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, a.Close(ctx), context.DeadlineExceeded)
+	require.ErrorIs(t, result(t, cut).err, sandboxpool.ErrClosed)
+	assert.False(t, c.mr.Exists("sandboxpool:{u:p}:lock"), "the lock was left to expire")
+}
+
 // FuzzRecord: whatever another program (or a hand edit) leaves in a
 // pair's record, parsing it never panics, and the times of a record it
 // accepts are the unix ms written, as nanoseconds that did not overflow;

@@ -66,9 +66,17 @@ func (m *Manager) tryLock(ctx context.Context, k pairKey, token string) (l *redi
 
 // unlock releases l, under its own RedisTimeout: the caller's ctx may have
 // ended. Its turn may wait up to LockTTL, when l expires anyway. A lock
-// that expired meanwhile (ErrLockNotHeld) needs nothing.
+// that expired meanwhile (ErrLockNotHeld) needs nothing. When Close has
+// cut the create short (the Manager's context is cancelled, and Close
+// waits for the create to return), l is still released, so the other
+// instances need not wait out LockTTL for a create that ended; its turn
+// then waits RedisTimeout at most.
 func (m *Manager) unlock(l *redislock.Lock) {
-	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.LockTTL)
+	wait := m.cfg.LockTTL
+	if m.baseCtx.Err() != nil {
+		wait = m.cfg.RedisTimeout
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.baseCtx), wait)
 	defer cancel()
 	_ = m.store.bounded(ctx, func(call context.Context) error { return l.Release(call) })
 }

@@ -180,6 +180,48 @@ func TestRecordsPastMaxAgeNameNoSandbox(t *testing.T) {
 	}
 }
 
+// blockedCreate is a provider whose creates last until their ctx ends.
+type blockedCreate struct {
+	stubProvider
+	started chan struct{} // closed by the first create
+	once    sync.Once
+}
+
+func (p *blockedCreate) Create(ctx context.Context, _ CreateRequest) (Sandbox, error) {
+	p.once.Do(func() { close(p.started) })
+	<-ctx.Done()
+	return Sandbox{}, ctx.Err()
+}
+
+// A Close cut short lets go of the create locks of the creates it cut
+// (TestCloseCutShortReleasesTheCreateLock), but waits RedisTimeout at most
+// for a Redis turn to do it, not LockTTL: a Redis whose connections are all
+// busy cannot hold a shutdown that long past its deadline.
+func TestCloseCutShortWaitsForATurnRedisTimeoutAtMost(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), PoolSize: 2})
+	defer rdb.Close()
+	p := &blockedCreate{started: make(chan struct{})}
+	m, err := New(Config{Provider: p, Redis: rdb, LockTTL: time.Hour, RedisTimeout: 50 * time.Millisecond})
+	require.NoError(t, err)
+	go func() { _, _ = m.Acquire(context.Background(), "u", "p") }()
+	<-p.started
+	require.NoError(t, m.store.turns.Acquire(context.Background(), 2), "every turn, held elsewhere")
+	defer m.store.turns.Release(2)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	closed := make(chan error, 1)
+	go func() { closed <- m.Close(ctx) }()
+	select {
+	case err := <-closed:
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close waited for a Redis turn past RedisTimeout")
+	}
+	assert.True(t, mr.Exists(m.store.lockKey(pairKey{"u", "p"})), "no turn, no release: the lock expires at its TTL")
+}
+
 // Records Redis returns but that do not parse, and keys of another type,
 // are errors of those pairs, not of Redis: they never open the breaker, so a
 // few bad keys cannot switch every pair to uncoordinated creates.
