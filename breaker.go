@@ -228,6 +228,17 @@ const defaultPoolSize = 10
 // degraded reports whether the breaker is not closed.
 func (st *store) degraded() bool { return st.cb.State() != gobreaker.StateClosed }
 
+// outlive returns ctx while it lasts, and once it has ended a context that
+// outlives it by RedisTimeout: for a Redis call that undoes what a create
+// took (its lock, its quota place), which must reach Redis even when Close
+// cut the create short.
+func (m *Manager) outlive(ctx context.Context) (context.Context, context.CancelFunc) {
+	if ctx.Err() == nil {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(context.WithoutCancel(ctx), m.cfg.RedisTimeout)
+}
+
 // ping probes Redis through the breaker.
 func (st *store) ping(ctx context.Context) error {
 	return st.do(ctx, func(ctx context.Context) error { return st.rdb.Ping(ctx).Err() })

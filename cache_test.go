@@ -286,11 +286,12 @@ func TestRealRedisCreateLockOutlivesAFailedRefresh(t *testing.T) {
 }
 
 // A Close whose ctx ends while a create is in flight cancels the create and
-// still lets go of the pair's create lock. Before, the release ran on the
-// cancelled context and never reached Redis: the other instances waiting
-// for the pair waited out LockTTL for a create that had ended.
+// still lets go of the pair's create lock and quota place. Before, both ran
+// on the cancelled context and never reached Redis: the other instances
+// waiting for the pair waited out LockTTL for a create that had ended, and
+// the place counted against MaxSandboxes until CreateTimeout.
 func TestCloseCutShortReleasesTheCreateLock(t *testing.T) {
-	c := newMiniCluster(t)
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.MaxSandboxes = 1 })
 	a := c.instance(t)
 	c.p.SetLatency(fp.OpCreate, time.Hour)
 	cut := acquireAsync(a, "u", "p")
@@ -302,6 +303,8 @@ func TestCloseCutShortReleasesTheCreateLock(t *testing.T) {
 	require.ErrorIs(t, a.Close(ctx), context.DeadlineExceeded)
 	require.ErrorIs(t, result(t, cut).err, sandboxpool.ErrClosed)
 	assert.False(t, c.mr.Exists("sandboxpool:{u:p}:lock"), "the lock was left to expire")
+	places, _ := c.mr.ZMembers("sandboxpool:live")
+	assert.Empty(t, places, "the create's quota place was left to expire")
 }
 
 // FuzzRecord: whatever another program (or a hand edit) leaves in a

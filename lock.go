@@ -68,16 +68,14 @@ func (m *Manager) tryLock(ctx context.Context, k pairKey, token string) (l *redi
 // ended. Its turn may wait up to LockTTL, when l expires anyway. A lock
 // that expired meanwhile (ErrLockNotHeld) needs nothing. When Close has
 // cut the create short (the Manager's context is cancelled, and Close
-// waits for the create to return), l is still released, so the other
-// instances need not wait out LockTTL for a create that ended; its turn
-// then waits RedisTimeout at most.
+// waits for the create to return), l is still released (see outlive), so
+// the other instances need not wait out LockTTL for a create that ended;
+// its turn then waits RedisTimeout at most.
 func (m *Manager) unlock(l *redislock.Lock) {
-	wait := m.cfg.LockTTL
-	if m.baseCtx.Err() != nil {
-		wait = m.cfg.RedisTimeout
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.baseCtx), wait)
+	ttl, cancel := context.WithTimeout(m.baseCtx, m.cfg.LockTTL)
 	defer cancel()
+	ctx, cancelOutlive := m.outlive(ttl)
+	defer cancelOutlive()
 	_ = m.store.bounded(ctx, func(call context.Context) error { return l.Release(call) })
 }
 

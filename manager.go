@@ -519,7 +519,11 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, tok
 	}
 	s, err := m.createLocal(ctx, k, false)
 	if err != nil {
-		_ = m.store.unreserve(ctx, k)
+		// The place goes even when ctx has ended (Close cut the create
+		// short), or it would count against the quotas until CreateTimeout.
+		uctx, cancel := m.outlive(ctx)
+		_ = m.store.unreserve(uctx, k)
+		cancel()
 		return nil, err
 	}
 	ok, err := m.store.publish(ctx, s, lock.lock.Token())
