@@ -1051,8 +1051,9 @@ func (m *Manager) forgetLocal(s *slot) {
 // background work stops, and Close waits for it, including fills and
 // Removes in flight, until ctx ends (then they are cancelled, their waiting
 // Acquires and the Removes return ErrClosed, and Close still waits for them
-// to return: a create cut short lets go of its pair's create lock, within
-// RedisTimeout for a turn and RedisTimeout for the call). Sandboxes are
+// to return: a create cut short lets go of its pair's create lock and
+// quota place, within RedisTimeout for a turn and RedisTimeout for each
+// call). Sandboxes are
 // left running: their provider deadlines reap them, or a new Manager
 // reuses them.
 //
