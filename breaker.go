@@ -310,9 +310,10 @@ func (m *Manager) unpublishedCount() int {
 // awaitsCatchUp reports whether s waits to be published while removals
 // wait to be made. Its pair's record may then still name a sandbox this
 // instance removed, which would make s look like that sandbox's duplicate:
-// only catchUp, which makes the removals first, writes s to Redis. (A
-// keepalive may come first: the reaper ticks while the probe, or a call
-// the breaker let through again, finds that Redis answers.)
+// only catchUp, which makes the removals first, writes s to Redis, and no
+// record judges s before then. (The reaper may come first: it ticks while
+// the probe, or a call the breaker let through again, finds that Redis
+// answers.)
 func (m *Manager) awaitsCatchUp(s *slot) bool {
 	if m.unannouncedCount() == 0 {
 		return false

@@ -369,10 +369,11 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 
 // remoteDeadline returns the pair's deadline in Redis, which is later than
 // ours when another instance used the sandbox, or recordAbsent (also
-// without Redis, and for another sandbox's record past MaxAge: see stale),
-// recordSuperseded or recordUnknown.
+// without Redis, for another sandbox's record past MaxAge: see stale, and
+// for a sandbox left to the catch-up: see awaitsCatchUp), recordSuperseded
+// or recordUnknown.
 func (m *Manager) remoteDeadline(ctx context.Context, s *slot) int64 {
-	if m.store == nil {
+	if m.store == nil || m.awaitsCatchUp(s) {
 		return recordAbsent
 	}
 	rec, ok, err := m.store.get(ctx, s.key)

@@ -881,44 +881,66 @@ func TestRedisReaperIgnoresARecordPastMaxAge(t *testing.T) {
 	}
 }
 
-// The keepalive of a sandbox created while Redis was down, when it comes
-// before the recovery's catch-up (the reaper ticks while the breaker lets
-// calls through again), leaves Redis to the catch-up while removals wait:
-// the record may still name a sandbox this instance removed during the
-// outage. Before, the keepalive read that record as the pair's sandbox and
-// retired the new one as its duplicate, the fault the catch-up's order
+// The reaper, when it comes before the recovery's catch-up (it ticks while
+// the breaker lets calls through again), leaves a sandbox created while
+// Redis was down to the catch-up while removals wait: the pair's record may
+// still name a sandbox this instance removed during the outage. Its
+// keepalive writes nothing to Redis, and its idle eviction is an eviction.
+// Before, both read that record as the pair's sandbox and retired the new
+// one as its duplicate, the fault the catch-up's order
 // (TestRedisOutageRemoveThenAcquireKeepsTheNewSandbox) had closed for the
 // publication only.
-func TestRedisKeepaliveBeforeTheCatchUpKeepsTheNewSandbox(t *testing.T) {
-	c := newMiniCluster(t)
-	a := c.instance(t, func(cfg *sandboxpool.Config) { sandboxpool.SlowRedisProbe(cfg, time.Hour) }) // the reaper comes first
-	b := c.instance(t)
-	old := acquireID(t, a, "u", "p")
-	c.mr.SetError("LOADING Redis is loading the dataset in memory")
-	require.ErrorIs(t, a.Remove(context.Background(), "u", "p"), sandboxpool.ErrUnavailable)
-	l, err := a.Acquire(context.Background(), "u", "p")
-	require.NoError(t, err)
-	defer l.Release()
-	fresh := l.Sandbox().ID
-	require.NotEqual(t, old, fresh)
-	require.EqualValues(t, 1, a.Stats().UnannouncedRemovals)
-	c.mr.SetError("")
+func TestRedisReaperBeforeTheCatchUpKeepsTheNewSandbox(t *testing.T) {
+	for _, leased := range []bool{true, false} {
+		t.Run(map[bool]string{true: "keepalive", false: "idle eviction"}[leased], func(t *testing.T) {
+			c := newMiniCluster(t)
+			a := c.instance(t, func(cfg *sandboxpool.Config) { sandboxpool.SlowRedisProbe(cfg, time.Hour) }) // the reaper comes first
+			b := c.instance(t)
+			old := acquireID(t, a, "u", "p")
+			c.mr.SetError("LOADING Redis is loading the dataset in memory")
+			require.ErrorIs(t, a.Remove(context.Background(), "u", "p"), sandboxpool.ErrUnavailable)
+			l, err := a.Acquire(context.Background(), "u", "p")
+			require.NoError(t, err)
+			fresh := l.Sandbox().ID
+			require.NotEqual(t, old, fresh)
+			require.EqualValues(t, 1, a.Stats().UnannouncedRemovals)
+			c.mr.SetError("")
+			time.Sleep(50 * time.Millisecond) // past the breaker's cooldown: the reaper's calls reach Redis
 
-	time.Sleep(50 * time.Millisecond) // past the breaker's cooldown: the reaper's calls reach Redis
-	touches, until := a.Stats().Touches, c.clock.Now().Add(c.base.IdleTimeout)
-	for a.Stats().Touches == touches { // to the new sandbox's first keepalive
-		require.True(t, c.clock.Now().Before(until), "no keepalive")
-		c.advance(5 * time.Second)
-		a.ReapNow()
+			until := c.clock.Now().Add(c.base.IdleTimeout + time.Minute)
+			if !leased {
+				l.Release()
+				evicted := a.Stats().Evictions
+				for a.Stats().Evictions == evicted && a.Stats().Superseded == 0 { // to its idle deadline
+					// Redis's clock stands still: the removed sandbox's record
+					// outlives the new one's idle deadline, as another
+					// instance's keepalive would make it.
+					require.True(t, c.clock.Now().Before(until), "never left the pool")
+					c.clock.Advance(5 * time.Second)
+					a.ReapNow()
+				}
+				assert.Zero(t, a.Stats().Superseded, "retired as a duplicate of the removed sandbox")
+				assert.Equal(t, evicted+1, a.Stats().Evictions, "evicted when idle")
+				assert.Equal(t, old, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "nothing written before the removal is made")
+				return
+			}
+			defer l.Release()
+			touches := a.Stats().Touches
+			for a.Stats().Touches == touches { // to the new sandbox's first keepalive
+				require.True(t, c.clock.Now().Before(until), "no keepalive")
+				c.advance(5 * time.Second)
+				a.ReapNow()
+			}
+			assert.Zero(t, a.Stats().Superseded, "the new sandbox was retired as a duplicate of the removed one")
+			assert.Equal(t, old, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "nothing written before the removal is made")
+			assert.EqualValues(t, 1, a.Stats().UnannouncedRemovals)
+
+			require.NoError(t, a.Close(context.Background())) // the catch-up
+			assert.Equal(t, fresh, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
+			assert.Equal(t, fresh, acquireID(t, b, "u", "p"), "another instance reuses it")
+			assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
+		})
 	}
-	assert.Zero(t, a.Stats().Superseded, "the new sandbox was retired as a duplicate of the removed one")
-	assert.Equal(t, old, c.hget(t, "sandboxpool:{u:p}:sbx", "id"), "nothing written before the removal is made")
-	assert.EqualValues(t, 1, a.Stats().UnannouncedRemovals)
-
-	require.NoError(t, a.Close(context.Background())) // the catch-up
-	assert.Equal(t, fresh, c.hget(t, "sandboxpool:{u:p}:sbx", "id"))
-	assert.Equal(t, fresh, acquireID(t, b, "u", "p"), "another instance reuses it")
-	assert.EqualValues(t, 2, c.p.Calls(fp.OpCreate))
 }
 
 // A Remove while Redis is down kills the pair's sandbox and says that
