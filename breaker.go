@@ -348,7 +348,7 @@ func (m *Manager) catchUp(ctx context.Context) {
 // for the pair meanwhile, that one is canonical: ours is superseded
 // (retired and left to its provider deadline: another instance may have
 // adopted it meanwhile). A record no Acquire would be given (past MaxAge,
-// see Manager.adopt) is not canonical: ours is written over it.
+// see Manager.stale) is not canonical: ours is written over it.
 func (m *Manager) reconcile(ctx context.Context) {
 	m.unpubMu.Lock()
 	pending := make([]*slot, 0, len(m.unpublished))

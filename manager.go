@@ -1053,9 +1053,8 @@ func (m *Manager) forgetLocal(s *slot) {
 // Acquires and the Removes return ErrClosed, and Close still waits for them
 // to return: a create cut short lets go of its pair's create lock and
 // quota place, within RedisTimeout for a turn and RedisTimeout for each
-// call). Sandboxes are
-// left running: their provider deadlines reap them, or a new Manager
-// reuses them.
+// call). Sandboxes are left running: their provider deadlines reap them,
+// or a new Manager reuses them.
 //
 // Once background work has stopped, Close makes one last try, within ctx
 // and at most settleTimeout, at what waits for Redis to answer: it
