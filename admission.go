@@ -236,9 +236,11 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *c
 			err = fmt.Errorf("%w: %d sandboxes alive (limit %d)", ErrQuotaExceeded, -n, limits[i])
 		}
 		if err != nil {
+			rctx, cancel := m.outlive(ctx) // given back even when Close cut the create short
 			for _, taken := range added {
-				_ = m.store.do(ctx, func(ctx context.Context) error { return m.store.rdb.ZRem(ctx, taken, pairMember(k)).Err() })
+				_ = m.store.do(rctx, func(ctx context.Context) error { return m.store.rdb.ZRem(ctx, taken, pairMember(k)).Err() })
 			}
+			cancel()
 			return err
 		}
 		if n == 1 {

@@ -225,6 +225,57 @@ func TestCloseCutShortWaitsForATurnRedisTimeoutAtMost(t *testing.T) {
 	assert.True(t, mr.Exists(m.store.lockKey(pairKey{"u", "p"})), "no turn, no release: the lock expires at its TTL")
 }
 
+// heldUntilEnded holds the first Redis command that carries arg until
+// its context ends, and closes entered when it arrives.
+type heldUntilEnded struct {
+	arg     string
+	entered chan struct{}
+	once    *sync.Once
+}
+
+func (heldUntilEnded) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (heldUntilEnded) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+func (h heldUntilEnded) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		held := false
+		if slices.Contains(cmd.Args(), any(h.arg)) {
+			h.once.Do(func() { held = true; close(h.entered) })
+		}
+		if held {
+			<-ctx.Done()
+			cmd.SetErr(ctx.Err())
+			return ctx.Err()
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// A create that Close cuts short between its two quota reservations (the
+// user's set, then the global one) gives back the place the first took.
+// Before, the give-back ran on the ended context, and the place counted
+// against MaxPerUser until CreateTimeout.
+func TestCloseCutShortBetweenTheQuotaSetsGivesThePlaceBack(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), MaxRetries: -1})
+	defer rdb.Close()
+	entered := make(chan struct{})
+	rdb.AddHook(heldUntilEnded{arg: "sandboxpool:live", entered: entered, once: new(sync.Once)})
+	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, MaxSandboxes: 10, MaxPerUser: 10, RedisTimeout: time.Minute})
+	require.NoError(t, err)
+	acquired := make(chan error, 1)
+	go func() { _, err := m.Acquire(context.Background(), "u", "p"); acquired <- err }()
+	<-entered
+	require.True(t, mr.Exists(m.store.userLiveKey("u")), "the user's set took the place first")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, m.Close(ctx), context.DeadlineExceeded)
+	require.ErrorIs(t, <-acquired, ErrClosed)
+	assert.False(t, mr.Exists(m.store.userLiveKey("u")), "the user's place was left to expire")
+}
+
 // Records Redis returns but that do not parse, and keys of another type,
 // are errors of those pairs, not of Redis: they never open the breaker, so a
 // few bad keys cannot switch every pair to uncoordinated creates.
