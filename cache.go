@@ -197,11 +197,16 @@ func (st *store) adopt(ctx context.Context, s *slot, deadline, stale int64) (str
 }
 
 // stale is the latest creation time (unix ns) of a record no Acquire is
-// given now: one past MaxAge, hotGuard included (see fromCache). Such a
+// given now: one past MaxAge, hotGuard included (see staleAt). Such a
 // record names no sandbox of the pair's: a holder's keepalive may keep it
 // alive past MaxAge, but a sandbox that Redis does not name yet (created
 // while Redis was down) is written over it, not retired as its duplicate.
-func (m *Manager) stale() int64 { return m.clock.precise() + m.guard - int64(m.cfg.MaxAge) }
+func (m *Manager) stale() int64 { return m.staleAt(m.clock.precise()) }
+
+// staleAt is stale at now (unix ns): a sandbox created at or before it is
+// past MaxAge, hotGuard included, and is not reconnected (fromCache),
+// adopted (adoptFound) or written back to Redis (cacheTouch) again.
+func (m *Manager) staleAt(now int64) int64 { return now + m.guard - int64(m.cfg.MaxAge) }
 
 // adopt writes s, with deadline, as its pair's record unless the pair has
 // one that an Acquire may still be given; it returns the canonical id.
@@ -269,7 +274,7 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 	// ahead, or a hand edit) is timed from now: MaxAge is never stretched
 	// past now+MaxAge.
 	rec.created = min(rec.created, now)
-	if now+m.guard >= rec.created+int64(m.cfg.MaxAge) {
+	if rec.created <= m.staleAt(now) {
 		// Past MaxAge: not handed out again. Its holders retire it; the
 		// record makes way for a new sandbox.
 		_, _ = m.store.compareDelete(ctx, k, rec.id)
@@ -349,7 +354,7 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 		return false
 	}
 	res, err := m.store.touch(ctx, s, deadline, m.stale())
-	if err == nil && res == recordAbsent && s.state() == stateLive && m.clock.precise()+m.guard < m.expiresAt(s) {
+	if err == nil && res == recordAbsent && s.state() == stateLive && s.createdAt > m.stale() {
 		var id string
 		if id, err = m.adopt(ctx, s, deadline); err == nil && id != s.id {
 			res = recordSuperseded

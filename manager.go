@@ -304,12 +304,18 @@ func (m *Manager) runFill(sh *shard, k pairKey, f *flight) {
 	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.CreateTimeout)
 	defer cancel()
 	s, o, err := m.fill(ctx, sh, k)
-	if err != nil && m.baseCtx.Err() != nil {
-		// Close gave up waiting and cancelled the fill: its waiters learn
-		// that the Manager closed, with the cause kept.
-		err = fmt.Errorf("%w: %w", ErrClosed, err)
+	m.pool.finish(sh, k, f, s, o, m.closedErr(err))
+}
+
+// closedErr is err of work that Close cut short (it gave up waiting and
+// cancelled the Manager's context), wrapped with ErrClosed so that the
+// caller learns that the Manager closed, with the cause kept; any other
+// err as it is.
+func (m *Manager) closedErr(err error) error {
+	if err == nil || m.baseCtx.Err() == nil || errors.Is(err, ErrClosed) {
+		return err
 	}
-	m.pool.finish(sh, k, f, s, o, err)
+	return fmt.Errorf("%w: %w", ErrClosed, err)
 }
 
 // fill makes sure the pair has a usable slot in the pool: it probes or
@@ -633,7 +639,7 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 	now := m.clock.precise()
 	for i, sb := range found {
 		created := min(sb.CreatedAt.UnixNano(), now) // a provider clock ahead does not stretch MaxAge
-		if now+m.guard >= created+int64(m.cfg.MaxAge) {
+		if created <= m.staleAt(now) {
 			// Past MaxAge: never handed out again. It may still be leased
 			// (here or elsewhere), so it is left to its holder and to its
 			// provider deadline, which is aligned with MaxAge.
@@ -644,7 +650,7 @@ func (m *Manager) adoptFound(ctx context.Context, k pairKey, found []Sandbox) (*
 			m.ctr.adopted.Add(1)
 			if m.store == nil { // alone: older duplicates are an earlier process's leftovers
 				for _, dup := range found[i+1:] {
-					if now+m.guard < dup.CreatedAt.UnixNano()+int64(m.cfg.MaxAge) {
+					if dup.CreatedAt.UnixNano() > m.staleAt(now) {
 						_ = m.killID(ctx, dup.ID, "duplicate sandbox of the pair") // counted and logged
 					}
 				}
@@ -791,11 +797,7 @@ func (m *Manager) Remove(ctx context.Context, user, project string) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	defer context.AfterFunc(m.baseCtx, func() { cancel(ErrClosed) })()
-	err := m.remove(ctx, user, project)
-	if err != nil && m.baseCtx.Err() != nil && !errors.Is(err, ErrClosed) {
-		err = fmt.Errorf("%w: %w", ErrClosed, err)
-	}
-	return err
+	return m.closedErr(m.remove(ctx, user, project))
 }
 
 // enter counts a caller's call in the work Close waits for, unless Close

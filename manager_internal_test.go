@@ -225,33 +225,6 @@ func TestCloseCutShortWaitsForATurnRedisTimeoutAtMost(t *testing.T) {
 	assert.True(t, mr.Exists(m.store.lockKey(pairKey{"u", "p"})), "no turn, no release: the lock expires at its TTL")
 }
 
-// heldUntilEnded holds the first Redis command that carries arg until
-// its context ends, and closes entered when it arrives.
-type heldUntilEnded struct {
-	arg     string
-	entered chan struct{}
-	once    *sync.Once
-}
-
-func (heldUntilEnded) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (heldUntilEnded) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
-func (h heldUntilEnded) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return func(ctx context.Context, cmd redis.Cmder) error {
-		held := false
-		if slices.Contains(cmd.Args(), any(h.arg)) {
-			h.once.Do(func() { held = true; close(h.entered) })
-		}
-		if held {
-			<-ctx.Done()
-			cmd.SetErr(ctx.Err())
-			return ctx.Err()
-		}
-		return next(ctx, cmd)
-	}
-}
-
 // A create that Close cuts short between its two quota reservations (the
 // user's set, then the global one) gives back the place the first took.
 // Before, the give-back ran on the ended context, and the place counted
@@ -261,7 +234,7 @@ func TestCloseCutShortBetweenTheQuotaSetsGivesThePlaceBack(t *testing.T) {
 	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), MaxRetries: -1})
 	defer rdb.Close()
 	entered := make(chan struct{})
-	rdb.AddHook(heldUntilEnded{arg: "sandboxpool:live", entered: entered, once: new(sync.Once)})
+	rdb.AddHook(gateHook{arg: "sandboxpool:live", entered: entered}) // no release: held until its ctx ends
 	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, MaxSandboxes: 10, MaxPerUser: 10, RedisTimeout: time.Minute})
 	require.NoError(t, err)
 	acquired := make(chan error, 1)
@@ -626,7 +599,9 @@ func gatedManager(t *testing.T, arg string) (m *Manager, entered, release chan s
 }
 
 // gateHook holds the first Redis command that carries arg until release
-// is closed, and closes entered when it arrives.
+// is closed, and closes entered when it arrives. With no release, the
+// command is held until its context ends, and fails with the context's
+// error.
 type gateHook struct {
 	arg              string
 	entered, release chan struct{}
@@ -639,8 +614,21 @@ func (gateHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.Proces
 func (h gateHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	var once sync.Once
 	return func(ctx context.Context, cmd redis.Cmder) error {
+		ended := false
 		if slices.Contains(cmd.Args(), any(h.arg)) {
-			once.Do(func() { close(h.entered); <-h.release })
+			once.Do(func() {
+				close(h.entered)
+				if h.release == nil {
+					<-ctx.Done()
+					ended = true
+					return
+				}
+				<-h.release
+			})
+		}
+		if ended {
+			cmd.SetErr(ctx.Err())
+			return ctx.Err()
 		}
 		return next(ctx, cmd)
 	}
