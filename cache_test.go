@@ -1253,6 +1253,31 @@ func TestRedisIdleSupersededCopyIsNotKilled(t *testing.T) {
 	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill), "%s was not ours to kill", dup)
 }
 
+// A copy used recently, so unleased but not idle, whose keepalive finds
+// that Redis names another sandbox, is retired there and not extended: no
+// lease of this instance needs it, and it may be another instance's.
+func TestRedisSupersededUnleasedCopyIsNotExtended(t *testing.T) {
+	c := newMiniCluster(t)
+	a := c.instance(t)
+	l, err := a.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	dup := l.Sandbox().ID
+	c.advance(time.Minute)
+	l.Release() // idle until 6 min, past its 5 min provider deadline
+	c.supersedeRecord(t, "u", "p")
+	dl, _ := c.p.Deadline(dup)
+
+	c.advance(3 * time.Minute) // inside the touch lead of that deadline: a keepalive is due
+	a.ReapNow()
+	require.EqualValues(t, 1, a.Stats().Superseded)
+	assert.EqualValues(t, 0, a.Stats().Touches)
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpSetTimeout), "a superseded copy no lease needs is not extended")
+	got, alive := c.p.Deadline(dup)
+	assert.True(t, alive && got.Equal(dl), "its provider deadline is left as it was")
+	require.Eventually(t, func() bool { return a.Scheduled() == 0 }, 5*time.Second, time.Millisecond, "forgotten")
+	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill), "%s was not ours to kill", dup)
+}
+
 // When Redis loses its data (a restart without persistence), the next
 // keepalive of a sandbox in use writes its record again, so every instance
 // keeps agreeing on it and none mistakes it for an idle one.
