@@ -199,6 +199,7 @@ type Config struct {
 	// OnAcquire, when set, is called after every Acquire that passed
 	// validation with how it was served and how long it took (metrics; see
 	// package metrics). It runs on the caller's goroutine and must be fast.
+	// If it panics, Acquire panics with it, and releases the lease it took.
 	// default: nil (no timing cost on the hot path).
 	OnAcquire func(Outcome, time.Duration)
 

@@ -204,7 +204,7 @@ func (m *Manager) acquire(ctx context.Context, l *Lease, user, project string) e
 	k := pairKey{user, project}
 	if s := m.hit(k); s != nil {
 		if m.cfg.OnAcquire != nil {
-			m.cfg.OnAcquire(OutcomeMemoryHit, time.Since(start))
+			m.observe(s, OutcomeMemoryHit, start)
 		}
 		l.s, l.outcome = s, OutcomeMemoryHit
 		return nil
@@ -216,10 +216,26 @@ func (m *Manager) acquire(ctx context.Context, l *Lease, user, project string) e
 	sh.slowAcquires.Add(1)
 	s, o, err := m.acquireSlow(ctx, k, sh)
 	if m.cfg.OnAcquire != nil {
-		m.cfg.OnAcquire(o, time.Since(start))
+		m.observe(s, o, start)
 	}
 	l.s, l.outcome = s, o
 	return err
+}
+
+// observe calls OnAcquire for an Acquire that leased s (nil when it
+// failed). If OnAcquire panics, or exits the goroutine (a test's FailNow),
+// the lease is released on the way out: its caller never gets the Lease,
+// and a lease nobody can release would keep the sandbox alive, extended
+// past MaxAge by its keepalive, for as long as the process runs.
+func (m *Manager) observe(s *slot, o Outcome, start time.Time) {
+	returned := false
+	defer func() {
+		if !returned && s != nil {
+			m.release(s)
+		}
+	}()
+	m.cfg.OnAcquire(o, time.Since(start))
+	returned = true
 }
 
 // hit leases k's slot if it can be handed out with no I/O. Only validated

@@ -938,6 +938,39 @@ func TestLeaseOutcome(t *testing.T) {
 	assert.Equal(t, []string{"created", "memory_hit", "error"}, seen, "invalid ids are not observed")
 }
 
+// An OnAcquire that panics panics the Acquire, whose caller never gets
+// the Lease: the lease it took is released, on a create and on a memory
+// hit, or the sandbox would be kept alive by its keepalive for as long as
+// the process runs.
+func TestOnAcquirePanicReleasesTheLease(t *testing.T) {
+	var panicking atomic.Bool
+	e := newEnv(t, func(c *sandboxpool.Config) {
+		c.OnAcquire = func(sandboxpool.Outcome, time.Duration) {
+			if panicking.Load() {
+				panic("metrics broke")
+			}
+		}
+	})
+	acquirePanics := func() (l *sandboxpool.Lease, p any) {
+		defer func() { p = recover() }()
+		l, _ = e.m.Acquire(context.Background(), "u", "p")
+		return l, nil
+	}
+	panicking.Store(true)
+	for _, want := range []string{"created", "memory hit"} {
+		l, p := acquirePanics()
+		require.Nil(t, l, want)
+		require.Equal(t, "metrics broke", p, want)
+		st := e.m.Stats()
+		assert.EqualValues(t, 0, st.Leased, "%s: the lease went with the panic", want)
+		assert.EqualValues(t, 1, st.Active, want)
+	}
+	panicking.Store(false)
+	assert.EqualValues(t, 1, e.m.Stats().Creates)
+	e.acquire(t, "u", "p").Release()
+	assert.EqualValues(t, 0, e.m.Stats().Leased)
+}
+
 // A memory hit is counted in its sandbox's slot, not in a counter that
 // every hit writes: the count must outlive the slot. Stats reports every
 // hit after the sandbox is removed, and after it is replaced.
