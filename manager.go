@@ -641,10 +641,33 @@ func (m *Manager) adoptOrCreate(ctx context.Context, k pairKey) (*slot, error) {
 }
 
 // listPair lists the pair's sandboxes by metadata, leaving out any the
-// provider reports without an ID: there is nothing to connect to or kill.
+// provider reports without an ID (there is nothing to connect to or kill),
+// and any whose reported metadata names another pair or namespace: what it
+// lists is adopted, handed to the pair's user, and killed by Remove, so a
+// provider that did not apply the filter (an API change, a proxy that
+// dropped the query) must not give one user another's sandbox, or make a
+// Remove kill every sandbox of the team.
 func (m *Manager) listPair(ctx context.Context, k pairKey) ([]Sandbox, error) {
-	found, err := m.provider.List(ctx, m.pairMetadata(k))
-	return slices.DeleteFunc(found, func(sb Sandbox) bool { return sb.ID == "" }), err
+	want := m.pairMetadata(k)
+	found, err := m.provider.List(ctx, want)
+	foreign := 0
+	found = slices.DeleteFunc(found, func(sb Sandbox) bool {
+		if sb.ID == "" {
+			return true
+		}
+		for key, v := range want {
+			if sb.Metadata != nil && sb.Metadata[key] != v { // unreported: the provider's filter is trusted
+				foreign++
+				return true
+			}
+		}
+		return false
+	})
+	if foreign > 0 {
+		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: the provider listed sandboxes that do not match the pair's metadata; ignored",
+			slog.String("pair", pairMember(k)), slog.Int("ignored", foreign))
+	}
+	return found, err
 }
 
 // adoptFound connects to the newest of the pair's sandboxes that is younger

@@ -971,6 +971,33 @@ func TestOnAcquirePanicReleasesTheLease(t *testing.T) {
 	assert.EqualValues(t, 0, e.m.Stats().Leased)
 }
 
+// unfilteredList is a Provider whose List ignores the metadata filter, as
+// an API that changed, or a proxy that dropped the query, would.
+type unfilteredList struct{ sandboxpool.Provider }
+
+func (p unfilteredList) List(ctx context.Context, _ map[string]string) ([]sandboxpool.Sandbox, error) {
+	return p.Provider.List(ctx, nil)
+}
+
+// What a provider lists for a pair is adopted and handed to its user, and
+// killed by Remove: a listed sandbox whose metadata names another pair is
+// neither, whatever the provider's filter did.
+func TestListedSandboxesOfAnotherPairAreIgnored(t *testing.T) {
+	e := newEnv(t, func(c *sandboxpool.Config) { c.Provider = unfilteredList{c.Provider} })
+	alice := acquireID(t, e.m, "alice", "p")
+	bob := acquireID(t, e.m, "bob", "p")
+	assert.NotEqual(t, alice, bob, "bob was not given alice's sandbox")
+	assert.EqualValues(t, 0, e.m.Stats().Adopted)
+	assert.EqualValues(t, 2, e.m.Stats().Creates)
+
+	require.NoError(t, e.m.Remove(context.Background(), "bob", "p"))
+	_, alive := e.p.Deadline(alice)
+	assert.True(t, alive, "bob's Remove left alice's sandbox alone")
+	_, alive = e.p.Deadline(bob)
+	assert.False(t, alive)
+	assert.Equal(t, alice, acquireID(t, e.m, "alice", "p"))
+}
+
 // A memory hit is counted in its sandbox's slot, not in a counter that
 // every hit writes: the count must outlive the slot. Stats reports every
 // hit after the sandbox is removed, and after it is replaced.

@@ -44,7 +44,8 @@ type Provider interface {
 	// Kill destroys the sandbox. It returns nil when the sandbox is already gone.
 	Kill(ctx context.Context, id string) error
 	// List returns the sandboxes (running or paused) whose metadata contains
-	// every key/value pair of metadata. The Manager ignores any without an ID.
+	// every key/value pair of metadata. The Manager ignores any without an
+	// ID, and any whose Metadata, when reported, does not contain them.
 	List(ctx context.Context, metadata map[string]string) ([]Sandbox, error)
 }
 

@@ -161,6 +161,38 @@ func TestListStopsWhenAPageTokenRepeats(t *testing.T) {
 	assert.EqualValues(t, 4, calls.Load(), "stops at the first repeat")
 }
 
+// A server that does not apply the metadata filter (an API change, a proxy
+// that dropped the query) lists nothing that does not match it: a caller
+// gets its own sandboxes only, and an unfiltered List gets every one.
+func TestListKeepsOnlyWhatTheFilterMatches(t *testing.T) {
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		var page []string
+		for i, md := range []string{`{"a":"1","b":"2","c":"3"}`, `{"a":"1"}`, `{"a":"1","b":"x"}`, ``} {
+			if md != "" {
+				md = `,"metadata":` + md
+			}
+			page = append(page, fmt.Sprintf(`{"sandboxID":"i%d","templateID":"base","clientID":"c","envdVersion":"0.2.0","cpuCount":2,"memoryMB":512,"diskSizeMB":512,"startedAt":"2026-11-25T12:00:00Z","endAt":"2026-11-25T12:05:00Z","state":"running"%s}`, i, md))
+		}
+		_, _ = w.Write([]byte("[" + strings.Join(page, ",") + "]"))
+	}))
+	defer ts.Close()
+	cl, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret(e2btest.APIKey), BaseURL: ts.URL})
+	require.NoError(t, err)
+	defer cl.CloseIdleConnections()
+	ids := func(filter map[string]string) (out []string) {
+		found, err := cl.List(ctx, filter)
+		require.NoError(t, err)
+		for _, sb := range found {
+			out = append(out, sb.ID)
+		}
+		return out
+	}
+	assert.Equal(t, []string{"i0"}, ids(map[string]string{"a": "1", "b": "2"}))
+	assert.Equal(t, []string{"i0", "i1", "i2"}, ids(map[string]string{"a": "1"}))
+	assert.Equal(t, []string{"i0", "i1", "i2", "i3"}, ids(nil))
+}
+
 // A listing that never ends, each page with a new token, stops at a bound.
 func TestListStopsAfterItsPageBound(t *testing.T) {
 	var calls atomic.Int64

@@ -160,7 +160,10 @@ func (c *Client) Get(ctx context.Context, id string) (Sandbox, error) {
 
 // List returns every sandbox, running or paused, whose metadata contains all
 // the given pairs, following E2B's pages (X-Next-Token). Listed sandboxes
-// carry no envd access token.
+// carry no envd access token. E2B applies the filter; List checks each
+// sandbox listed against it again, so that a server that did not (an API
+// change, a proxy that dropped the query) cannot list a caller sandboxes
+// that are not its own.
 func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbox, error) {
 	params := e2bapi.GetV2SandboxesParams{State: &[]e2bapi.SandboxState{e2bapi.Running, e2bapi.Paused}}
 	limit := int32(listPageSize)
@@ -190,6 +193,9 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 			if l.Metadata != nil {
 				sb.Metadata = map[string]string(*l.Metadata)
 			}
+			if !containsAll(sb.Metadata, metadata) {
+				continue
+			}
 			out = append(out, sb)
 		}
 		next := resp.Header.Get("X-Next-Token")
@@ -207,6 +213,18 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 		seen[next] = true
 		params.NextToken = &next
 	}
+}
+
+// containsAll reports whether md holds every pair of want, as E2B's
+// metadata filter matches: exactly, and never for a sandbox without
+// metadata when want is not empty.
+func containsAll(md, want map[string]string) bool {
+	for k, v := range want {
+		if got, ok := md[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
 }
 
 // EncodeMetadataQuery builds the metadata filter of GET /v2/sandboxes as E2B
