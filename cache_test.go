@@ -1253,6 +1253,30 @@ func TestRedisIdleSupersededCopyIsNotKilled(t *testing.T) {
 	assert.EqualValues(t, 0, c.p.Calls(fp.OpKill), "%s was not ours to kill", dup)
 }
 
+// After Template changes (a deploy), an instance with the new one reuses
+// the pair's sandbox of the old one (Sandbox.Template says which) until it
+// reaches MaxAge, and then creates it anew from the new template.
+func TestRedisTemplateChangeMovesPairsAtMaxAge(t *testing.T) {
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.IdleTimeout = 10 * time.Minute })
+	old := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Template = "v1" })
+	id := acquireID(t, old, "u", "p")
+	deployed := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Template = "v2" })
+	l, err := deployed.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	assert.Equal(t, id, l.Sandbox().ID, "reused")
+	assert.Equal(t, "v1", l.Sandbox().Template)
+	l.Release()
+
+	c.advance(9 * time.Minute) // used within IdleTimeout, so still alive at MaxAge
+	acquireID(t, deployed, "u", "p")
+	c.advance(6 * time.Minute)
+	l, err = deployed.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer l.Release()
+	assert.NotEqual(t, id, l.Sandbox().ID, "past MaxAge: a new sandbox")
+	assert.Equal(t, "v2", l.Sandbox().Template)
+}
+
 // A copy used recently, so unleased but not idle, whose keepalive finds
 // that Redis names another sandbox, is retired there and not extended: no
 // lease of this instance needs it, and it may be another instance's.

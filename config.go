@@ -98,7 +98,11 @@ type Config struct {
 	// team. 1–64 bytes of A-Z a-z 0-9 . _ - @ + =. default: "sandboxpool".
 	Namespace string
 
-	// Template is the sandbox template to create. default: "base".
+	// Template is the sandbox template to create. A pair's sandbox is
+	// reused whatever template it was made from (Sandbox.Template says
+	// which), so after Template changes (a deploy) each pair moves to the
+	// new one when its sandbox reaches MaxAge, or at once if Removed.
+	// default: "base".
 	Template string
 
 	// Metadata is added to every created sandbox's metadata. Keys starting
