@@ -214,6 +214,8 @@ type Config struct {
 	breakerCooldown, probeInterval, removalPingAfter time.Duration
 	// workerIdle shortens a background worker's idle wait in tests.
 	workerIdle time.Duration
+	// checkTimeout shortens the bound on a liveness probe in tests.
+	checkTimeout time.Duration
 	// manualReap leaves the reaper to tests, which tick it with a fake clock.
 	manualReap bool
 }
@@ -255,6 +257,7 @@ func (c Config) withDefaults() Config {
 	setDefault(&c.probeInterval, redisProbeInterval)
 	setDefault(&c.removalPingAfter, removalPingAfter)
 	setDefault(&c.workerIdle, workerIdle)
+	setDefault(&c.checkTimeout, checkTimeout)
 	return c
 }
 

@@ -10,6 +10,9 @@ import (
 // SetClock makes a Manager built from cfg read time from now.
 func SetClock(cfg *Config, now func() time.Time) { cfg.now = now }
 
+// SetCheckTimeout bounds the liveness probes of a Manager built from cfg.
+func SetCheckTimeout(cfg *Config, d time.Duration) { cfg.checkTimeout = d }
+
 // ManualReaper makes a Manager built from cfg tick its reaper only when
 // the test calls ReapNow.
 func ManualReaper(cfg *Config) { cfg.manualReap = true }

@@ -21,6 +21,14 @@ const (
 	// hotGuard: a sandbox this close to MaxAge is not adopted or reconnected
 	// (it would be retired almost at once); the new one is made instead.
 	hotGuard = 2 * time.Second
+	// checkTimeout bounds a liveness probe (Provider.Check). envd answers
+	// its /health in milliseconds, E2B's API a detail in well under a
+	// second; a probe still unanswered after ten seconds meets a sandbox
+	// or a route that does not answer, and every Acquire of the pair waits
+	// on it: it fails closed (the sandbox is kept), instead of holding the
+	// pair until CreateTimeout while the client retries a request that
+	// times out after a minute.
+	checkTimeout = 10 * time.Second
 	// killTimeout bounds a background kill (after the last release of a
 	// retired sandbox, or an eviction); the provider's own deadline reaps
 	// whatever a failed kill leaves.
@@ -395,7 +403,7 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 	}
 	if err == nil && probe && s.state() == stateLive {
 		m.ctr.healthChecks.Add(1)
-		if err = m.provider.Check(ctx, s.sandbox()); err == nil {
+		if err = m.check(ctx, s); err == nil {
 			m.acquit(s)
 		}
 	}
@@ -415,6 +423,18 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 	// Ambiguous, or unresponsive and not condemned yet: fail closed, keep
 	// the sandbox, report the error.
 	return false, pairErr("check sandbox "+s.id, s.key, err)
+}
+
+// check probes s (Provider.Check) within checkTimeout. A probe it cut
+// short is told from one its caller's ctx ended.
+func (m *Manager) check(ctx context.Context, s *slot) error {
+	cctx, cancel := context.WithTimeout(ctx, m.cfg.checkTimeout)
+	defer cancel()
+	err := m.provider.Check(cctx, s.sandbox())
+	if err != nil && cctx.Err() != nil && ctx.Err() == nil {
+		err = fmt.Errorf("no answer to its probe within %s: %w", m.cfg.checkTimeout, err)
+	}
+	return err
 }
 
 // create admits, finds or creates the pair's sandbox and parks it. With

@@ -167,6 +167,27 @@ func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
 }
 
+// A probe that gets no answer (envd, or the route to it, hangs) fails its
+// Acquire once checkTimeout has passed, and keeps the sandbox. Without the
+// bound, the client waited out its one-minute request timeout and retried,
+// so every Acquire of the pair waited until its own ctx ended, and the
+// pair's fill until CreateTimeout.
+func TestE2BProbeThatGetsNoAnswerFailsWithinItsBound(t *testing.T) {
+	e := newE2BEnv(t, e2btest.Config{}, func(cfg *sandboxpool.Config) { sandboxpool.SetCheckTimeout(cfg, 200*time.Millisecond) })
+	id := acquireID(t, e.m, "u", "p")
+	e.clock.Advance(time.Minute)
+	e.srv.Inject(e2btest.OpHealth, e2btest.Fault{Latency: time.Hour})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := e.m.Acquire(ctx, "u", "p")
+	require.Error(t, err)
+	require.NoError(t, ctx.Err(), "failed by the probe's bound, not by the caller's deadline")
+	assert.Contains(t, err.Error(), "no answer to its probe within 200ms")
+	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	assert.Equal(t, id, acquireID(t, e.m, "u", "p"), "kept, and handed out once it answers")
+	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
+}
+
 func TestE2B429BackOff(t *testing.T) {
 	e := newE2BEnv(t, e2btest.Config{})
 	e.srv.Inject(e2btest.OpCreate, e2btest.Fault{Status: http.StatusTooManyRequests, RetryAfter: time.Second})
