@@ -672,14 +672,12 @@ func (m *Manager) listPair(ctx context.Context, k pairKey) ([]Sandbox, error) {
 	found, err := m.provider.List(ctx, want)
 	foreign := 0
 	found = slices.DeleteFunc(found, func(sb Sandbox) bool {
-		if sb.ID == "" {
+		switch {
+		case sb.ID == "":
 			return true
-		}
-		for key, v := range want {
-			if sb.Metadata != nil && sb.Metadata[key] != v { // unreported: the provider's filter is trusted
-				foreign++
-				return true
-			}
+		case sb.Metadata != nil && !hasAll(sb.Metadata, want): // unreported: the provider's filter is trusted
+			foreign++
+			return true
 		}
 		return false
 	})
@@ -688,6 +686,16 @@ func (m *Manager) listPair(ctx context.Context, k pairKey) ([]Sandbox, error) {
 			slog.String("pair", pairMember(k)), slog.Int("ignored", foreign))
 	}
 	return found, err
+}
+
+// hasAll reports whether md holds every key/value pair of want.
+func hasAll(md, want map[string]string) bool {
+	for k, v := range want {
+		if got, ok := md[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
 }
 
 // adoptFound connects to the newest of the pair's sandboxes that is younger
