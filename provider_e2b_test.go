@@ -173,7 +173,7 @@ func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 // so every Acquire of the pair waited until its own ctx ended, and the
 // pair's fill until CreateTimeout.
 func TestE2BProbeThatGetsNoAnswerFailsWithinItsBound(t *testing.T) {
-	e := newE2BEnv(t, e2btest.Config{}, func(cfg *sandboxpool.Config) { sandboxpool.SetCheckTimeout(cfg, 200*time.Millisecond) })
+	e := newE2BEnv(t, e2btest.Config{}, func(cfg *sandboxpool.Config) { sandboxpool.SetCheckTimeout(cfg, 2*time.Second) })
 	id := acquireID(t, e.m, "u", "p")
 	e.clock.Advance(time.Minute)
 	e.srv.Inject(e2btest.OpHealth, e2btest.Fault{Latency: time.Hour})
@@ -182,7 +182,7 @@ func TestE2BProbeThatGetsNoAnswerFailsWithinItsBound(t *testing.T) {
 	_, err := e.m.Acquire(ctx, "u", "p")
 	require.Error(t, err)
 	require.NoError(t, ctx.Err(), "failed by the probe's bound, not by the caller's deadline")
-	assert.Contains(t, err.Error(), "no answer to its probe within 200ms")
+	assert.Contains(t, err.Error(), "no answer to its probe within 2s")
 	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
 	assert.Equal(t, id, acquireID(t, e.m, "u", "p"), "kept, and handed out once it answers")
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
