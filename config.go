@@ -209,6 +209,9 @@ type Config struct {
 
 	// now replaces time.Now in tests.
 	now func() time.Time
+	// clockSource replaces the real clock's readings of the wall and
+	// monotonic clocks in tests (see clock).
+	clockSource func() (wall, mono int64)
 	// breakerCooldown, probeInterval and removalPingAfter shorten Redis
 	// recovery in tests.
 	breakerCooldown, probeInterval, removalPingAfter time.Duration

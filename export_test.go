@@ -10,6 +10,10 @@ import (
 // SetClock makes a Manager built from cfg read time from now.
 func SetClock(cfg *Config, now func() time.Time) { cfg.now = now }
 
+// SetClockSource makes a Manager built from cfg run the real clock on
+// readings of the wall and monotonic clocks (unix ns, ns) from source.
+func SetClockSource(cfg *Config, source func() (wall, mono int64)) { cfg.clockSource = source }
+
 // SetCheckTimeout bounds the liveness probes of a Manager built from cfg.
 func SetCheckTimeout(cfg *Config, d time.Duration) { cfg.checkTimeout = d }
 

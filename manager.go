@@ -92,7 +92,7 @@ type Manager struct {
 // New validates cfg, fills its defaults and starts the Manager's background
 // work (the reaper and the coarse clock), which Close stops.
 func New(cfg Config) (*Manager, error) {
-	realClock := cfg.now == nil
+	realClock := cfg.now == nil || cfg.clockSource != nil
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -101,7 +101,7 @@ func New(cfg Config) (*Manager, error) {
 		cfg:        cfg,
 		provider:   cfg.Provider,
 		log:        cfg.Logger,
-		clock:      newClock(cfg.now, realClock),
+		clock:      newClock(cfg.now, realClock, cfg.clockSource, cfg.IdleTimeout),
 		pool:       newPool(cfg.Shards),
 		reaper:     newReaper(),
 		admit:      newAdmission(cfg),

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +24,39 @@ func TestCreateAlignsProviderDeadline(t *testing.T) {
 	dl, ok := e.p.Deadline(l.Sandbox().ID)
 	require.True(t, ok)
 	assert.Equal(t, e.clock.Now().Add(5*time.Minute), dl)
+}
+
+// Guarantee 4 when the system's wall clock steps back (set by hand, or by
+// a time service that steps): a sandbox in use gets its keepalive on time,
+// as measured by E2B's clock, where a Manager that kept its deadlines on
+// the wall clock found nothing due until the step had passed too, and E2B
+// ended the sandbox meanwhile.
+func TestWallClockStepBackDoesNotDelayAKeepalive(t *testing.T) {
+	epoch := time.Date(2026, 11, 27, 12, 0, 0, 0, time.UTC)
+	var elapsed, step atomic.Int64 // real time since epoch, and the wall clock's error
+	p := fp.New()
+	p.Now = func() time.Time { return epoch.Add(time.Duration(elapsed.Load())) } // E2B keeps real time
+	cfg := sandboxpool.Config{Provider: p}
+	sandboxpool.SetClockSource(&cfg, func() (int64, int64) {
+		return epoch.UnixNano() + elapsed.Load() + step.Load(), elapsed.Load()
+	})
+	sandboxpool.ManualReaper(&cfg)
+	m, err := sandboxpool.New(cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, m.Close(context.Background())) })
+
+	l, err := m.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer l.Release()
+	id := l.Sandbox().ID
+	elapsed.Add(int64(3 * time.Minute))
+	step.Store(-int64(4 * time.Minute)) // within IdleTimeout: slewed
+	elapsed.Add(int64(time.Minute))     // within the keepalive's lead (77 s) of E2B's 5 min deadline
+	m.ReapNow()
+	assert.EqualValues(t, 1, m.Stats().Touches)
+	dl, alive := p.Deadline(id)
+	require.True(t, alive)
+	assert.True(t, dl.After(epoch.Add(5*time.Minute)), "E2B's deadline was pushed before it passed (%s)", dl.Sub(epoch))
 }
 
 func TestReaperEvictsIdle(t *testing.T) {
