@@ -124,8 +124,9 @@ type Config struct {
 	MaxAge time.Duration
 
 	// HealthCheckAfter skips the liveness probe for a sandbox checked this
-	// recently, so a hot pair costs no I/O. -1 probes on every Acquire.
-	// default: 30 seconds.
+	// recently, so a hot pair costs no I/O. -1 probes on every Acquire. A
+	// probe that gets no answer within 10 seconds fails the Acquire and
+	// keeps the sandbox. default: 30 seconds.
 	HealthCheckAfter time.Duration
 
 	// UnresponsiveAfter is how long a sandbox may stay unresponsive (the
