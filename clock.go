@@ -43,12 +43,12 @@ type clock struct {
 	real bool
 	// source reads the real clock's inputs: the wall clock and the
 	// monotonic time since the clock was made, in ns (replaced in tests).
-	source func() (wall, mono int64)
+	source  func() (wall, mono int64)
+	start   int64 // the wall clock at creation, unix ns
+	maxSlew int64 // ns: a larger step back is followed at once
 	// offset is the real clock's time minus (its wall clock at creation
 	// plus monotonic time): 0 while the wall clock has not stepped since,
 	// and moved only by refresh.
-	start    int64 // the wall clock at creation, unix ns
-	maxSlew  int64 // ns: a larger step back is followed at once
 	offset   atomic.Int64
 	lastMono int64 // mono at the last refresh; only refresh touches it
 	cached   atomic.Int64
