@@ -193,6 +193,22 @@ func TestListKeepsOnlyWhatTheFilterMatches(t *testing.T) {
 	assert.Equal(t, []string{"i0", "i1", "i2", "i3"}, ids(nil))
 }
 
+// The fake's fault queue: each fault meets one request, Pending counts
+// those left, and ClearFaults drops them.
+func TestFakeFaultQueue(t *testing.T) {
+	c, srv, _ := setup(t, e2btest.Config{})
+	srv.Inject(e2btest.OpList, e2btest.Fault{Status: http.StatusBadRequest}, e2btest.Fault{Status: http.StatusBadRequest})
+	assert.Equal(t, 2, srv.Pending(e2btest.OpList))
+	assert.Equal(t, 0, srv.Pending(e2btest.OpCreate))
+	_, err := c.List(ctx, nil)
+	require.Error(t, err)
+	assert.Equal(t, 1, srv.Pending(e2btest.OpList))
+	srv.ClearFaults()
+	assert.Equal(t, 0, srv.Pending(e2btest.OpList))
+	_, err = c.List(ctx, nil)
+	require.NoError(t, err)
+}
+
 // A listing that never ends, each page with a new token, stops at a bound.
 func TestListStopsAfterItsPageBound(t *testing.T) {
 	var calls atomic.Int64

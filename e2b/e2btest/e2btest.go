@@ -167,6 +167,20 @@ func (s *Server) Inject(op Op, faults ...Fault) {
 	s.mu.Unlock()
 }
 
+// Pending returns how many faults queued for op no request has met yet.
+func (s *Server) Pending(op Op) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.faults[op])
+}
+
+// ClearFaults drops every fault Inject queued that no request has met.
+func (s *Server) ClearFaults() {
+	s.mu.Lock()
+	clear(s.faults)
+	s.mu.Unlock()
+}
+
 // Down starts an outage: until Up, every request to the API and to envd
 // that has no fault queued by Inject meets f (a 503, say, or a dropped
 // connection), as in an E2B incident. Sandboxes keep running, and reach
