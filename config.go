@@ -89,7 +89,11 @@ type Config struct {
 	// clock, quotas and rate limits. Standalone, Sentinel and Cluster clients
 	// all work. The client must be built with ContextTimeoutEnabled: true
 	// (New refuses a go-redis client without it), or go-redis ignores
-	// RedisTimeout on a stalled server. default: nil, a single-process,
+	// RedisTimeout on a stalled server. Give the Manager a client of its
+	// own: it runs as many calls at once as the client pools connections,
+	// and where the application's calls hold them, the Manager's wait for
+	// one past RedisTimeout, count as Redis failures, and can open its
+	// circuit breaker while Redis is well. default: nil, a single-process,
 	// memory-only pool.
 	Redis redis.UniversalClient
 
