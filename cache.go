@@ -353,10 +353,11 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 	if m.store == nil || m.awaitsCatchUp(s) {
 		return false
 	}
-	res, err := m.store.touch(ctx, s, deadline, m.stale())
-	if err == nil && res == recordAbsent && s.state() == stateLive && s.createdAt > m.stale() {
+	stale := m.stale()
+	res, err := m.store.touch(ctx, s, deadline, stale)
+	if err == nil && res == recordAbsent && s.state() == stateLive && s.createdAt > stale {
 		var id string
-		if id, err = m.adopt(ctx, s, deadline); err == nil && id != s.id {
+		if id, err = m.store.adopt(ctx, s, deadline, stale); err == nil && id != s.id {
 			res = recordSuperseded
 		}
 	}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sync/semaphore"
+
+	"github.com/sandboxpool/sandboxpool/e2b"
 )
 
 // Timing constants, each with its reason.
@@ -675,7 +677,7 @@ func (m *Manager) listPair(ctx context.Context, k pairKey) ([]Sandbox, error) {
 		switch {
 		case sb.ID == "":
 			return true
-		case sb.Metadata != nil && !hasAll(sb.Metadata, want): // unreported: the provider's filter is trusted
+		case sb.Metadata != nil && !e2b.MetadataMatches(sb.Metadata, want): // unreported: the provider's filter is trusted
 			foreign++
 			return true
 		}
@@ -686,16 +688,6 @@ func (m *Manager) listPair(ctx context.Context, k pairKey) ([]Sandbox, error) {
 			slog.String("pair", pairMember(k)), slog.Int("ignored", foreign))
 	}
 	return found, err
-}
-
-// hasAll reports whether md holds every key/value pair of want.
-func hasAll(md, want map[string]string) bool {
-	for k, v := range want {
-		if got, ok := md[k]; !ok || got != v {
-			return false
-		}
-	}
-	return true
 }
 
 // adoptFound connects to the newest of the pair's sandboxes that is younger

@@ -193,7 +193,7 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 			if l.Metadata != nil {
 				sb.Metadata = map[string]string(*l.Metadata)
 			}
-			if !containsAll(sb.Metadata, metadata) {
+			if !MetadataMatches(sb.Metadata, metadata) {
 				continue
 			}
 			out = append(out, sb)
@@ -215,11 +215,12 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 	}
 }
 
-// containsAll reports whether md holds every pair of want, as E2B's
-// metadata filter matches: exactly, and never for a sandbox without
-// metadata when want is not empty.
-func containsAll(md, want map[string]string) bool {
-	for k, v := range want {
+// MetadataMatches reports whether a sandbox's metadata md matches the
+// List filter filter as E2B matches it: every pair present, with the same
+// value (so a sandbox without metadata matches only an empty filter). List
+// applies it again to what E2B answers; fakes filter with it.
+func MetadataMatches(md, filter map[string]string) bool {
+	for k, v := range filter {
 		if got, ok := md[k]; !ok || got != v {
 			return false
 		}

@@ -699,7 +699,7 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 	running := 0
 	for id := range s.sandboxes {
 		sb := s.liveLocked(id)
-		if sb == nil || !states[sb.state] || !matches(sb.metadata, filter) {
+		if sb == nil || !states[sb.state] || !e2b.MetadataMatches(sb.metadata, filter) {
 			continue
 		}
 		if sb.state == e2b.StateRunning {
@@ -733,18 +733,6 @@ func (s *Server) list(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("X-Total-Running", strconv.Itoa(running))
 	}
 	writeJSON(w, http.StatusOK, page)
-}
-
-func matches(md, filter map[string]string) bool {
-	if len(filter) > 0 && len(md) == 0 {
-		return false
-	}
-	for k, v := range filter {
-		if got, ok := md[k]; !ok || got != v {
-			return false
-		}
-	}
-	return true
 }
 
 // cursor is E2B's page cursor: base64url("<RFC3339Nano>__<id>").
