@@ -13,6 +13,13 @@ import (
 // the holder keeps the pointer. Acquire is inlined into its caller, so a
 // Lease that does not escape the caller's function (acquired, used and
 // released there, as in an HTTP handler) lives on its stack: no allocation.
+//
+// A Lease never released keeps its sandbox in use for as long as the
+// process lives: the sandbox is never evicted, and the keepalive extends its
+// provider deadline past MaxAge too, since nothing tells a forgotten lease
+// from a long one. Stats().Leased counts the leases held. Release in a
+// defer right after the error check, or call Manager.Use, which releases
+// for you.
 type Lease struct {
 	s        *slot // its shape names the Manager: a Lease is 16 bytes
 	outcome  Outcome
