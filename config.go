@@ -53,9 +53,9 @@ const MaxDuration = 100 * 365 * 24 * time.Hour
 // first visits a sandbox in use visitLead (3/8 IdleTimeout with a slow
 // tick) before its provider deadline, to push that deadline, and a visit
 // runs at the first tick after it is due. With a tick of at most 1/8
-// IdleTimeout, that visit and a retry at the next tick both start at
-// least 1/8 IdleTimeout before the deadline, which leaves the push that
-// long for its I/O.
+// IdleTimeout, that visit and its first retry (see Manager.retryTouchAt)
+// both start at least 1/8 IdleTimeout before the deadline, which leaves
+// the push that long for its I/O.
 const maxReapFraction = 8
 
 // maxShards bounds Config.Shards: beyond this the shard array costs more

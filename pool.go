@@ -60,7 +60,7 @@ type slot struct {
 	id        string
 	token     Secret        // envd access token
 	heapIdx   int32         // position in the reaper's heap, -1 when absent; guarded by reaper.mu
-	flags     atomic.Uint32 // flagCounted | flagKilled | flagCreated | flagSuperseded | flagSuspect
+	flags     atomic.Uint32 // flagCounted | flagKilled | flagCreated | flagSuperseded | flagSuspect | flagTouchFailing
 }
 
 // state returns s's state.
@@ -87,11 +87,12 @@ func (s *slot) retire(to uint32, onlyIdle bool) (was uint64, ok bool) {
 
 // Slot flags.
 const (
-	flagCounted    uint32 = 1 << iota // holds a quota reservation, released once by forgetLocal
-	flagKilled                        // killed, known gone, or left to its provider deadline: at most one kill per slot
-	flagCreated                       // made by Provider.Create (not reconnected or adopted)
-	flagSuperseded                    // Redis names another sandbox for the pair: left to its provider deadline
-	flagSuspect                       // its latest probe found it unresponsive: in Manager.suspects
+	flagCounted      uint32 = 1 << iota // holds a quota reservation, released once by forgetLocal
+	flagKilled                          // killed, known gone, or left to its provider deadline: at most one kill per slot
+	flagCreated                         // made by Provider.Create (not reconnected or adopted)
+	flagSuperseded                      // Redis names another sandbox for the pair: left to its provider deadline
+	flagSuspect                         // its latest probe found it unresponsive: in Manager.suspects
+	flagTouchFailing                    // the reaper's latest push of its deadline failed (see Manager.retryTouchAt)
 )
 
 // setFlag sets f and reports whether this call set it.

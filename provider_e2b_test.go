@@ -2,7 +2,10 @@ package sandboxpool_test
 
 import (
 	"context"
+	"fmt"
+	"log/slog"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -261,4 +264,60 @@ func TestE2BFromEnv(t *testing.T) {
 	_, err = sandboxpool.ConfigFrom(map[string]string{"E2B_API_KEY": "k", "E2B_API_URL": "not a url"})
 	require.ErrorContains(t, err, "BaseURL")
 	assert.NotContains(t, err.Error(), "k\"")
+}
+
+// While E2B refuses every call (an incident, a revoked API key), the
+// keepalives of the sandboxes in use back off, a quarter of the way to the
+// deadline each, and log one Warn per sandbox, not one per try: retried at
+// every tick (ReapInterval, 1 s), 200 leased sandboxes made 15,600 calls,
+// and logged as many Warn lines, in 5 minutes of a 401. When E2B answers
+// again before the deadline, every keepalive gets through in time, and
+// says so.
+func TestKeepaliveBacksOffWhileTheProviderRefuses(t *testing.T) {
+	const n = 20
+	var logs syncBuffer
+	e := newE2BEnv(t, e2btest.Config{}, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	})
+	start := e.clock.Now()
+	ids := make([]string, n)
+	for i := range n {
+		l, err := e.m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.NoError(t, err)
+		defer l.Release()
+		ids[i] = l.Sandbox().ID
+	}
+	tick := func(d time.Duration) { // the reaper at its default interval
+		for ; d > 0; d -= sandboxpool.DefaultReapInterval {
+			e.clock.Advance(sandboxpool.DefaultReapInterval)
+			e.m.ReapNow()
+		}
+	}
+
+	e.srv.Down(e2btest.Fault{Status: http.StatusUnauthorized})
+	tick(4*time.Minute + 40*time.Second) // from 77 s before the 5-minute deadline (the first keepalive) to 20 s before it
+	tries := e.srv.Calls(e2btest.OpTimeout)
+	assert.GreaterOrEqual(t, tries, int64(3*n), "the keepalive keeps trying")
+	assert.LessOrEqual(t, tries, int64(6*n), "tries 77, 57, 42, 31 and 23 s before the deadline, where a try every tick made 58")
+	assert.Equal(t, n, strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending deadline failed`), "one Warn per sandbox")
+
+	e.srv.Up()
+	tick(15 * time.Second)
+	assert.Equal(t, n, strings.Count(logs.String(), `level=INFO msg="sandboxpool: deadline extended again"`))
+	assert.ElementsMatch(t, ids, e.srv.Running(), "every sandbox in use outlived the refusals")
+	for _, id := range ids {
+		end, ok := e.srv.EndAt(id)
+		require.True(t, ok)
+		assert.True(t, end.After(start.Add(5*time.Minute)), "the deadline of %s was pushed", id)
+	}
+
+	// Refusals that outlast the deadline: past it, the tries spread out by
+	// a quarter each, up to touchLead (75 s) apart, where a try every tick
+	// made 389 a sandbox from the first keepalive on.
+	before := e.srv.Calls(e2btest.OpTimeout)
+	e.srv.Down(e2btest.Fault{Status: http.StatusUnauthorized})
+	tick(10 * time.Minute)
+	tries = e.srv.Calls(e2btest.OpTimeout) - before
+	assert.LessOrEqual(t, tries, int64(40*n), "about 16 tries before the deadline and 20 in the 5 minutes after it")
+	assert.Equal(t, 2*n, strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending deadline failed`), "one Warn per sandbox and run of failures")
 }

@@ -301,8 +301,15 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 				m.forget(ctx, s)
 				return
 			}
-			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: extending deadline failed", slog.String("sandbox", s.id), slog.Any("error", err))
-			m.reaper.schedule(s, now+int64(m.cfg.ReapInterval))
+			// One Warn per sandbox for a run of failures, which an outage
+			// or a revoked key makes of every push: the rest go to Debug,
+			// and the push that succeeds again says so (see touchTo).
+			level := slog.LevelDebug
+			if s.setFlag(flagTouchFailing) {
+				level = slog.LevelWarn
+			}
+			m.log.LogAttrs(ctx, level, "sandboxpool: extending deadline failed; retrying", slog.String("sandbox", s.id), slog.Any("error", err))
+			m.reaper.schedule(s, m.retryTouchAt(s, now, dl))
 			return
 		}
 		if s.hasFlag(flagSuperseded) && s.leases() == 0 {
@@ -311,6 +318,37 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 	}
 	m.reaper.schedule(s, m.nextVisit(s, now))
 }
+
+// retryTouchAt is when the reaper tries again to push s's provider
+// deadline dl after a push failed at now: a quarter of the way to dl, or
+// once dl has passed a quarter of the time since it, at least ReapInterval
+// and at most touchLead apart, and no later than s's MaxAge or (unleased)
+// its idle deadline. Tries thin out while the provider refuses (an outage,
+// a revoked key) and gather where they matter, before dl; retried every
+// ReapInterval, each leased sandbox made a call a second (200 leased
+// sandboxes, 15,600 calls and as many Warn lines in 5 minutes of a 401,
+// TestKeepaliveBacksOffWhileTheProviderRefuses). The first try comes at
+// least touchLead before dl (see visitLead), so its retry still comes at
+// least IdleTimeout/8 before it (TestSlowestReapIntervalKeepsASandboxInUse).
+func (m *Manager) retryTouchAt(s *slot, now, dl int64) int64 {
+	away := dl - now
+	if away < 0 {
+		away = -away
+	}
+	next := now + min(max(away/retryTouchDivisor, int64(m.cfg.ReapInterval)), m.touchLead())
+	if exp := m.expiresAt(s); s.state() == stateLive && exp > now {
+		next = min(next, exp)
+	}
+	if idle := m.idleDeadline(s); s.leases() == 0 && idle > now {
+		next = min(next, idle)
+	}
+	return next
+}
+
+// retryTouchDivisor sets retryTouchAt's pace: from visitLead (77 s at the
+// defaults) before the deadline, about 17 tries reach it, where a try every
+// ReapInterval made 77; past it the gaps grow by a quarter a try.
+const retryTouchDivisor = 4
 
 // keepaliveTarget is the provider deadline pushed for a leased slot: the
 // aligned deadline while that is comfortably ahead, else two touch leads
@@ -354,5 +392,8 @@ func (m *Manager) touchTo(ctx context.Context, s *slot, now, target int64) error
 	m.ctr.touches.Add(1)
 	s.deadline.Store(target)
 	m.refreshHit(s)
+	if s.clearFlag(flagTouchFailing) {
+		m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: deadline extended again", slog.String("sandbox", s.id))
+	}
 	return nil
 }

@@ -100,10 +100,11 @@ func TestUseExtendsDeadline(t *testing.T) {
 }
 
 // A keepalive the provider fails with anything but a definitive not-found
-// (a 503, a timeout) keeps the sandbox and is tried again at the next tick
-// until one succeeds: a lease never loses its sandbox to a blip, and its
-// deadline is pushed before it passes.
-func TestFailedKeepaliveIsRetriedAtTheNextTick(t *testing.T) {
+// (a 503, a timeout) keeps the sandbox and is tried again until one
+// succeeds, before the deadline passes: a lease never loses its sandbox to
+// a blip. The tries are spaced a quarter of the way to the deadline, not
+// made at every tick (see TestKeepaliveBacksOffWhileTheProviderRefuses).
+func TestFailedKeepaliveIsRetriedBeforeTheDeadline(t *testing.T) {
 	e := newEnv(t)
 	l := e.acquire(t, "u", "p")
 	defer l.Release()
@@ -111,7 +112,11 @@ func TestFailedKeepaliveIsRetriedAtTheNextTick(t *testing.T) {
 	first, _ := e.p.Deadline(id)
 	blip := errors.New("fake: 503 Service Unavailable")
 	e.p.FailNext(fp.OpSetTimeout, blip, blip)
-	e.run(4 * time.Minute) // past the first keepalive (IdleTimeout/2 before the deadline), short of the deadline
+	e.run(3*time.Minute + 35*time.Second) // the first keepalive: visitLead (85 s here) before the deadline
+	require.EqualValues(t, 1, e.p.Calls(fp.OpSetTimeout), "the first keepalive, which failed")
+	e.run(3 * reapTick)
+	assert.EqualValues(t, 1, e.p.Calls(fp.OpSetTimeout), "the retry waits a quarter of the 85 s left, not a tick")
+	e.run(50 * time.Second) // to 20 s short of the deadline
 	assert.EqualValues(t, 3, e.p.Calls(fp.OpSetTimeout), "two failures, then the keepalive that held")
 	dl, ok := e.p.Deadline(id)
 	require.True(t, ok, "the provider reaped a leased sandbox")
@@ -327,26 +332,43 @@ func TestLongestDurationsMeanNoLimit(t *testing.T) {
 // tick's phase against the sandbox's deadlines. (New accepted any tick
 // before, and with IdleTimeout 1m and a 30 s tick the provider ended a
 // sandbox in use within 90 s: the keepalive visit, due 3/8 IdleTimeout
-// before the deadline, waited for a tick that came after it.)
+// before the deadline, waited for a tick that came after it.) So it is
+// when every keepalive's first try fails: its retry comes in time.
 func TestSlowestReapIntervalKeepsASandboxInUse(t *testing.T) {
 	for _, idle := range []time.Duration{time.Second, time.Minute, 5 * time.Minute} {
 		tick := idle / 8
 		for phase := time.Duration(0); phase < tick; phase += tick / 4 {
-			t.Run(fmt.Sprint(idle, "/", phase), func(t *testing.T) {
-				e := newEnv(t, func(cfg *sandboxpool.Config) {
-					cfg.IdleTimeout, cfg.MaxAge, cfg.ReapInterval = idle, 2*time.Hour, tick
+			for _, failFirst := range []bool{false, true} {
+				t.Run(fmt.Sprint(idle, "/", phase, "/failFirst=", failFirst), func(t *testing.T) {
+					slowestTickKeepsALease(t, idle, tick, phase, failFirst)
 				})
-				e.clock.Advance(phase)
-				l := e.acquire(t, "u", "p")
-				defer l.Release()
-				id := l.Sandbox().ID
-				for elapsed := time.Duration(0); elapsed < 30*time.Minute; elapsed += tick {
-					e.clock.Advance(tick)
-					e.m.ReapNow()
-					_, alive := e.p.Deadline(id)
-					require.True(t, alive, "reaped under a lease after %v", elapsed+tick)
-				}
-			})
+			}
 		}
+	}
+}
+
+func slowestTickKeepsALease(t *testing.T, idle, tick, phase time.Duration, failFirst bool) {
+	e := newEnv(t, func(cfg *sandboxpool.Config) {
+		cfg.IdleTimeout, cfg.MaxAge, cfg.ReapInterval = idle, 2*time.Hour, tick
+	})
+	e.clock.Advance(phase)
+	l := e.acquire(t, "u", "p")
+	defer l.Release()
+	id := l.Sandbox().ID
+	queuedAt := int64(-1)
+	for elapsed := time.Duration(0); elapsed < 30*time.Minute; elapsed += tick {
+		// Every keepalive is a failed try, then one that holds: after an
+		// even number of calls, fail the next keepalive's first try.
+		if calls := e.p.Calls(fp.OpSetTimeout); failFirst && calls%2 == 0 && calls != queuedAt {
+			e.p.FailNext(fp.OpSetTimeout, errors.New("fake: 503 Service Unavailable"))
+			queuedAt = calls
+		}
+		e.clock.Advance(tick)
+		e.m.ReapNow()
+		_, alive := e.p.Deadline(id)
+		require.True(t, alive, "reaped under a lease after %v", elapsed+tick)
+	}
+	if failFirst {
+		assert.GreaterOrEqual(t, e.p.Calls(fp.OpSetTimeout), int64(4), "keepalives were tried, failed, and retried")
 	}
 }
