@@ -300,6 +300,7 @@ func TestKeepaliveBacksOffWhileTheProviderRefuses(t *testing.T) {
 	assert.GreaterOrEqual(t, tries, int64(3*n), "the keepalive keeps trying")
 	assert.LessOrEqual(t, tries, int64(6*n), "tries 77, 57, 42, 31 and 23 s before the deadline, where a try every tick made 58")
 	assert.Equal(t, n, strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending deadline failed`), "one Warn per sandbox")
+	assert.Equal(t, tries, e.m.Stats().TouchErrors, "every refused push is counted")
 
 	e.srv.Up()
 	tick(15 * time.Second)

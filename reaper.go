@@ -387,6 +387,9 @@ func (m *Manager) touchTo(ctx context.Context, s *slot, now, target int64) error
 	// now, after the Redis call, not from the visit's start, or the deadline
 	// overshoots by that delay.
 	if err := m.provider.SetTimeout(ctx, s.id, time.Duration(max(target-m.clock.precise(), minTimeout))); err != nil {
+		if !errors.Is(err, ErrSandboxNotFound) {
+			m.ctr.touchErrors.Add(1)
+		}
 		return err
 	}
 	m.ctr.touches.Add(1)

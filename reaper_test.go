@@ -118,6 +118,7 @@ func TestFailedKeepaliveIsRetriedBeforeTheDeadline(t *testing.T) {
 	assert.EqualValues(t, 1, e.p.Calls(fp.OpSetTimeout), "the retry waits a quarter of the 85 s left, not a tick")
 	e.run(50 * time.Second) // to 20 s short of the deadline
 	assert.EqualValues(t, 3, e.p.Calls(fp.OpSetTimeout), "two failures, then the keepalive that held")
+	assert.EqualValues(t, 2, e.m.Stats().TouchErrors)
 	dl, ok := e.p.Deadline(id)
 	require.True(t, ok, "the provider reaped a leased sandbox")
 	assert.True(t, dl.After(first), "the deadline was never pushed")

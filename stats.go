@@ -19,6 +19,7 @@ type Stats struct {
 	Replaced         int64 // cached sandboxes replaced after a definitive not-found, or condemned as unresponsive
 	Unresponsive     int64 // sandboxes killed after Config.UnresponsiveAfter of failed probes (each also counted in Replaced)
 	Touches          int64 // deadline extensions pushed to the provider (and Redis)
+	TouchErrors      int64 // deadline extensions the provider refused or did not answer (a sandbox in use is kept; see README, E2B refuses keepalives)
 	Evictions        int64 // sandboxes reaped for idleness or age
 	Kills            int64 // Provider.Kill calls that succeeded
 	KillErrors       int64 // Provider.Kill calls that failed
@@ -64,7 +65,7 @@ type RedisPoolStats struct {
 // them and Stats reads them without a lock.
 type counters struct {
 	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects             atomic.Int64
-	healthChecks, replaced, touches, evictions, kills, killErrors                  atomic.Int64
+	healthChecks, replaced, touches, touchErrors, evictions, kills, killErrors     atomic.Int64
 	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost, reconciled atomic.Int64
 	superseded, unresponsive, resubscribed                                         atomic.Int64
 }
@@ -87,6 +88,7 @@ func (m *Manager) Stats() Stats {
 		Evictions:       m.ctr.evictions.Load(),
 		Kills:           m.ctr.kills.Load(),
 		KillErrors:      m.ctr.killErrors.Load(),
+		TouchErrors:     m.ctr.touchErrors.Load(),
 		RateLimited:     m.ctr.rateLimited.Load(),
 		QuotaRejected:   m.ctr.quotaRejected.Load(),
 		RedisErrors:     m.ctr.redisErrors.Load(),

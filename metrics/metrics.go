@@ -92,6 +92,7 @@ func (x *Metrics) descs() []stat {
 		counter("health_checks", "Liveness probes.", func(s sandboxpool.Stats) int64 { return s.HealthChecks }),
 		counter("replaced", "Sandboxes replaced after a definitive not-found.", func(s sandboxpool.Stats) int64 { return s.Replaced }),
 		counter("touches", "Deadline extensions.", func(s sandboxpool.Stats) int64 { return s.Touches }),
+		counter("touch_errors", "Deadline extensions the provider refused or did not answer.", func(s sandboxpool.Stats) int64 { return s.TouchErrors }),
 		counter("evictions", "Sandboxes reaped for idleness or age.", func(s sandboxpool.Stats) int64 { return s.Evictions }),
 		counter("kills", "Sandboxes killed.", func(s sandboxpool.Stats) int64 { return s.Kills }),
 		counter("kill_errors", "Failed kills.", func(s sandboxpool.Stats) int64 { return s.KillErrors }),
