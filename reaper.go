@@ -346,7 +346,7 @@ func (m *Manager) retryTouchAt(s *slot, now, dl int64) int64 {
 }
 
 // retryTouchDivisor sets retryTouchAt's pace: from visitLead (77 s at the
-// defaults) before the deadline, about 17 tries reach it, where a try every
+// defaults) before the deadline, about 15 tries reach it, where a try every
 // ReapInterval made 77; past it the gaps grow by a quarter a try.
 const retryTouchDivisor = 4
 
