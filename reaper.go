@@ -218,6 +218,13 @@ func (m *Manager) nextVisit(s *slot, now int64) int64 {
 	if next <= now {
 		next = dl
 	}
+	return m.dueBy(s, now, next)
+}
+
+// dueBy is next, or s's MaxAge (while it is live) or its idle deadline
+// (while it is unleased) if either comes first; a time that has passed by
+// now becomes the next tick.
+func (m *Manager) dueBy(s *slot, now, next int64) int64 {
 	if exp := m.expiresAt(s); s.state() == stateLive && exp > now {
 		next = min(next, exp)
 	}
@@ -335,14 +342,7 @@ func (m *Manager) retryTouchAt(s *slot, now, dl int64) int64 {
 	if away < 0 {
 		away = -away
 	}
-	next := now + min(max(away/retryTouchDivisor, int64(m.cfg.ReapInterval)), m.touchLead())
-	if exp := m.expiresAt(s); s.state() == stateLive && exp > now {
-		next = min(next, exp)
-	}
-	if idle := m.idleDeadline(s); s.leases() == 0 && idle > now {
-		next = min(next, idle)
-	}
-	return next
+	return m.dueBy(s, now, now+min(max(away/retryTouchDivisor, int64(m.cfg.ReapInterval)), m.touchLead()))
 }
 
 // retryTouchDivisor sets retryTouchAt's pace: from visitLead (77 s at the
