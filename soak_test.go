@@ -435,6 +435,7 @@ func TestSoak(t *testing.T) {
 		servedRunning    time.Duration // after the phase, the longest a pair waited for a running sandbox
 		failed           int64
 		creates, kills   int64 // at the fake
+		requests         int64 // every request that reached the fake, API and envd, faulted ones included
 		converged        time.Duration
 		dupsLeft         int
 		drain            time.Duration // the longest a sandbox ran past MaxAge
@@ -447,7 +448,7 @@ func TestSoak(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), per)
 		before, removedBefore, goneBefore := s.served.Load(), s.removed.Load(), s.servedGone.Load()
 		failedBefore := s.totalErrs()
-		createsBefore, killsBefore := s.fake.Calls(e2btest.OpCreate), s.fake.Calls(e2btest.OpKill)
+		createsBefore, killsBefore, requestsBefore := s.fake.Calls(e2btest.OpCreate), s.fake.Calls(e2btest.OpKill), s.fake.Requests()
 		var fw sync.WaitGroup
 		if ph.fault != nil {
 			fw.Go(func() { ph.fault(ctx, s) })
@@ -459,7 +460,7 @@ func TestSoak(t *testing.T) {
 		fw.Wait()
 		took, last := s.settle(d)
 		r := row{phase: ph.name, served: s.served.Load() - before, servedGone: s.servedGone.Load() - goneBefore, removed: s.removed.Load() - removedBefore, failed: s.totalErrs() - failedBefore,
-			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore,
+			creates: s.fake.Calls(e2btest.OpCreate) - createsBefore, kills: s.fake.Calls(e2btest.OpKill) - killsBefore, requests: s.fake.Requests() - requestsBefore,
 			converged: took, dupsLeft: last.dups, drain: d.longest, running: len(s.fake.Running()), goroutn: runtime.NumGoroutine()}
 		rows = append(rows, r)
 		if r.dupsLeft > 0 {
@@ -515,11 +516,11 @@ func TestSoak(t *testing.T) {
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tserved gone\tall served running in\tremoved\tfailed\tcreates\tkills\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tserved gone\tall served running in\tremoved\tfailed\tcreates\tkills\te2b requests\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%v\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.servedGone, r.servedRunning.Round(100*time.Millisecond), r.removed, r.failed, r.creates, r.kills, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.servedGone, r.servedRunning.Round(100*time.Millisecond), r.removed, r.failed, r.creates, r.kills, r.requests, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
