@@ -735,3 +735,141 @@ func TestDefaultClientKeepsABurstsConnections(t *testing.T) {
 	burst()
 	assert.EqualValues(t, width, dials.Load(), "the second burst dialled again")
 }
+
+// While every call fails, the Client's retries stop once they have spent
+// its retry quota (100 retries after error answers, at the default): an E2B
+// incident then meets each call once, not MaxRetries+1 times. Calls that
+// succeed give the quota back, a retry after no answer costs twice one after
+// an answer, and envd health checks spend a quota of their own.
+func TestRetryQuotaBoundsRetriesWhileCallsKeepFailing(t *testing.T) {
+	c, srv := quotaClient(t, 0)
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: time.Hour})
+	require.NoError(t, err)
+
+	srv.Down(e2btest.Fault{Status: http.StatusServiceUnavailable})
+	const callers, calls = 8, 50
+	var g errgroup.Group
+	for range callers {
+		g.Go(func() error {
+			for range calls {
+				var ae *e2b.APIError
+				if _, err := c.Get(ctx, sb.ID); !errors.As(err, &ae) || ae.StatusCode != http.StatusServiceUnavailable {
+					return fmt.Errorf("want the 503, got %v", err)
+				}
+			}
+			return nil
+		})
+	}
+	require.NoError(t, g.Wait())
+	assert.EqualValues(t, callers*calls+e2b.DefaultRetryQuota/5, srv.Calls(e2btest.OpGet),
+		"400 calls, and 100 retries: without the quota, 1,600 requests")
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorContains(t, err, "retry quota is spent")
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae, "the answer stays matchable")
+
+	// The envd quota is untouched: a failed health check is still retried.
+	srv.Up()
+	srv.Inject(e2btest.OpHealth, e2btest.Fault{Status: http.StatusServiceUnavailable})
+	ok, err := c.Healthy(ctx, sb)
+	require.NoError(t, err)
+	assert.True(t, ok)
+	assert.EqualValues(t, 2, srv.Calls(e2btest.OpHealth))
+
+	// Each success puts a token back: four are not enough for a retry, five
+	// are; a retry that succeeds gives back what it took.
+	for range 4 {
+		_, err = c.Get(ctx, sb.ID)
+		require.NoError(t, err)
+	}
+	calls0 := srv.Calls(e2btest.OpGet)
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: http.StatusServiceUnavailable})
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorContains(t, err, "retry quota is spent")
+	assert.Equal(t, calls0+1, srv.Calls(e2btest.OpGet))
+	_, err = c.Get(ctx, sb.ID) // the fifth token
+	require.NoError(t, err)
+	for range 3 {
+		srv.Inject(e2btest.OpGet, e2btest.Fault{Status: http.StatusServiceUnavailable})
+		_, err = c.Get(ctx, sb.ID)
+		require.NoError(t, err, "retried, and the retry's cost given back")
+	}
+
+	// A retry after no answer costs 10: five tokens are not enough. (A
+	// set-timeout is a POST, which net/http does not resend by itself.)
+	srv.Inject(e2btest.OpTimeout, e2btest.Fault{Drop: true})
+	err = c.SetTimeout(ctx, sb.ID, time.Hour)
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	require.ErrorContains(t, err, "retry quota is spent")
+	for range 5 {
+		_, err = c.Get(ctx, sb.ID)
+		require.NoError(t, err)
+	}
+	srv.Inject(e2btest.OpTimeout, e2btest.Fault{Drop: true})
+	require.NoError(t, c.SetTimeout(ctx, sb.ID, time.Hour), "ten tokens pay for it")
+	assert.EqualValues(t, 3, srv.Calls(e2btest.OpTimeout))
+}
+
+// A retry the quota cannot pay for is not sent, but the call keeps its
+// backoff schedule rather than failing at once: a later step sends if calls
+// that succeeded meanwhile put tokens back.
+func TestUnpaidRetryKeepsItsSchedule(t *testing.T) {
+	srv := e2btest.Start(e2btest.Config{})
+	t.Cleanup(srv.Close)
+	opts := srv.ClientOptions()
+	const step = 200 * time.Millisecond
+	opts.MinBackoff, opts.MaxBackoff, opts.RetryQuota = step, step, 5 // one retry
+	c, err := e2b.New(opts)
+	require.NoError(t, err)
+	e2b.WithoutJitter(c) // retries are due at 1, 2 and 3 steps
+	t.Cleanup(c.CloseIdleConnections)
+	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: time.Hour})
+	require.NoError(t, err)
+
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
+	_, err = c.Get(ctx, sb.ID)
+	require.ErrorContains(t, err, "2 of its retries not sent")
+	require.EqualValues(t, 2, srv.Calls(e2btest.OpGet), "the quota paid for one retry")
+
+	// The quota is empty. A failing call's first retry goes unsent; five
+	// successes between its first and second retries pay for the second.
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
+	done := make(chan error, 1)
+	go func() { _, err := c.Get(ctx, sb.ID); done <- err }()
+	require.Eventually(t, func() bool { return srv.Calls(e2btest.OpGet) == 3 }, 5*time.Second, time.Millisecond)
+	time.Sleep(step * 3 / 2)
+	for range 5 {
+		_, err = c.List(ctx, nil)
+		require.NoError(t, err)
+	}
+	err = <-done
+	var ae *e2b.APIError
+	require.ErrorAs(t, err, &ae)
+	assert.Equal(t, 503, ae.StatusCode)
+	assert.ErrorContains(t, err, "2 of its retries not sent")
+	assert.EqualValues(t, 4, srv.Calls(e2btest.OpGet), "the call kept waiting, and sent its second retry")
+}
+
+// RetryQuota -1 turns the quota off: every failing call makes MaxRetries.
+func TestNoRetryQuota(t *testing.T) {
+	c, srv := quotaClient(t, -1)
+	srv.Down(e2btest.Fault{Status: http.StatusServiceUnavailable})
+	for range 200 {
+		_, err := c.Get(ctx, "igone")
+		require.Error(t, err)
+	}
+	assert.EqualValues(t, 200*(e2b.DefaultMaxRetries+1), srv.Calls(e2btest.OpGet))
+}
+
+// quotaClient starts a fake and a client for it with the given RetryQuota
+// and backoffs of a millisecond or two.
+func quotaClient(t *testing.T, quota int) (*e2b.Client, *e2btest.Server) {
+	srv := e2btest.Start(e2btest.Config{})
+	t.Cleanup(srv.Close)
+	opts := srv.ClientOptions()
+	opts.MinBackoff, opts.MaxBackoff, opts.RetryQuota = time.Millisecond, 2*time.Millisecond, quota
+	c, err := e2b.New(opts)
+	require.NoError(t, err)
+	t.Cleanup(c.CloseIdleConnections)
+	return c, srv
+}
