@@ -23,10 +23,10 @@ const (
 // failing. Without it, every call a caller makes during an E2B incident is
 // sent MaxRetries+1 times, so the incident meets several times the traffic
 // E2B sees on a good day, from every instance at once (and E2B's edge
-// throttles each source IP, at 20,000 requests in 30 s). With it, once failures
-// have spent the quota each call is sent once, and the Client retries again
-// as calls succeed. It is a mutex and an int: a call holds the lock for an
-// addition.
+// throttles each source IP, at 20,000 requests in 30 s). With it, once
+// failures have spent the quota each call is sent once (see Client.do for
+// the waits), and the Client retries again as calls succeed. It is a mutex
+// and an int: a call holds the lock for an addition.
 type retryQuota struct {
 	mu     sync.Mutex
 	max    int // 0: no quota, every retry is paid for
