@@ -1,6 +1,10 @@
 package sandboxpool
 
-import "sync/atomic"
+import (
+	"sync/atomic"
+
+	"github.com/sandboxpool/sandboxpool/e2b"
+)
 
 // Stats is a snapshot of a Manager's counters and gauges. Counters only
 // grow; gauges are current values.
@@ -49,6 +53,9 @@ type Stats struct {
 	// Redis is the Redis client's own connection-pool statistics (zero
 	// without Redis).
 	Redis RedisPoolStats
+	// E2B is the E2B client's requests, retries and retry quotas, when
+	// the Provider is NewE2BProvider's (zero with another Provider).
+	E2B e2b.Stats
 }
 
 // RedisPoolStats mirrors go-redis's pool statistics.
@@ -113,5 +120,8 @@ func (m *Manager) Stats() Stats {
 	st.Acquires += st.MemoryHits
 	st.HealthCheckSkips = st.MemoryHits
 	m.redisStats(&st)
+	if p, ok := m.provider.(*e2bProvider); ok {
+		st.E2B = p.c.Stats()
+	}
 	return st
 }

@@ -24,6 +24,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v5"
@@ -155,6 +156,23 @@ type Client struct {
 	// (see Options.RetryQuota).
 	apiQuota, envdQuota *retryQuota
 	jitter              float64 // the backoff's randomization factor; tests set 0
+	// Counters for Stats.
+	requests, retries, retriesUnsent atomic.Int64
+}
+
+// Stats is a snapshot of a Client's requests and retries.
+type Stats struct {
+	Requests        int64 // counter: requests sent, first tries and retries, to the API and to envd
+	Retries         int64 // counter: retries sent
+	RetriesUnsent   int64 // counter: retries the retry quota could not pay for (not sent; their waits kept)
+	RetryTokensAPI  int64 // gauge: tokens left in the API calls' retry quota (0 without a quota)
+	RetryTokensEnvd int64 // gauge: tokens left in the envd health checks' retry quota
+}
+
+// Stats returns a snapshot of the Client's counters and retry quotas.
+func (c *Client) Stats() Stats {
+	return Stats{Requests: c.requests.Load(), Retries: c.retries.Load(), RetriesUnsent: c.retriesUnsent.Load(),
+		RetryTokensAPI: int64(c.apiQuota.left()), RetryTokensEnvd: int64(c.envdQuota.left())}
 }
 
 // New validates opts and returns a Client.
@@ -275,7 +293,11 @@ func (c *Client) do(ctx context.Context, cl call, send func() (*http.Response, e
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 && !q.take(cost) {
 			unsent++ // err stands
+			c.retriesUnsent.Add(1)
 		} else {
+			if attempt > 0 {
+				c.retries.Add(1)
+			}
 			spent += cost
 			resp, body, e := c.once(cl, send)
 			if e == nil {
@@ -307,6 +329,7 @@ func (c *Client) do(ctx context.Context, cl call, send func() (*http.Response, e
 
 // once sends one request and turns a non-success answer into an *APIError.
 func (c *Client) once(cl call, send func() (*http.Response, error)) (*http.Response, []byte, error) {
+	c.requests.Add(1)
 	resp, err := send()
 	if err != nil {
 		return nil, nil, err

@@ -763,6 +763,8 @@ func TestRetryQuotaBoundsRetriesWhileCallsKeepFailing(t *testing.T) {
 	require.NoError(t, g.Wait())
 	assert.EqualValues(t, callers*calls+e2b.DefaultRetryQuota/5, srv.Calls(e2btest.OpGet),
 		"400 calls, and 100 retries: without the quota, 1,600 requests")
+	assert.Equal(t, e2b.Stats{Requests: srv.Requests(), Retries: 100, RetriesUnsent: callers*calls*e2b.DefaultMaxRetries - 100,
+		RetryTokensAPI: 0, RetryTokensEnvd: e2b.DefaultRetryQuota}, c.Stats())
 	_, err = c.Get(ctx, sb.ID)
 	require.ErrorContains(t, err, "retry quota is spent")
 	var ae *e2b.APIError

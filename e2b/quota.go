@@ -62,3 +62,10 @@ func (q *retryQuota) succeeded(spent int) {
 	q.tokens = min(q.max, q.tokens+spent)
 	q.mu.Unlock()
 }
+
+// left returns the tokens the quota holds.
+func (q *retryQuota) left() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.tokens
+}

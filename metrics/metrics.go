@@ -123,6 +123,11 @@ func (x *Metrics) descs() []stat {
 		gauge("redis_pool_total_conns", "Redis connections in the pool.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.TotalConns) }),
 		gauge("redis_pool_idle_conns", "Idle Redis connections.", func(s sandboxpool.Stats) float64 { return float64(s.Redis.IdleConns) }),
 		counter("redis_pool_stale_conns", "Stale Redis connections removed from the pool.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.StaleConns) }),
+		counter("e2b_requests", "Requests the E2B client sent, first tries and retries, to the API and to envd.", func(s sandboxpool.Stats) int64 { return s.E2B.Requests }),
+		counter("e2b_retries", "Retries the E2B client sent.", func(s sandboxpool.Stats) int64 { return s.E2B.Retries }),
+		counter("e2b_retries_unsent", "Retries the E2B client's retry quota could not pay for, not sent.", func(s sandboxpool.Stats) int64 { return s.E2B.RetriesUnsent }),
+		gauge("e2b_retry_tokens_api", "Tokens left in the E2B client's retry quota for API calls.", func(s sandboxpool.Stats) float64 { return float64(s.E2B.RetryTokensAPI) }),
+		gauge("e2b_retry_tokens_envd", "Tokens left in the E2B client's retry quota for envd health checks.", func(s sandboxpool.Stats) float64 { return float64(s.E2B.RetryTokensEnvd) }),
 	}
 }
 

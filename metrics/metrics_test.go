@@ -16,6 +16,8 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/e2b"
+	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
 	"github.com/sandboxpool/sandboxpool/internal/fakeprovider"
 	"github.com/sandboxpool/sandboxpool/metrics"
 )
@@ -79,7 +81,7 @@ func TestCollectorExportsEveryStat(t *testing.T) {
 			name := prefix + snake(f.Name)
 			switch fv := v.Field(i); fv.Kind() {
 			case reflect.Struct:
-				walk(name+"_pool_", fv)
+				walk(map[string]string{"Redis": "redis_pool_", "E2B": "e2b_"}[f.Name], fv)
 			default:
 				_, ok := find(name)
 				assert.True(t, ok, "Stats.%s has no metric %s", f.Name, name)
@@ -166,4 +168,55 @@ func BenchmarkObserveAcquire(b *testing.B) {
 			met.ObserveAcquire(sandboxpool.OutcomeMemoryHit, 100*time.Nanosecond)
 		}
 	})
+}
+
+// With the E2B provider, the E2B client's requests, retries and retry
+// quotas are exported too.
+func TestCollectorExportsTheE2BClient(t *testing.T) {
+	fake := e2btest.Start(e2btest.Config{})
+	t.Cleanup(fake.Close)
+	client, err := e2b.New(fake.ClientOptions())
+	require.NoError(t, err)
+	t.Cleanup(client.CloseIdleConnections)
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(client)})
+	require.NoError(t, err)
+	fake.Inject(e2btest.OpCreate, e2btest.Fault{Status: 429}) // a refusal: the create is retried
+	l, err := m.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	l.Release()
+	require.NoError(t, m.Close(context.Background()))
+
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(metrics.New("svc").Collector(m)))
+	for name, want := range map[string]float64{
+		"svc_sandboxpool_e2b_requests_total":       float64(fake.Requests()),
+		"svc_sandboxpool_e2b_retries_total":        1,
+		"svc_sandboxpool_e2b_retries_unsent_total": 0,
+		"svc_sandboxpool_e2b_retry_tokens_api":     e2b.DefaultRetryQuota,
+		"svc_sandboxpool_e2b_retry_tokens_envd":    e2b.DefaultRetryQuota,
+	} {
+		got, err := testutil.GatherAndCount(reg, name)
+		require.NoError(t, err)
+		require.Equal(t, 1, got, name)
+		assert.Equal(t, want, gathered(t, reg, name), name)
+	}
+	assert.Positive(t, fake.Requests())
+}
+
+// gathered returns the value of the single-series metric name in reg.
+func gathered(t *testing.T, reg prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	require.NoError(t, err)
+	for _, f := range families {
+		if f.GetName() == name {
+			mt := f.GetMetric()[0]
+			if c := mt.GetCounter(); c != nil {
+				return c.GetValue()
+			}
+			return mt.GetGauge().GetValue()
+		}
+	}
+	t.Fatalf("no metric %s", name)
+	return 0
 }
