@@ -72,6 +72,13 @@ func newTransport() *http.Transport {
 	}
 }
 
+// refuseRedirect makes a Client's HTTP client return a redirect as the
+// answer: net/http would send the request again, to whatever host the 3xx
+// names, with every header but Authorization and Cookie, so with the API
+// key (X-API-Key) and envd's access token (X-Access-Token). E2B's API and
+// envd never redirect; a 3xx comes back as an *APIError.
+func refuseRedirect(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+
 // maxErrorBody bounds how much of an error response is read.
 const maxErrorBody = 64 << 10
 
@@ -107,7 +114,10 @@ type Options struct {
 	// HTTPClient sends every request. default: a client of the Client's
 	// own with a 60 s timeout, net/http's default transport settings, and up
 	// to DefaultMaxIdleConnsPerHost idle connections kept (net/http's
-	// default keeps 2).
+	// default keeps 2). Either way the Client follows no redirect (its copy
+	// of the client's settings refuses them; yours is not changed): a 3xx
+	// is returned as an *APIError, so the API key never goes to a host the
+	// redirect names.
 	HTTPClient *http.Client
 	// DefaultTimeout is the sandbox lifetime sent on create when the caller
 	// gives none. default: 300 s.
@@ -200,6 +210,9 @@ func New(opts Options) (*Client, error) {
 	if opts.HTTPClient == nil {
 		opts.HTTPClient = &http.Client{Timeout: DefaultRequestTimeout, Transport: newTransport()}
 	}
+	hc := *opts.HTTPClient // a copy, so the caller's client is left as it was
+	hc.CheckRedirect = refuseRedirect
+	opts.HTTPClient = &hc
 	if opts.DefaultTimeout == 0 {
 		opts.DefaultTimeout = DefaultSandboxTimeout
 	}

@@ -875,3 +875,41 @@ func quotaClient(t *testing.T, quota int) (*e2b.Client, *e2btest.Server) {
 	t.Cleanup(c.CloseIdleConnections)
 	return c, srv
 }
+
+// The client follows no redirect: net/http would resend every header but
+// Authorization and Cookie to whatever host a 3xx names, the API key and
+// envd's access token included. E2B's API and envd never redirect, so a 3xx
+// is returned as the answer it is, with the caller's own HTTPClient too,
+// which is left as it was.
+func TestRedirectsAreNotFollowed(t *testing.T) {
+	var foreign atomic.Int64
+	var leaked atomic.Value
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		foreign.Add(1)
+		leaked.Store(r.Header.Get("X-API-Key") + r.Header.Get("X-Access-Token"))
+	}))
+	t.Cleanup(elsewhere.Close)
+	// Another host name for the same loopback server: net/http treats it
+	// as a foreign domain.
+	away := strings.Replace(elsewhere.URL, "127.0.0.1", "localhost", 1)
+	redirector := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, away+r.URL.Path, http.StatusTemporaryRedirect)
+	}))
+	t.Cleanup(redirector.Close)
+
+	theirs := &http.Client{}
+	for _, hc := range []*http.Client{nil, theirs} {
+		c, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("e2b_secret"), BaseURL: redirector.URL, SandboxURL: redirector.URL, HTTPClient: hc})
+		require.NoError(t, err)
+		_, err = c.Get(ctx, "isb")
+		var ae *e2b.APIError
+		require.ErrorAs(t, err, &ae)
+		assert.Equal(t, http.StatusTemporaryRedirect, ae.StatusCode)
+		_, err = c.Healthy(ctx, e2b.Sandbox{ID: "isb", EnvdAccessToken: e2b.NewSecret("envd_secret")})
+		require.ErrorAs(t, err, &ae)
+		assert.Equal(t, http.StatusTemporaryRedirect, ae.StatusCode)
+		c.CloseIdleConnections()
+	}
+	assert.Zero(t, foreign.Load(), "a request followed the redirect, with %q", leaked.Load())
+	assert.Nil(t, theirs.CheckRedirect, "the caller's client is not changed")
+}
