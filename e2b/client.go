@@ -203,8 +203,17 @@ func New(opts Options) (*Client, error) {
 			continue
 		}
 		pu, err := url.Parse(u)
-		if err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
-			return nil, fmt.Errorf("e2b: Options.%s %q is not an http(s) URL", name, u)
+		switch {
+		case err != nil:
+			// Not quoted: a URL that does not parse may still hold a password.
+			return nil, fmt.Errorf("e2b: Options.%s is not a URL", name)
+		case pu.Scheme != "http" && pu.Scheme != "https" || pu.Host == "":
+			return nil, fmt.Errorf("e2b: Options.%s %q is not an http(s) URL", name, pu.Redacted())
+		case pu.User != nil:
+			// E2B authenticates with the API key; credentials in the URL
+			// would show wherever the URL is printed (a proxy's belong in
+			// HTTPS_PROXY, which net/http sends as Proxy-Authorization).
+			return nil, fmt.Errorf("e2b: Options.%s %q carries credentials; E2B takes the API key only", name, pu.Redacted())
 		}
 	}
 	if opts.HTTPClient == nil {

@@ -58,6 +58,20 @@ func TestNewValidates(t *testing.T) {
 	require.ErrorContains(t, err, "APIKey is required")
 	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: "ftp://x"})
 	require.ErrorContains(t, err, "BaseURL")
+	// Credentials in a URL are refused, and never shown.
+	for _, o := range []e2b.Options{
+		{BaseURL: "https://me:s3cr3t@api.e2b.app"},
+		{SandboxURL: "https://me:s3cr3t@sandbox.example"},
+		{BaseURL: "ftp://me:s3cr3t@x"},
+		{BaseURL: "http://me:s3cr3t@[::1"}, // does not parse
+	} {
+		o.APIKey = e2b.NewSecret("k")
+		_, err = e2b.New(o)
+		require.Error(t, err, "%+v", o)
+		assert.NotContains(t, err.Error(), "s3cr3t")
+	}
+	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: "https://me:s3cr3t@api.e2b.app"})
+	require.ErrorContains(t, err, `"https://me:xxxxx@api.e2b.app" carries credentials`)
 	c, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("k")})
 	require.NoError(t, err)
 	assert.Equal(t, "e2b.Client{https://api.e2b.app}", c.String())
