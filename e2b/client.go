@@ -290,8 +290,9 @@ type call struct {
 	// retryConflict retries a 409 as a transient answer: the sandbox is
 	// between states.
 	retryConflict bool
-	envd          bool  // a call to a sandbox's envd, not to the API: see Options.RetryQuota
-	ok            []int // success statuses
+	envd          bool   // a call to a sandbox's envd, not to the API: see Options.RetryQuota
+	token         Secret // envd's access token, which the call sends: scrubbed from error answers, as the API key is
+	ok            []int  // success statuses
 }
 
 // do runs send with retries and returns the successful response, body read.
@@ -453,8 +454,11 @@ func (c *Client) apiError(cl call, resp *http.Response, body []byte) *APIError {
 	} else if len(body) > 0 { // the edge's 429 is not JSON
 		ae.Message = strings.TrimSpace(string(body[:min(len(body), 512)]))
 	}
-	if k := c.apiKey.Reveal(); k != "" {
-		ae.Message = strings.ReplaceAll(ae.Message, k, "[REDACTED]")
+	for _, k := range []string{c.apiKey.Reveal(), cl.token.Reveal()} {
+		if k != "" {
+			ae.Message = strings.ReplaceAll(ae.Message, k, "[REDACTED]")
+			ae.ErrorCode = strings.ReplaceAll(ae.ErrorCode, k, "[REDACTED]")
+		}
 	}
 	return ae
 }

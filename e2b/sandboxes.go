@@ -328,7 +328,7 @@ func (c *Client) Healthy(ctx context.Context, sb Sandbox) (bool, error) {
 	if !sb.EnvdAccessToken.IsZero() {
 		req.Header.Set("X-Access-Token", sb.EnvdAccessToken.Reveal())
 	}
-	resp, _, err := c.do(ctx, call{op: "envd health", sandboxID: sb.ID, idempotent: true, envd: true, ok: []int{http.StatusOK, http.StatusNoContent, http.StatusBadGateway}},
+	resp, _, err := c.do(ctx, call{op: "envd health", sandboxID: sb.ID, idempotent: true, envd: true, token: sb.EnvdAccessToken, ok: []int{http.StatusOK, http.StatusNoContent, http.StatusBadGateway}},
 		func() (*http.Response, error) { return c.http.Do(req.Clone(ctx)) })
 	if err != nil {
 		return false, err

@@ -56,6 +56,11 @@ func TestSecretScan(t *testing.T) {
 	_, err = c.Get(ctx, sb.ID)
 	require.Error(t, err)
 	keep(err)
+	// envd echoing the access token it was sent.
+	srv.Inject(e2btest.OpHealth, e2btest.Fault{Status: http.StatusUnauthorized, Message: "token " + sb.EnvdAccessToken.Reveal() + " is not valid"})
+	_, err = c.Healthy(ctx, sb)
+	require.Error(t, err)
+	keep(err)
 	srv.Inject(e2btest.OpCreate, e2btest.Fault{Drop: true, AfterEffect: true})
 	_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
 	require.Error(t, err)
