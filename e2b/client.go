@@ -140,7 +140,8 @@ type Options struct {
 	// API calls and envd health checks have a quota each, so
 	// sandboxes whose envd hangs do not spend the API's. default: 500, the
 	// AWS SDKs' standard retry mode (100 retries of error answers in a
-	// row); -1: no quota, every call makes its MaxRetries.
+	// row); -1: no quota, every call makes its MaxRetries. New refuses a
+	// quota below 10, which could not pay for a retry after no answer.
 	RetryQuota int
 	// MaxRetryWait is the longest Retry-After the client waits out; a
 	// longer one is returned to the caller (APIError.RetryAfter) at once.
@@ -245,6 +246,8 @@ func New(opts Options) (*Client, error) {
 		opts.RetryQuota = DefaultRetryQuota
 	case opts.RetryQuota < 0:
 		opts.RetryQuota = 0
+	case opts.RetryQuota < retryNoAnswerCost:
+		return nil, fmt.Errorf("e2b: Options.RetryQuota %d could never pay for a retry after no answer (%d tokens): use -1 for no quota", opts.RetryQuota, retryNoAnswerCost)
 	}
 	if opts.DefaultTimeout < 0 || opts.MaxBackoff < opts.MinBackoff {
 		return nil, errors.New("e2b: DefaultTimeout must not be negative and MaxBackoff must be >= MinBackoff")

@@ -58,6 +58,10 @@ func TestNewValidates(t *testing.T) {
 	require.ErrorContains(t, err, "APIKey is required")
 	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: "ftp://x"})
 	require.ErrorContains(t, err, "BaseURL")
+	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), RetryQuota: 9})
+	require.ErrorContains(t, err, "RetryQuota 9 could never pay")
+	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), RetryQuota: 10})
+	require.NoError(t, err)
 	// Credentials in a URL are refused, and never shown.
 	for _, o := range []e2b.Options{
 		{BaseURL: "https://me:s3cr3t@api.e2b.app"},
@@ -834,7 +838,7 @@ func TestUnpaidRetryKeepsItsSchedule(t *testing.T) {
 	t.Cleanup(srv.Close)
 	opts := srv.ClientOptions()
 	const step = 200 * time.Millisecond
-	opts.MinBackoff, opts.MaxBackoff, opts.RetryQuota = step, step, 5 // one retry
+	opts.MinBackoff, opts.MaxBackoff, opts.RetryQuota = step, step, 10 // two retries
 	c, err := e2b.New(opts)
 	require.NoError(t, err)
 	e2b.WithoutJitter(c) // retries are due at 1, 2 and 3 steps
@@ -842,17 +846,17 @@ func TestUnpaidRetryKeepsItsSchedule(t *testing.T) {
 	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: time.Hour})
 	require.NoError(t, err)
 
-	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
+	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
 	_, err = c.Get(ctx, sb.ID)
-	require.ErrorContains(t, err, "2 of its retries not sent")
-	require.EqualValues(t, 2, srv.Calls(e2btest.OpGet), "the quota paid for one retry")
+	require.ErrorContains(t, err, "1 of its retries not sent")
+	require.EqualValues(t, 3, srv.Calls(e2btest.OpGet), "the quota paid for two retries")
 
 	// The quota is empty. A failing call's first retry goes unsent; five
 	// successes between its first and second retries pay for the second.
 	srv.Inject(e2btest.OpGet, e2btest.Fault{Status: 503}, e2btest.Fault{Status: 503})
 	done := make(chan error, 1)
 	go func() { _, err := c.Get(ctx, sb.ID); done <- err }()
-	require.Eventually(t, func() bool { return srv.Calls(e2btest.OpGet) == 3 }, 5*time.Second, time.Millisecond)
+	require.Eventually(t, func() bool { return srv.Calls(e2btest.OpGet) == 4 }, 5*time.Second, time.Millisecond)
 	time.Sleep(step * 3 / 2)
 	for range 5 {
 		_, err = c.List(ctx, nil)
@@ -863,7 +867,7 @@ func TestUnpaidRetryKeepsItsSchedule(t *testing.T) {
 	require.ErrorAs(t, err, &ae)
 	assert.Equal(t, 503, ae.StatusCode)
 	assert.ErrorContains(t, err, "2 of its retries not sent")
-	assert.EqualValues(t, 4, srv.Calls(e2btest.OpGet), "the call kept waiting, and sent its second retry")
+	assert.EqualValues(t, 5, srv.Calls(e2btest.OpGet), "the call kept waiting, and sent its second retry")
 }
 
 // RetryQuota -1 turns the quota off: every failing call makes MaxRetries.
