@@ -26,6 +26,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode"
 
 	"github.com/cenkalti/backoff/v5"
 
@@ -192,6 +193,16 @@ func (c *Client) Stats() Stats {
 func New(opts Options) (*Client, error) {
 	if opts.APIKey.IsZero() {
 		return nil, errors.New("e2b: Options.APIKey is required")
+	}
+	// net/http refuses to send a header value with a control character,
+	// and each call would then fail before sending: a create as "outcome
+	// unknown", anything else as ErrUnreachable after its retries, where the
+	// fault is the configuration. A key has no space either.
+	if strings.ContainsFunc(opts.APIKey.Reveal(), func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }) {
+		return nil, errors.New("e2b: Options.APIKey holds a space or a control character (a newline read from a file with it?); the key is not shown")
+	}
+	if strings.ContainsFunc(opts.UserAgent, unicode.IsControl) {
+		return nil, fmt.Errorf("e2b: Options.UserAgent %q holds a control character", opts.UserAgent)
 	}
 	if opts.Domain == "" {
 		opts.Domain = DefaultDomain

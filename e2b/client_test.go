@@ -58,6 +58,14 @@ func TestNewValidates(t *testing.T) {
 	require.ErrorContains(t, err, "APIKey is required")
 	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: "ftp://x"})
 	require.ErrorContains(t, err, "BaseURL")
+	// Header values net/http would refuse to send, on every call.
+	for _, key := range []string{"e2b_s3cr3t\n", " e2b_s3cr3t", "e2b_s3\x00cr3t", "e2b s3cr3t"} {
+		_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret(key)})
+		require.ErrorContains(t, err, "APIKey holds a space or a control character", "%q", key)
+		assert.NotContains(t, err.Error(), "s3cr3t")
+	}
+	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), UserAgent: "app/1\r\nX-Evil: 1"})
+	require.ErrorContains(t, err, "UserAgent")
 	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), RetryQuota: 9})
 	require.ErrorContains(t, err, "RetryQuota 9 could never pay")
 	_, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), RetryQuota: 10})
