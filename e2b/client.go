@@ -14,6 +14,7 @@ package e2b
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -411,7 +412,7 @@ func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (b
 		if ae.RetryAfter > 0 {
 			return true, ae.RetryAfter
 		}
-	case settled(err):
+	case settled(err), badCertificate(err):
 		return false, 0
 	case notSent(err):
 		// The connection was never made: safe for any call.
@@ -422,10 +423,21 @@ func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (b
 }
 
 // notSent reports a transport error that happened before the request could
-// reach the server (dial failures), so retrying cannot duplicate it.
+// reach the server (a failed dial, or a server certificate refused, which
+// ends the TLS handshake before the request is written), so retrying cannot
+// duplicate it.
 func notSent(err error) bool {
 	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial"
+	return errors.As(err, &op) && op.Op == "dial" || badCertificate(err)
+}
+
+// badCertificate reports a server certificate the client refused (an
+// unknown authority, a name that does not match): a configuration fault,
+// such as a TLS-intercepting proxy whose CA is not trusted, that no retry
+// mends.
+func badCertificate(err error) bool {
+	var cv *tls.CertificateVerificationError
+	return errors.As(err, &cv)
 }
 
 // final wraps the last error of a call with its operation, marking one that

@@ -939,3 +939,25 @@ func TestRedirectsAreNotFollowed(t *testing.T) {
 	assert.Zero(t, foreign.Load(), "a request followed the redirect, with %q", leaked.Load())
 	assert.Nil(t, theirs.CheckRedirect, "the caller's client is not changed")
 }
+
+// A server certificate the client refuses ends the TLS handshake before the
+// request is written: a create that met one did not happen (no "outcome
+// unknown"), and no call retries it, since no retry mends a configuration.
+// The call got no answer from E2B, so it matches ErrUnreachable.
+func TestRefusedCertificateIsNotRetriedNorAnUnknownOutcome(t *testing.T) {
+	var reached atomic.Int64
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { reached.Add(1) }))
+	t.Cleanup(srv.Close)
+	c, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: srv.URL, MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond})
+	require.NoError(t, err)
+	t.Cleanup(c.CloseIdleConnections)
+
+	_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	assert.NotErrorIs(t, err, e2b.ErrOutcomeUnknown, "the request was never written")
+	assert.ErrorContains(t, err, "certificate")
+	_, err = c.Get(ctx, "isb")
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	assert.Equal(t, e2b.Stats{Requests: 2, RetryTokensAPI: e2b.DefaultRetryQuota, RetryTokensEnvd: e2b.DefaultRetryQuota}, c.Stats(), "no retry")
+	assert.Zero(t, reached.Load())
+}
