@@ -21,6 +21,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"slices"
 	"strconv"
@@ -320,7 +321,7 @@ type call struct {
 // call again at once: in a 15-second E2B outage phase of the soak, E2B got
 // 47,000 requests where every retry sent made 23,000, and retries rationed
 // as here make 10,400, with as many calls failed.
-func (c *Client) do(ctx context.Context, cl call, send func() (*http.Response, error)) (*http.Response, []byte, error) {
+func (c *Client) do(ctx context.Context, cl call, send func(context.Context) (*http.Response, error)) (*http.Response, []byte, error) {
 	q := c.apiQuota
 	if cl.envd {
 		q = c.envdQuota
@@ -339,7 +340,7 @@ func (c *Client) do(ctx context.Context, cl call, send func() (*http.Response, e
 				c.retries.Add(1)
 			}
 			spent += cost
-			resp, body, e := c.once(cl, send)
+			resp, body, e := c.once(ctx, cl, send)
 			if e == nil {
 				q.succeeded(spent)
 				return resp, body, nil
@@ -368,10 +369,17 @@ func (c *Client) do(ctx context.Context, cl call, send func() (*http.Response, e
 }
 
 // once sends one request and turns a non-success answer into an *APIError.
-func (c *Client) once(cl call, send func() (*http.Response, error)) (*http.Response, []byte, error) {
+// A failure before any of the request was written is marked (see unsent).
+func (c *Client) once(ctx context.Context, cl call, send func(context.Context) (*http.Response, error)) (*http.Response, []byte, error) {
 	c.requests.Add(1)
-	resp, err := send()
+	var wrote atomic.Bool
+	resp, err := send(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		WroteHeaderField: func(string, []string) { wrote.Store(true) },
+	}))
 	if err != nil {
+		if !wrote.Load() {
+			err = &unsent{err}
+		}
 		return nil, nil, err
 	}
 	defer resp.Body.Close()
@@ -422,13 +430,23 @@ func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (b
 	return true, bo.NextBackOff()
 }
 
-// notSent reports a transport error that happened before the request could
-// reach the server (a failed dial, or a server certificate refused, which
-// ends the TLS handshake before the request is written), so retrying cannot
-// duplicate it.
+// unsent marks a transport error met before any of the request was
+// written: net/http had not written a header field (the trace's first
+// hook on the way out, for HTTP/1 and HTTP/2 alike). That covers every way
+// to fail first (a dial, a proxy that cannot be dialled or refuses the
+// CONNECT, a TLS handshake, a header net/http will not send) without
+// naming the error types each produces, some of which are untyped (a
+// refused CONNECT is errors.New of its status text).
+type unsent struct{ err error }
+
+func (u *unsent) Error() string { return u.err.Error() }
+func (u *unsent) Unwrap() error { return u.err }
+
+// notSent reports an error met before the request was written, so that
+// retrying cannot duplicate it (see unsent).
 func notSent(err error) bool {
-	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial" || badCertificate(err)
+	var u *unsent
+	return errors.As(err, &u)
 }
 
 // badCertificate reports a server certificate the client refused (an

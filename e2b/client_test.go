@@ -961,3 +961,62 @@ func TestRefusedCertificateIsNotRetriedNorAnUnknownOutcome(t *testing.T) {
 	assert.Equal(t, e2b.Stats{Requests: 2, RetryTokensAPI: e2b.DefaultRetryQuota, RetryTokensEnvd: e2b.DefaultRetryQuota}, c.Stats(), "no retry")
 	assert.Zero(t, reached.Load())
 }
+
+// Through an HTTPS proxy, a create that never got past the proxy (it could
+// not be dialled, or refused the CONNECT) did not happen: it is retried,
+// and never an unknown outcome. net/http reports both as "proxyconnect".
+func TestProxyFailuresAreNotSent(t *testing.T) {
+	var connects atomic.Int64
+	refusing := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		connects.Add(1)
+		w.WriteHeader(http.StatusProxyAuthRequired)
+	}))
+	t.Cleanup(refusing.Close)
+	dead := httptest.NewServer(http.NotFoundHandler())
+	dead.Close() // nothing listens there now
+	for _, proxy := range []string{refusing.URL, dead.URL} {
+		pu, err := url.Parse(proxy)
+		require.NoError(t, err)
+		tr := &http.Transport{Proxy: http.ProxyURL(pu)}
+		t.Cleanup(tr.CloseIdleConnections)
+		c, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: "https://api.e2b.invalid", HTTPClient: &http.Client{Transport: tr},
+			MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond})
+		require.NoError(t, err)
+		_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
+		require.ErrorIs(t, err, e2b.ErrUnreachable, proxy)
+		assert.NotErrorIs(t, err, e2b.ErrOutcomeUnknown, "%s: the create never left the proxy", proxy)
+		assert.EqualValues(t, 1+e2b.DefaultMaxRetries, c.Stats().Requests, "%s: retried, as nothing was sent", proxy)
+	}
+	assert.EqualValues(t, 1+e2b.DefaultMaxRetries, connects.Load())
+}
+
+// Whether a failed request was written is read from net/http's trace, the
+// same for HTTP/1 and HTTP/2: over HTTP/2, a create whose stream the server
+// reset after reading it may have happened (outcome unknown, not retried),
+// while a Get that met the same is retried.
+func TestWrittenRequestsOverHTTP2AreSent(t *testing.T) {
+	var creates, gets atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodPost {
+			creates.Add(1)
+		} else {
+			gets.Add(1)
+		}
+		panic(http.ErrAbortHandler) // resets the stream: no answer
+	}))
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	c, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("k"), BaseURL: srv.URL, HTTPClient: srv.Client(),
+		MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond})
+	require.NoError(t, err)
+	t.Cleanup(c.CloseIdleConnections)
+
+	_, err = c.Create(ctx, e2b.CreateParams{Template: "base"})
+	require.ErrorIs(t, err, e2b.ErrOutcomeUnknown)
+	assert.ErrorContains(t, err, "stream error", "over HTTP/2")
+	assert.EqualValues(t, 1, creates.Load(), "never resent")
+	_, err = c.Get(ctx, "isb")
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	assert.EqualValues(t, 1+e2b.DefaultMaxRetries, gets.Load())
+}

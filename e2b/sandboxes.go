@@ -100,7 +100,7 @@ func (c *Client) Create(ctx context.Context, p CreateParams) (Sandbox, error) {
 		ev := e2bapi.EnvVars(maps.Clone(p.EnvVars))
 		body.EnvVars = &ev
 	}
-	_, raw, err := c.do(ctx, call{op: "create", ok: []int{http.StatusCreated}}, func() (*http.Response, error) {
+	_, raw, err := c.do(ctx, call{op: "create", ok: []int{http.StatusCreated}}, func(ctx context.Context) (*http.Response, error) {
 		return c.api.PostSandboxes(ctx, body)
 	})
 	if err != nil {
@@ -126,7 +126,9 @@ func (c *Client) Connect(ctx context.Context, id string, timeout time.Duration) 
 	// A 409 says the sandbox is changing state (being paused, snapshotted or
 	// killed): retried, it resumes, or comes back 404 once it is gone.
 	_, raw, err := c.do(ctx, call{op: "connect", sandboxID: id, idempotent: true, retryConflict: true, ok: []int{http.StatusOK, http.StatusCreated}},
-		func() (*http.Response, error) { return c.api.PostSandboxesSandboxIDConnect(ctx, id, body) })
+		func(ctx context.Context) (*http.Response, error) {
+			return c.api.PostSandboxesSandboxIDConnect(ctx, id, body)
+		})
 	if err != nil {
 		return Sandbox{}, err
 	}
@@ -142,7 +144,7 @@ func (c *Client) Connect(ctx context.Context, id string, timeout time.Duration) 
 // Get describes a running or paused sandbox. It has no side effects.
 func (c *Client) Get(ctx context.Context, id string) (Sandbox, error) {
 	_, raw, err := c.do(ctx, call{op: "get", sandboxID: id, idempotent: true, ok: []int{http.StatusOK}},
-		func() (*http.Response, error) { return c.api.GetSandboxesSandboxID(ctx, id) })
+		func(ctx context.Context) (*http.Response, error) { return c.api.GetSandboxesSandboxID(ctx, id) })
 	if err != nil {
 		return Sandbox{}, err
 	}
@@ -176,7 +178,7 @@ func (c *Client) List(ctx context.Context, metadata map[string]string) ([]Sandbo
 	seen := map[string]bool{} // page tokens already followed
 	for {
 		resp, raw, err := c.do(ctx, call{op: "list", idempotent: true, ok: []int{http.StatusOK}},
-			func() (*http.Response, error) { return c.api.GetV2Sandboxes(ctx, &params) })
+			func(ctx context.Context) (*http.Response, error) { return c.api.GetV2Sandboxes(ctx, &params) })
 		if err != nil {
 			return nil, err
 		}
@@ -271,7 +273,7 @@ func DecodeMetadataQuery(q string) (map[string]string, error) {
 // not an error.
 func (c *Client) Kill(ctx context.Context, id string) error {
 	_, _, err := c.do(ctx, call{op: "kill", sandboxID: id, idempotent: true, ok: []int{http.StatusNoContent, http.StatusNotFound}},
-		func() (*http.Response, error) { return c.api.DeleteSandboxesSandboxID(ctx, id) })
+		func(ctx context.Context) (*http.Response, error) { return c.api.DeleteSandboxesSandboxID(ctx, id) })
 	return err
 }
 
@@ -282,7 +284,9 @@ func (c *Client) Kill(ctx context.Context, id string) error {
 func (c *Client) SetTimeout(ctx context.Context, id string, timeout time.Duration) error {
 	body := e2bapi.SandboxTimeoutRequest{Timeout: seconds(timeout)}
 	_, _, err := c.do(ctx, call{op: "set timeout", sandboxID: id, idempotent: true, retryConflict: true, ok: []int{http.StatusNoContent}},
-		func() (*http.Response, error) { return c.api.PostSandboxesSandboxIDTimeout(ctx, id, body) })
+		func(ctx context.Context) (*http.Response, error) {
+			return c.api.PostSandboxesSandboxIDTimeout(ctx, id, body)
+		})
 	return err
 }
 
@@ -290,7 +294,7 @@ func (c *Client) SetTimeout(ctx context.Context, id string, timeout time.Duratio
 // sandbox was already paused.
 func (c *Client) Pause(ctx context.Context, id string) (bool, error) {
 	_, _, err := c.do(ctx, call{op: "pause", sandboxID: id, idempotent: true, ok: []int{http.StatusNoContent}},
-		func() (*http.Response, error) {
+		func(ctx context.Context) (*http.Response, error) {
 			return c.api.PostSandboxesSandboxIDPause(ctx, id, e2bapi.SandboxPauseRequest{})
 		})
 	var ae *APIError
@@ -329,7 +333,7 @@ func (c *Client) Healthy(ctx context.Context, sb Sandbox) (bool, error) {
 		req.Header.Set("X-Access-Token", sb.EnvdAccessToken.Reveal())
 	}
 	resp, _, err := c.do(ctx, call{op: "envd health", sandboxID: sb.ID, idempotent: true, envd: true, token: sb.EnvdAccessToken, ok: []int{http.StatusOK, http.StatusNoContent, http.StatusBadGateway}},
-		func() (*http.Response, error) { return c.http.Do(req.Clone(ctx)) })
+		func(ctx context.Context) (*http.Response, error) { return c.http.Do(req.Clone(ctx)) })
 	if err != nil {
 		return false, err
 	}
