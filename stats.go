@@ -54,7 +54,9 @@ type Stats struct {
 	// without Redis).
 	Redis RedisPoolStats
 	// E2B is the E2B client's requests, retries and retry quotas, when
-	// the Provider is NewE2BProvider's (zero with another Provider).
+	// the Provider is NewE2BProvider's (zero with another Provider). They
+	// are the client's, not the Manager's: Managers sharing one client
+	// report the same figures.
 	E2B e2b.Stats
 }
 
