@@ -140,11 +140,11 @@ type Options struct {
 	// call's error says so. Rationing starts when over about 40% of tries
 	// fail: with tries failing independently at 45%, 14% of calls fail
 	// where 4% would with every retry sent; at 50%, 37% where 6% would.
-	// API calls and envd health checks have a quota each, so
-	// sandboxes whose envd hangs do not spend the API's. default: 500, the
-	// AWS SDKs' standard retry mode (100 retries of error answers in a
-	// row); -1: no quota, every call makes its MaxRetries. New refuses a
-	// quota below 10, which could not pay for a retry after no answer.
+	// API calls and envd health checks have a quota each, so sandboxes
+	// whose envd hangs do not spend the API's. default: 500, the AWS SDKs'
+	// standard retry mode (100 retries of error answers in a row); -1: no
+	// quota, every call makes its MaxRetries. New refuses a quota below 10,
+	// which could not pay for a retry after no answer.
 	RetryQuota int
 	// MaxRetryWait is the longest Retry-After the client waits out; a
 	// longer one is returned to the caller (APIError.RetryAfter) at once.
@@ -330,10 +330,10 @@ func (c *Client) do(ctx context.Context, cl call, send func(context.Context) (*h
 	bo.InitialInterval, bo.MaxInterval, bo.RandomizationFactor = c.minBackoff, c.maxBackoff, c.jitter
 	bo.Reset()
 	var err error
-	cost, spent, unsent := 0, 0, 0 // the next retry's cost, the tokens this call's retries took, retries not sent
+	cost, spent, unpaid := 0, 0, 0 // the next retry's cost, the tokens this call's retries took, retries not sent
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 && !q.take(cost) {
-			unsent++ // err stands
+			unpaid++ // err stands
 			c.retriesUnsent.Add(1)
 		} else {
 			if attempt > 0 {
@@ -349,10 +349,10 @@ func (c *Client) do(ctx context.Context, cl call, send func(context.Context) (*h
 		}
 		retry, wait := c.classify(cl, err, bo)
 		if !retry || attempt >= c.maxRetries || wait > c.maxWait {
-			return nil, nil, c.final(cl, err, unsent)
+			return nil, nil, c.final(cl, err, unpaid)
 		}
 		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
-			return nil, nil, c.final(cl, err, unsent) // waiting would outlive the caller
+			return nil, nil, c.final(cl, err, unpaid) // waiting would outlive the caller
 		}
 		cost = retryCost
 		if !errAs(err, new(*APIError)) {
@@ -363,7 +363,7 @@ func (c *Client) do(ctx context.Context, cl call, send func(context.Context) (*h
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			return nil, nil, fmt.Errorf("%w (gave up waiting to retry: %w)", c.final(cl, err, unsent), context.Cause(ctx))
+			return nil, nil, fmt.Errorf("%w (gave up waiting to retry: %w)", c.final(cl, err, unpaid), context.Cause(ctx))
 		}
 	}
 }
@@ -461,15 +461,15 @@ func badCertificate(err error) bool {
 // final wraps the last error of a call with its operation, marking one that
 // got no answer (ErrUnreachable), a create whose outcome is unknown, and
 // retries the quota did not let it send.
-func (c *Client) final(cl call, err error, unsent int) error {
+func (c *Client) final(cl call, err error, unpaid int) error {
 	err = c.finalErr(cl, err)
-	if unsent > 0 {
-		err = fmt.Errorf("%w (%d of its retries not sent: the client's retry quota is spent, as calls keep failing)", err, unsent)
+	if unpaid > 0 {
+		err = fmt.Errorf("%w (%d of its retries not sent: the client's retry quota is spent, as calls keep failing)", err, unpaid)
 	}
 	return err
 }
 
-// finalErr is final without the note on unsent retries.
+// finalErr is final without the note on unpaid retries.
 func (c *Client) finalErr(cl call, err error) error {
 	var ae *APIError
 	switch {
