@@ -10,9 +10,11 @@ const (
 	DefaultRetryQuota = 500
 	// retryCost is what a retry after an answer (a 5xx, a 429, a 409) takes.
 	retryCost = 5
-	// retryNoAnswerCost is what a retry after no answer takes: a dropped or
-	// refused connection costs the server as much as an answer, or more,
-	// and says less about whether the next try will reach it.
+	// retryNoAnswerCost is what a retry after no answer takes, twice an
+	// answer's, as the AWS SDKs charge a timeout: a call that got no answer
+	// (a dropped connection, a timeout) may have cost the server as much as
+	// an answered one, and says less about whether the next try will reach
+	// it.
 	retryNoAnswerCost = 10
 	// firstTryRefund is what a call that succeeded at its first try puts
 	// back. A call that succeeded after retries puts back what they took.
