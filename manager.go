@@ -1129,6 +1129,14 @@ func (m *Manager) forgetLocal(s *slot) {
 // and a deferred Close, say): every call returns only once background work
 // has stopped, as the first does, and returns nil unless its own ctx ended
 // first and cut that work short.
+//
+// Last, Close closes the provider's idle HTTP connections, if it has a
+// CloseIdleConnections method (NewE2BProvider's does), so that no
+// connection of net/http's outlives the Manager with its goroutines (for 90
+// s otherwise). That is all it closes: a provider shared with another
+// Manager dials again at its next call. Config.Redis stays open, even when
+// ConfigFromEnv built it: a Config may serve several Managers, so close it
+// yourself after the last one.
 func (m *Manager) Close(ctx context.Context) error {
 	m.bgMu.Lock()
 	first := !m.closed.Load()
@@ -1150,5 +1158,8 @@ func (m *Manager) Close(ctx context.Context) error {
 		m.settleAtClose(ctx)
 	}
 	m.cancel()
+	if p, ok := m.provider.(interface{ CloseIdleConnections() }); ok {
+		p.CloseIdleConnections()
+	}
 	return err
 }

@@ -81,6 +81,10 @@ func (p *e2bProvider) SetTimeout(ctx context.Context, id string, timeout time.Du
 
 func (p *e2bProvider) Kill(ctx context.Context, id string) error { return p.c.Kill(ctx, id) }
 
+// CloseIdleConnections closes the E2B client's idle connections (see
+// Manager.Close).
+func (p *e2bProvider) CloseIdleConnections() { p.c.CloseIdleConnections() }
+
 func (p *e2bProvider) List(ctx context.Context, metadata map[string]string) ([]Sandbox, error) {
 	found, err := p.c.List(ctx, metadata)
 	if err != nil {

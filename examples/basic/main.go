@@ -26,6 +26,9 @@ func run(ctx context.Context, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if cfg.Redis != nil {
+		defer cfg.Redis.Close() // yours to close, after the Manager (deferred below, so closed first)
+	}
 	if os.Getenv("E2B_API_KEY") == "" {
 		fake := e2btest.Start(e2btest.Config{})
 		defer fake.Close()
