@@ -20,6 +20,10 @@ const EnvdPort = 49983
 // failure (timeouts, 5xx, 429, auth) must be returned as something else: the
 // Manager replaces a cached sandbox only on ErrSandboxNotFound, or on
 // ErrSandboxUnresponsive (see Check) once it has lasted UnresponsiveAfter.
+//
+// A Provider may also have a CloseIdleConnections() method, which
+// Manager.Close calls last (NewE2BProvider's closes its HTTP client's idle
+// connections).
 type Provider interface {
 	// Create starts a new sandbox with req.Timeout as its provider-side
 	// deadline and req.Metadata attached, and returns it with its ID. A
