@@ -423,7 +423,7 @@ func (c *Client) classify(cl call, err error, bo *backoff.ExponentialBackOff) (b
 	case settled(err), badCertificate(err):
 		return false, 0
 	case notSent(err):
-		// The connection was never made: safe for any call.
+		// Nothing of the request was written: safe for any call.
 	case !cl.idempotent:
 		return false, 0
 	}
