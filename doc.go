@@ -37,7 +37,9 @@
 //  6. Probes have no side effects: a health check never extends a deadline.
 //  7. Bad input is refused before any I/O: ids are 1–128 bytes of ASCII
 //     letters, digits and ". _ - @ + =", starting with a letter or digit.
-//  8. Secrets stay secret: Secret masks itself in every output form.
+//  8. Secrets stay secret: Secret masks itself in every output form, and
+//     the E2B client sends the API key and envd's tokens to no host but the
+//     one a call names (it follows no redirect).
 //  9. Degrades, then recovers. When Redis is unreachable a circuit breaker
 //     opens; sandboxes in memory are still served, and new ones are created
 //     without the cross-instance lock (counted in Stats().DegradedCreates) or
@@ -46,6 +48,9 @@
 //     and makes the removals it could not announce (Close makes a last
 //     try at both); once the removal subscription is confirmed again, every
 //     pooled sandbox whose Redis record no longer names it is rechecked.
+//     When E2B fails every call, the E2B client's retries stop once they
+//     have spent a quota its calls share, so each call meets E2B once
+//     (e2b.Options.RetryQuota).
 //  10. Caller cancellation does not strand work: a create that has started
 //     finishes within Config.CreateTimeout and is kept for the next caller.
 //     A caller whose context has already ended starts nothing: Acquire
