@@ -768,7 +768,7 @@ func TestDefaultClientKeepsABurstsConnections(t *testing.T) {
 // succeed give the quota back, a retry after no answer costs twice one after
 // an answer, and envd health checks spend a quota of their own.
 func TestRetryQuotaBoundsRetriesWhileCallsKeepFailing(t *testing.T) {
-	c, srv := quotaClient(t, 0)
+	c, srv := quotaClient(t, 0, time.Millisecond, 2*time.Millisecond)
 	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: time.Hour})
 	require.NoError(t, err)
 
@@ -842,15 +842,9 @@ func TestRetryQuotaBoundsRetriesWhileCallsKeepFailing(t *testing.T) {
 // backoff schedule rather than failing at once: a later step sends if calls
 // that succeeded meanwhile put tokens back.
 func TestUnpaidRetryKeepsItsSchedule(t *testing.T) {
-	srv := e2btest.Start(e2btest.Config{})
-	t.Cleanup(srv.Close)
-	opts := srv.ClientOptions()
 	const step = 200 * time.Millisecond
-	opts.MinBackoff, opts.MaxBackoff, opts.RetryQuota = step, step, 10 // two retries
-	c, err := e2b.New(opts)
-	require.NoError(t, err)
-	e2b.WithoutJitter(c) // retries are due at 1, 2 and 3 steps
-	t.Cleanup(c.CloseIdleConnections)
+	c, srv := quotaClient(t, 10, step, step) // two retries
+	e2b.WithoutJitter(c)                     // retries are due at 1, 2 and 3 steps
 	sb, err := c.Create(ctx, e2b.CreateParams{Template: "base", Timeout: time.Hour})
 	require.NoError(t, err)
 
@@ -880,7 +874,7 @@ func TestUnpaidRetryKeepsItsSchedule(t *testing.T) {
 
 // RetryQuota -1 turns the quota off: every failing call makes MaxRetries.
 func TestNoRetryQuota(t *testing.T) {
-	c, srv := quotaClient(t, -1)
+	c, srv := quotaClient(t, -1, time.Millisecond, 2*time.Millisecond)
 	srv.Down(e2btest.Fault{Status: http.StatusServiceUnavailable})
 	for range 200 {
 		_, err := c.Get(ctx, "igone")
@@ -890,12 +884,12 @@ func TestNoRetryQuota(t *testing.T) {
 }
 
 // quotaClient starts a fake and a client for it with the given RetryQuota
-// and backoffs of a millisecond or two.
-func quotaClient(t *testing.T, quota int) (*e2b.Client, *e2btest.Server) {
+// and backoffs.
+func quotaClient(t *testing.T, quota int, minBackoff, maxBackoff time.Duration) (*e2b.Client, *e2btest.Server) {
 	srv := e2btest.Start(e2btest.Config{})
 	t.Cleanup(srv.Close)
 	opts := srv.ClientOptions()
-	opts.MinBackoff, opts.MaxBackoff, opts.RetryQuota = time.Millisecond, 2*time.Millisecond, quota
+	opts.MinBackoff, opts.MaxBackoff, opts.RetryQuota = minBackoff, maxBackoff, quota
 	c, err := e2b.New(opts)
 	require.NoError(t, err)
 	t.Cleanup(c.CloseIdleConnections)

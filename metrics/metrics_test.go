@@ -51,21 +51,7 @@ func TestCollectorExportsEveryStat(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, problems)
 
-	families, err := reg.Gather()
-	require.NoError(t, err)
-	got := map[string]float64{}
-	for _, f := range families {
-		for _, mt := range f.GetMetric() {
-			switch {
-			case mt.GetCounter() != nil:
-				got[f.GetName()] = mt.GetCounter().GetValue()
-			case mt.GetGauge() != nil:
-				got[f.GetName()] = mt.GetGauge().GetValue()
-			case mt.GetHistogram() != nil:
-				got[f.GetName()+"{"+mt.GetLabel()[0].GetValue()+"}"] = float64(mt.GetHistogram().GetSampleCount())
-			}
-		}
-	}
+	got := gather(t, reg)
 	find := func(name string) (float64, bool) {
 		for _, full := range []string{"svc_sandboxpool_" + name + "_total", "svc_sandboxpool_" + name} {
 			if v, ok := got[full]; ok {
@@ -188,6 +174,7 @@ func TestCollectorExportsTheE2BClient(t *testing.T) {
 
 	reg := prometheus.NewPedanticRegistry()
 	require.NoError(t, reg.Register(metrics.New("svc").Collector(m)))
+	values := gather(t, reg)
 	for name, want := range map[string]float64{
 		"svc_sandboxpool_e2b_requests_total":       float64(fake.Requests()),
 		"svc_sandboxpool_e2b_retries_total":        1,
@@ -198,25 +185,29 @@ func TestCollectorExportsTheE2BClient(t *testing.T) {
 		got, err := testutil.GatherAndCount(reg, name)
 		require.NoError(t, err)
 		require.Equal(t, 1, got, name)
-		assert.Equal(t, want, gathered(t, reg, name), name)
+		assert.Equal(t, want, values[name], name)
 	}
 	assert.Positive(t, fake.Requests())
 }
 
-// gathered returns the value of the single-series metric name in reg.
-func gathered(t *testing.T, reg prometheus.Gatherer, name string) float64 {
+// gather returns every metric reg gathers by name: a counter's or a
+// gauge's value, and a histogram's sample count under name{label value}.
+func gather(t *testing.T, reg prometheus.Gatherer) map[string]float64 {
 	t.Helper()
 	families, err := reg.Gather()
 	require.NoError(t, err)
+	got := map[string]float64{}
 	for _, f := range families {
-		if f.GetName() == name {
-			mt := f.GetMetric()[0]
-			if c := mt.GetCounter(); c != nil {
-				return c.GetValue()
+		for _, mt := range f.GetMetric() {
+			switch {
+			case mt.GetCounter() != nil:
+				got[f.GetName()] = mt.GetCounter().GetValue()
+			case mt.GetGauge() != nil:
+				got[f.GetName()] = mt.GetGauge().GetValue()
+			case mt.GetHistogram() != nil:
+				got[f.GetName()+"{"+mt.GetLabel()[0].GetValue()+"}"] = float64(mt.GetHistogram().GetSampleCount())
 			}
-			return mt.GetGauge().GetValue()
 		}
 	}
-	t.Fatalf("no metric %s", name)
-	return 0
+	return got
 }
