@@ -1,9 +1,6 @@
 package sandboxpool
 
-import (
-	"sync"
-	"time"
-)
+import "time"
 
 // Test hooks, compiled only into this package's tests.
 
@@ -39,10 +36,10 @@ func RedisKey(ns, user, project, suffix string) string {
 func SetDefaultBuilder(b func() (*Manager, error)) (restore func()) {
 	old := buildDefault
 	buildDefault = b
-	defaultOnce, defaultMgr, defaultErr = sync.Once{}, nil, nil
+	defaultManager = onceDefault()
 	return func() {
 		buildDefault = old
-		defaultOnce, defaultMgr, defaultErr = sync.Once{}, nil, nil
+		defaultManager = onceDefault()
 	}
 }
 

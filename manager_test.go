@@ -761,6 +761,19 @@ func TestDefaultErrorSharedAndFromEnv(t *testing.T) {
 	wg.Wait()
 }
 
+// A build that panics panics again at every call: sync.Once alone would
+// count it as done and hand later callers a nil Manager with no error.
+func TestDefaultBuildPanicIsNeverANilManager(t *testing.T) {
+	restore := sandboxpool.SetDefaultBuilder(func() (*sandboxpool.Manager, error) { panic("build failed") })
+	defer restore()
+	for range 2 {
+		require.PanicsWithValue(t, "build failed", func() {
+			m, err := sandboxpool.Default()
+			t.Errorf("Default returned %v, %v after its build panicked", m, err)
+		})
+	}
+}
+
 func TestQuotas(t *testing.T) {
 	e := newEnv(t, func(c *sandboxpool.Config) { c.MaxSandboxes = 3; c.MaxPerUser = 2 })
 	e.acquire(t, "a", "1").Release()
