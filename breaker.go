@@ -54,6 +54,59 @@ func answered(err error) bool {
 	return strings.HasPrefix(msg, "WRONGTYPE") || strings.HasPrefix(msg, "NOPERM")
 }
 
+// refusesWrites reports an error reply with which Redis turns writes away
+// while it may go on answering reads: out of memory under the noeviction
+// policy (OOM), unable to persist (MISCONF), a replica (READONLY), or
+// short of the replicas min-replicas-to-write asks for (NOREPLICAS). Such
+// a Redis cannot coordinate creates, and the breaker does not see it: the
+// reads it answers keep it closed (see store.silent). So a create whose
+// coordinated attempts meet it goes without the lock once writes have
+// been refused for RedisTimeout (see store.writesRefused).
+func refusesWrites(err error) bool {
+	var re redis.Error
+	if !errors.As(err, &re) {
+		return false
+	}
+	msg := re.Error()
+	for _, prefix := range []string{"OOM ", "MISCONF ", "READONLY ", "NOREPLICAS "} {
+		if strings.HasPrefix(msg, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// writesRefused notes a refusal to write and reports whether writes have
+// been refused for RedisTimeout, with none taken since (see
+// writesAccepted): as long as a silent Redis gets before the breaker opens.
+// A refusal that lasts less (a Redis at its memory limit, freeing some as
+// keys expire) is waited out, as a failure among answers is, so that a
+// create goes without the lock only when the refusal looks like it will
+// last; the creates that follow then go at once. first reports the call
+// that should log the episode.
+func (st *store) writesRefused() (long, first bool) {
+	now := int64(time.Since(st.born)) + 1 // never 0, which means "taking writes"
+	since := st.refusedAt.Load()
+	for since == 0 && !st.refusedAt.CompareAndSwap(0, now) {
+		since = st.refusedAt.Load()
+	}
+	if since == 0 {
+		since = now // this call began the episode
+	}
+	if now-since < int64(st.timeout) {
+		return false, false
+	}
+	return true, st.refusalLogged.CompareAndSwap(false, true)
+}
+
+// writesAccepted ends an episode of refused writes: a record was written.
+func (st *store) writesAccepted() {
+	if st.refusedAt.Load() != 0 {
+		st.refusedAt.Store(0)
+		st.refusalLogged.Store(false)
+	}
+}
+
 // heardFrom reports a call Redis answered: it succeeded, or failed with an
 // answer (see answered). The breaker counts it a success, and the silence
 // clock (see store.silent) a sign of life.
@@ -106,6 +159,11 @@ type store struct {
 	// with nothing left to protect, so it does not wait out an open
 	// breaker's cooldown.
 	closed atomic.Bool
+	// refusedAt is when Redis began refusing writes (see refusesWrites),
+	// as time since born; 0 while it takes them. refusalLogged is set
+	// once that has been logged.
+	refusedAt     atomic.Int64
+	refusalLogged atomic.Bool
 }
 
 // silent reports whether Redis has answered no call for RedisTimeout. The

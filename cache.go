@@ -180,6 +180,9 @@ func (st *store) publish(ctx context.Context, s *slot, token string) (bool, erro
 			token, s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(s.deadline.Load())).Int64()
 		return err
 	})
+	if n == 1 {
+		st.writesAccepted()
+	}
 	return n == 1, err
 }
 
@@ -193,6 +196,9 @@ func (st *store) adopt(ctx context.Context, s *slot, deadline, stale int64) (str
 			s.id, s.shape.template, nsToMs(s.createdAt), nsToMs(deadline), nsToMs(stale)).Text()
 		return err
 	})
+	if err == nil && id == s.id {
+		st.writesAccepted()
+	}
 	return id, err
 }
 
@@ -231,6 +237,9 @@ func (st *store) touch(ctx context.Context, s *slot, deadline, stale int64) (int
 		ms, err = luaTouch.Run(ctx, st.rdb, []string{st.sbxKey(s.key)}, s.id, nsToMs(deadline), nsToMs(stale)).Int64()
 		return err
 	})
+	if err == nil && ms == nsToMs(deadline) {
+		st.writesAccepted() // it extended the record, or found it extended that far
+	}
 	if ms <= 0 {
 		return ms, err
 	}

@@ -446,12 +446,14 @@ func (m *Manager) check(ctx context.Context, s *slot) error {
 // such judgement (a call RedisTimeout cut short while Redis answered others,
 // in a burst on a busy host): creating then could make the pair a second
 // sandbox, so the coordinated create is tried again, every redisRetry,
-// until it succeeds, the breaker opens, or the fill's time runs out (see
+// until it succeeds, the breaker opens, Redis has refused writes for
+// RedisTimeout (see refusesWrites), or the fill's time runs out (see
 // coordination for what the attempts share).
 func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
 	m.ctr.cacheMisses.Add(1)
 	if m.store != nil {
 		co := &coordination{token: rand.Text()}
+	coordinated:
 		for !m.store.degraded() {
 			s, err := m.createCoordinated(ctx, sh, k, co)
 			switch {
@@ -459,6 +461,8 @@ func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, erro
 				return s, err
 			case m.store.degraded():
 				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis unavailable on the create path", slog.Any("error", err))
+			case refusesWrites(err) && m.refusedTooLong(ctx, err):
+				break coordinated
 			case !pause(ctx, redisRetry):
 				return nil, pairErr("create", k, fmt.Errorf("%w: %w", ErrUnavailable, err))
 			}
@@ -477,6 +481,17 @@ func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, erro
 	}
 	m.park(sh, s)
 	return s, nil
+}
+
+// refusedTooLong reports whether Redis, which refused a write with err,
+// has refused writes long enough for creates to go without the lock (see
+// store.writesRefused), and logs the first such create of the episode.
+func (m *Manager) refusedTooLong(ctx context.Context, err error) bool {
+	long, first := m.store.writesRefused()
+	if first {
+		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis refuses writes: creating without the lock until it takes them again", slog.Any("error", err))
+	}
+	return long
 }
 
 // createLocal reserves in-process quota (and rate, if withRate), then adopts

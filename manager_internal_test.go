@@ -633,3 +633,28 @@ func (h gateHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		return next(ctx, cmd)
 	}
 }
+
+// The Redis error replies that refuse writes (see refusesWrites), as
+// go-redis returns them and the store wraps them.
+func TestRefusesWrites(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), MaxRetries: -1})
+	defer rdb.Close()
+	for reply, refuses := range map[string]bool{
+		"OOM command not allowed when used memory > 'maxmemory'.":                                          true,
+		"MISCONF Redis is configured to save RDB snapshots, but it's currently unable to persist to disk.": true,
+		"READONLY You can't write against a read only replica.":                                            true,
+		"NOREPLICAS Not enough good replicas to write.":                                                    true,
+		"LOADING Redis is loading the dataset in memory":                                                   false,
+		"BUSY Redis is busy running a script.":                                                             false,
+		"WRONGTYPE Operation against a key holding the wrong kind of value":                                false,
+		"ERR OOM-like text later in a message":                                                             false,
+	} {
+		mr.SetError(reply)
+		err := rdb.Get(context.Background(), "k").Err()
+		require.Error(t, err)
+		assert.Equal(t, refuses, refusesWrites(fmt.Errorf("%w: %w", errRedisUnavailable, err)), reply)
+	}
+	assert.False(t, refusesWrites(context.DeadlineExceeded))
+	assert.False(t, refusesWrites(nil))
+}

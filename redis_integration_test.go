@@ -8,6 +8,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -291,6 +292,108 @@ func TestRealRedisOutageAndRecovery(t *testing.T) {
 	// were retired by reconciliation, so new acquires agree on one sandbox.
 	require.Eventually(t, func() bool { return len(p.Alive()) <= 40 }, 10*time.Second, 20*time.Millisecond, "duplicates retired: %d alive", len(p.Alive()))
 	require.Empty(t, stampede(t, ms, 400, 40, 5*time.Second))
+}
+
+// A Redis out of memory (maxmemory with noeviction) answers reads and
+// refuses every write: it cannot coordinate creates. The breaker does not
+// see it, since the reads keep it closed, so a create that meets the
+// refusal for RedisTimeout goes without the lock (counted), as it would
+// with Redis down, and is published once Redis takes writes again.
+// Before, such a create was tried again for as long as other calls were
+// answered: here, for as long as b kept reconnecting a's pairs (a service
+// whose instances share pairs does that all day), past the caller's
+// deadline. (Taken for an answer, as WRONGTYPE is, OOM would instead fail
+// every new pair's Acquire at once.)
+func TestRealRedisOutOfMemoryDegradesAndRecovers(t *testing.T) {
+	srv := redistest.Start(t, "--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
+	p := fp.New()
+	ms := instances(t, 2, p, func() redis.UniversalClient { return srv.Client(t) })
+	a, b := ms[0], ms[1]
+	const shared = 600
+	for i := range shared {
+		acquireID(t, a, "w", fmt.Sprint("p", i))
+	}
+	hot := acquireID(t, b, "u", "hot")
+
+	ctx := context.Background()
+	admin := outOfMemory(t, srv)
+
+	stop, reading := make(chan struct{}), make(chan struct{})
+	go func() { // b reconnects a's pairs, one Redis read each, answered
+		defer close(reading)
+		for i := range shared {
+			select {
+			case <-stop:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+			l, err := b.Acquire(ctx, "w", fmt.Sprint("p", i))
+			if assert.NoError(t, err) {
+				l.Release()
+			}
+		}
+	}()
+	defer func() { close(stop); <-reading }()
+
+	assert.Equal(t, hot, acquireID(t, b, "u", "hot"), "memory hits need no Redis")
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	cold := make([]string, 2)
+	for i := range cold {
+		l, err := b.Acquire(actx, "u", fmt.Sprint("cold", i))
+		require.NoError(t, err, "a Redis that refuses writes held up a create")
+		cold[i] = l.Sandbox().ID
+		l.Release()
+	}
+	select {
+	case <-reading:
+		t.Fatal("b's reads ended before the creates: nothing kept the breaker closed")
+	default:
+	}
+	st := b.Stats()
+	assert.False(t, st.RedisDegraded, "Redis answered b's reads")
+	assert.EqualValues(t, 2, st.DegradedCreates)
+	assert.EqualValues(t, 2, st.UnpublishedSandboxes)
+
+	require.NoError(t, admin.ConfigSet(ctx, "maxmemory", "0").Err())
+	require.Eventually(t, func() bool { return b.Stats().UnpublishedSandboxes == 0 }, 10*time.Second, 10*time.Millisecond)
+	for i, id := range cold {
+		assert.Equal(t, id, admin.HGet(ctx, fmt.Sprint("sandboxpool:{u:cold", i, "}:sbx"), "id").Val(), "published once Redis takes writes")
+		assert.Equal(t, id, acquireID(t, a, "u", fmt.Sprint("cold", i)), "another instance reuses it")
+	}
+	assert.EqualValues(t, shared+3, p.Calls(fp.OpCreate))
+}
+
+// A refusal of writes shorter than RedisTimeout (a Redis at its memory
+// limit that frees some as keys expire) is waited out: the create keeps
+// trying under the lock, and makes no sandbox another instance could not
+// find.
+func TestRealRedisBriefRefusalOfWritesIsWaitedOut(t *testing.T) {
+	srv := redistest.Start(t, "--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
+	p := fp.New()
+	m := instances(t, 1, p, func() redis.UniversalClient { return srv.Client(t) }, patientRedis)[0]
+	ctx := context.Background()
+	admin := outOfMemory(t, srv)
+	time.AfterFunc(200*time.Millisecond, func() { assert.NoError(t, admin.ConfigSet(ctx, "maxmemory", "0").Err()) })
+	id := acquireID(t, m, "u", "p")
+	st := m.Stats()
+	assert.Zero(t, st.DegradedCreates)
+	assert.Positive(t, st.RedisErrors, "the create met the refusal")
+	assert.Equal(t, id, admin.HGet(ctx, "sandboxpool:{u:p}:sbx", "id").Val())
+}
+
+// outOfMemory fills srv (started with a maxmemory and noeviction) until it
+// refuses writes, then lowers its maxmemory well below what it holds, so
+// that it refuses every write, and returns a client for it.
+func outOfMemory(t *testing.T, srv *redistest.Server) *redis.Client {
+	ctx := context.Background()
+	admin := srv.Client(t)
+	for i := 0; admin.Set(ctx, fmt.Sprint("filler", i), strings.Repeat("x", 100<<10), 0).Err() == nil; i++ {
+		require.Less(t, i, 1000, "Redis never refused a write")
+	}
+	require.NoError(t, admin.ConfigSet(ctx, "maxmemory", "1mb").Err())
+	require.ErrorContains(t, admin.Set(ctx, "probe", "x", 0).Err(), "OOM")
+	return admin
 }
 
 // The multi-instance test on a real 3-master Redis Cluster.
