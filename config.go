@@ -140,7 +140,10 @@ type Config struct {
 	// sandbox, which is probed at them, at most once a second (the Acquires
 	// in between fail at once); a probe that answers clears it. It is
 	// condemned at a failing probe UnresponsiveAfter or more after the
-	// first failing one. If every sandbox is condemned, suspect the
+	// first failing one, unless 3 or more sandboxes are unresponsive and
+	// no probe has answered since: then one is condemned every
+	// UnresponsiveAfter, and the others only once a probe answers (see
+	// Stats.Spared). If every sandbox is condemned, suspect the
 	// route to envd (E2B_DOMAIN, E2B_SANDBOX_URL) before E2B. -1 never
 	// condemns: a hung sandbox then fails its pair's Acquires until MaxAge.
 	// default: 1 minute.

@@ -406,6 +406,7 @@ func (m *Manager) revalidate(ctx context.Context, s *slot, now int64) (ok bool, 
 	if err == nil && probe && s.state() == stateLive {
 		m.ctr.healthChecks.Add(1)
 		if err = m.check(ctx, s); err == nil {
+			m.probeAnswered(now)
 			m.acquit(s)
 		}
 	}

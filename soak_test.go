@@ -699,9 +699,10 @@ func (s *soak) recoverHung() (string, []string) {
 		})
 	}
 	wg.Wait()
-	var condemned int64
+	var condemned, spared int64
 	for i := range soakManagers {
-		condemned += s.manager(i).Stats().Unresponsive
+		st := s.manager(i).Stats()
+		condemned, spared = condemned+st.Unresponsive, spared+st.Spared
 	}
 	switch {
 	case len(hung) == 0:
@@ -709,8 +710,8 @@ func (s *soak) recoverHung() (string, []string) {
 	case condemned == 0:
 		broken = append(broken, fmt.Sprintf("none of the %d hung sandboxes was condemned", len(hung)))
 	}
-	return fmt.Sprintf("%d sandboxes hung, %d condemned (Stats.Unresponsive), %d Acquires served a hung sandbox (each then rechecked), %d of %d pairs served an answering sandbox after the phase, the longest in %v",
-		len(hung), condemned, s.servedHung.Load(), recovered, len(pairs), longest.Round(100*time.Millisecond)), broken
+	return fmt.Sprintf("%d sandboxes hung, %d condemned (Stats.Unresponsive), %d condemnations spared (Stats.Spared: 3 or more hung, none answering), %d Acquires served a hung sandbox (each then rechecked), %d of %d pairs served an answering sandbox after the phase, the longest in %v",
+		len(hung), condemned, spared, s.servedHung.Load(), recovered, len(pairs), longest.Round(100*time.Millisecond)), broken
 }
 
 // selectPhases keeps the first phase (steady) and those named in only.

@@ -22,6 +22,7 @@ type Stats struct {
 	HealthCheckSkips int64 // memory hits that skipped the probe (same as MemoryHits)
 	Replaced         int64 // cached sandboxes replaced after a definitive not-found, or condemned as unresponsive
 	Unresponsive     int64 // sandboxes killed after Config.UnresponsiveAfter of failed probes (each also counted in Replaced)
+	Spared           int64 // condemnations held back: 3 or more sandboxes unresponsive and no probe answering since (see README)
 	Touches          int64 // deadline extensions pushed to the provider (and Redis)
 	TouchErrors      int64 // deadline extensions the provider refused or did not answer (a sandbox in use is kept; see README, E2B refuses keepalives)
 	Evictions        int64 // sandboxes reaped for idleness or age
@@ -76,7 +77,7 @@ type counters struct {
 	cacheHits, cacheMisses, creates, createErrors, adopted, reconnects             atomic.Int64
 	healthChecks, replaced, touches, touchErrors, evictions, kills, killErrors     atomic.Int64
 	rateLimited, quotaRejected, redisErrors, degradedCreates, lockLost, reconciled atomic.Int64
-	superseded, unresponsive, resubscribed                                         atomic.Int64
+	superseded, unresponsive, spared, resubscribed                                 atomic.Int64
 }
 
 // Stats returns a snapshot of the Manager's counters and gauges. It costs
@@ -93,6 +94,7 @@ func (m *Manager) Stats() Stats {
 		HealthChecks:    m.ctr.healthChecks.Load(),
 		Replaced:        m.ctr.replaced.Load(),
 		Unresponsive:    m.ctr.unresponsive.Load(),
+		Spared:          m.ctr.spared.Load(),
 		Touches:         m.ctr.touches.Load(),
 		Evictions:       m.ctr.evictions.Load(),
 		Kills:           m.ctr.kills.Load(),

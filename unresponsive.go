@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -16,6 +17,18 @@ import (
 // that the healthy pairs need. It is also the longest a sandbox that
 // answers again goes on failing its pair's Acquires.
 const suspectProbeEvery = time.Second
+
+// incidentSuspects is how many sandboxes unresponsive at once, with no
+// probe answering since the spell of the one due to be condemned began,
+// make the Manager doubt that the fault is theirs. A hung VM is one
+// sandbox's fault; every sandbox's envd failing together is the way to
+// them (E2B's sandbox proxy in an incident), where a replacement hangs
+// too and a kill destroys what the sandbox held. Then only one of them is
+// condemned every UnresponsiveAfter, a canary: if its replacement answers
+// a probe, the others are condemned at their next probes; if it hangs too,
+// the rest are spared until the way to them is back, when their probes
+// acquit them. Two at once still look like two faults.
+const incidentSuspects = 3
 
 // suspects are the pooled sandboxes whose latest probe found them
 // unresponsive (ErrSandboxUnresponsive). A suspect is probed at the pair's
@@ -30,6 +43,11 @@ const suspectProbeEvery = time.Second
 type suspects struct {
 	mu sync.Mutex
 	m  map[*slot]suspicion
+	// answered is when a probe of any sandbox last answered (unix ns),
+	// and canary when the latest condemnation made without one since
+	// the condemned sandbox's spell began (see incidentSuspects).
+	answered, canary atomic.Int64
+	warned           atomic.Bool // the current spell of spared sandboxes was logged
 }
 
 // suspicion is what a suspect's probes found.
@@ -56,6 +74,37 @@ func (m *Manager) suspect(s *slot, now int64, err error) suspicion {
 		m.acquit(s)
 	}
 	return sp
+}
+
+// spare reports whether a suspect due for condemnation (its suspicion
+// sp) is spared, with how many sandboxes are suspect: when at least
+// incidentSuspects are and no probe has answered since its spell began,
+// unless no canary was condemned within UnresponsiveAfter, in which case
+// this one is the canary (see incidentSuspects).
+func (m *Manager) spare(sp suspicion, now int64) (int, bool) {
+	m.suspects.mu.Lock()
+	n := len(m.suspects.m)
+	m.suspects.mu.Unlock()
+	if n < incidentSuspects || m.suspects.answered.Load() >= sp.since {
+		return n, false
+	}
+	last := m.suspects.canary.Load()
+	if last != 0 && now-last < int64(m.cfg.UnresponsiveAfter) || !m.suspects.canary.CompareAndSwap(last, now) {
+		return n, true
+	}
+	return n, false
+}
+
+// probeAnswered records that a probe at now answered: the way to the
+// sandboxes works, and suspects are condemned again as they come due.
+func (m *Manager) probeAnswered(now int64) {
+	for {
+		last := m.suspects.answered.Load()
+		if now <= last || m.suspects.answered.CompareAndSwap(last, now) {
+			break
+		}
+	}
+	m.suspects.warned.Store(false)
 }
 
 // acquit forgets that s was unresponsive: a probe answered, or s left the
@@ -107,6 +156,14 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	sp := m.suspect(s, now, probeErr)
 	if m.cfg.UnresponsiveAfter < 0 || now-sp.since < int64(m.cfg.UnresponsiveAfter) {
 		return false, m.unresponsiveErr(sp, now)
+	}
+	if n, spare := m.spare(sp, now); spare {
+		m.ctr.spared.Add(1)
+		if m.suspects.warned.CompareAndSwap(false, true) {
+			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: sandboxes unresponsive together and no probe answering: sparing them, as the fault looks like the way to them; one is replaced every UnresponsiveAfter to tell",
+				slog.Int("unresponsive", n), slog.Duration("unresponsive_after", m.cfg.UnresponsiveAfter))
+		}
+		return false, &RetryAfterError{Err: probeErr, RetryAfter: suspectProbeEvery}
 	}
 	if err := m.killID(ctx, s.id, "unresponsive"); err != nil { // counted and logged
 		return false, errors.Join(probeErr, err)

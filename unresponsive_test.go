@@ -2,6 +2,7 @@ package sandboxpool_test
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -267,4 +268,110 @@ func TestRedisCondemnationIsAnnounced(t *testing.T) {
 			"the other instance forgets the condemned sandbox")
 		assert.Equal(t, next, acquireID(t, b, "u", "p"))
 	})
+}
+
+// hungPairs pools a sandbox for each of u/p0…u/p<n-1>, hangs them all and
+// has an Acquire of each probe its sandbox and find it unresponsive; it
+// returns their ids.
+func hungPairs(t *testing.T, e *env, n int) []string {
+	t.Helper()
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = acquireID(t, e.m, "u", fmt.Sprint("p", i))
+		e.p.Hang(ids[i])
+	}
+	e.clock.Advance(sandboxpool.DefaultHealthCheckAfter)
+	for i := range ids {
+		_, err := e.m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	}
+	return ids
+}
+
+// Sandboxes unresponsive together, with no probe answering, are spared:
+// the fault looks like the way to them (E2B's sandbox proxy), which a
+// replacement would meet too, and a kill would destroy what they hold.
+// One, the canary, is replaced every UnresponsiveAfter; when the way back
+// opens, the others' probes acquit them, with what they hold. Before,
+// every one was killed and replaced at UnresponsiveAfter, and their
+// replacements after another UnresponsiveAfter, for as long as the
+// incident lasted.
+func TestSandboxesUnresponsiveTogetherAreSpared(t *testing.T) {
+	e := newEnv(t)
+	ids := hungPairs(t, e, 4)
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter)
+
+	canary := e.acquire(t, "u", "p0")
+	assert.Equal(t, sandboxpool.OutcomeCreated, canary.Outcome(), "the first due is the canary")
+	e.p.Hang(canary.Sandbox().ID) // its replacement hangs too: the incident goes on
+	canary.Release()
+	for i := 1; i < len(ids); i++ {
+		_, err := e.m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+		ra, ok := sandboxpool.RetryAfter(err)
+		require.True(t, ok)
+		assert.Equal(t, sandboxpool.SuspectProbeEvery, ra, "the next probe may acquit it")
+	}
+	assert.Equal(t, []string{ids[0]}, e.p.Killed())
+	st := e.m.Stats()
+	assert.EqualValues(t, 1, st.Unresponsive)
+	assert.EqualValues(t, 3, st.Spared)
+
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter - time.Second) // within UnresponsiveAfter of the canary
+	for i := 1; i < len(ids); i++ {
+		_, err := e.m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	}
+	assert.Len(t, e.p.Killed(), 1, "no second canary within UnresponsiveAfter")
+
+	for _, id := range append(ids[1:], canary.Sandbox().ID) { // the way back opens
+		e.p.Revive(id)
+	}
+	e.clock.Advance(sandboxpool.SuspectProbeEvery)
+	for i := 1; i < len(ids); i++ {
+		assert.Equal(t, ids[i], acquireID(t, e.m, "u", fmt.Sprint("p", i)), "acquitted, with what it holds")
+	}
+	assert.Equal(t, 0, sandboxpool.Suspects(e.m))
+	assert.Len(t, e.p.Killed(), 1)
+}
+
+// A canary whose replacement answers its probe shows the way to the
+// sandboxes works: the others are the sandboxes' own faults, and are
+// condemned and replaced at their next probes.
+func TestCanaryThatAnswersLetsTheOthersBeCondemned(t *testing.T) {
+	e := newEnv(t)
+	ids := hungPairs(t, e, 4)
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter)
+	canary := acquireID(t, e.m, "u", "p0") // replaced, and its replacement answers
+	for i := 1; i < len(ids); i++ {
+		_, err := e.m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive, "spared until a probe answers")
+	}
+
+	e.clock.Advance(sandboxpool.DefaultHealthCheckAfter)
+	checks := e.p.Calls(fp.OpCheck)
+	assert.Equal(t, canary, acquireID(t, e.m, "u", "p0"))
+	assert.Equal(t, checks+1, e.p.Calls(fp.OpCheck), "the replacement was probed, and answered")
+	for i := 1; i < len(ids); i++ {
+		l := e.acquire(t, "u", fmt.Sprint("p", i))
+		assert.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
+		l.Release()
+	}
+	assert.ElementsMatch(t, ids, e.p.Killed())
+	assert.EqualValues(t, 4, e.m.Stats().Unresponsive)
+}
+
+// Two sandboxes unresponsive at once are two faults: both are condemned
+// when due, with no canary between them.
+func TestTwoUnresponsiveSandboxesAreBothCondemned(t *testing.T) {
+	e := newEnv(t)
+	ids := hungPairs(t, e, 2)
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter)
+	for i := range ids {
+		l := e.acquire(t, "u", fmt.Sprint("p", i))
+		assert.Equal(t, sandboxpool.OutcomeCreated, l.Outcome())
+		l.Release()
+	}
+	assert.ElementsMatch(t, ids, e.p.Killed())
+	assert.Zero(t, e.m.Stats().Spared)
 }

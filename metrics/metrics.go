@@ -103,6 +103,7 @@ func (x *Metrics) descs() []stat {
 		counter("lock_lost", "Creates that lost their Redis lock before publishing.", func(s sandboxpool.Stats) int64 { return s.LockLost }),
 		counter("reconciled", "Creates with an unknown outcome whose sandbox was then found by metadata.", func(s sandboxpool.Stats) int64 { return s.Reconciled }),
 		counter("unresponsive", "Sandboxes killed and replaced after staying unresponsive for UnresponsiveAfter.", func(s sandboxpool.Stats) int64 { return s.Unresponsive }),
+		counter("spared", "Condemnations of unresponsive sandboxes held back: 3 or more unresponsive and no probe answering since.", func(s sandboxpool.Stats) int64 { return s.Spared }),
 		counter("superseded", "Pooled sandboxes retired because Redis names another sandbox for the pair.", func(s sandboxpool.Stats) int64 { return s.Superseded }),
 		counter("resubscribed", "Times the removal subscription was confirmed after a time without one (each rechecks the pooled sandboxes Redis no longer names).", func(s sandboxpool.Stats) int64 { return s.Resubscribed }),
 		counter("health_check_skips", "Memory hits that skipped the liveness probe.", func(s sandboxpool.Stats) int64 { return s.HealthCheckSkips }),
