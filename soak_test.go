@@ -4,9 +4,10 @@ package sandboxpool_test
 
 // The soak: several Managers against a real redis-server and the fake E2B
 // over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
-// an E2B outage, hung sandboxes, Redis restarts, a Redis stall, one Manager
-// cut off from Redis, create-lock expiry, Manager restarts), checking the
-// invariants after each phase. Run: make soak DURATION=60s.
+// an E2B outage, E2B's sandbox proxy down, hung sandboxes, Redis restarts,
+// a Redis stall, one Manager cut off from Redis, create-lock expiry,
+// Manager restarts), checking the invariants after each phase. Run: make
+// soak DURATION=60s.
 
 import (
 	"context"
@@ -97,6 +98,11 @@ type soak struct {
 	servedHung atomic.Int64
 	// cutBefore is the cut-off manager's Stats as its phase began.
 	cutBefore sandboxpool.Stats
+	// condemnedBefore and sparedBefore are the managers' Stats.Unresponsive
+	// and Stats.Spared as the sandbox proxy phase, or the hung sandboxes
+	// phase, began; proxyDownFor is how long the proxy was down.
+	condemnedBefore, sparedBefore int64
+	proxyDownFor                  time.Duration
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -369,7 +375,17 @@ func TestSoak(t *testing.T) {
 			sleep(ctx, soakIdle+500*time.Millisecond)
 			s.fake.Up()
 		}, nil},
+		{"e2b sandbox proxy down (every envd 502)", func(ctx context.Context, s *soak) {
+			s.condemnedBefore, s.sparedBefore = s.condemnations()
+			sleep(ctx, 300*time.Millisecond)
+			s.fake.ProxyDown() // every sandbox hangs, those created meanwhile too
+			start := time.Now()
+			<-ctx.Done()
+			s.fake.ProxyUp()
+			s.proxyDownFor = time.Since(start)
+		}, (*soak).recoverFromProxy},
 		{"hung sandboxes", func(ctx context.Context, s *soak) {
+			s.condemnedBefore, s.sparedBefore = s.condemnations()
 			for ctx.Err() == nil {
 				s.hangOne()
 				sleep(ctx, 200*time.Millisecond)
@@ -607,32 +623,11 @@ func (s *soak) agreeAfterCut() (string, []string) {
 	if cut.Stats().RedisDegraded {
 		broken = append(broken, fmt.Sprintf("its breaker was still open %v after the phase", soakAgree))
 	}
-	var (
-		mu      sync.Mutex
-		agreed  int
-		longest time.Duration
-		wg      sync.WaitGroup
-	)
-	churn := int(s.churn.Load())
-	for pair := churn; pair < churn+soakPairs; pair++ {
-		user, project := fmt.Sprint("u", pair%7), fmt.Sprint("p", pair)
-		wg.Go(func() {
-			var a, b string
-			took, ok := await(soakAgree, func() bool {
-				a, b = servedID(cut, user, project), servedID(other, user, project)
-				return a != "" && a == b
-			})
-			mu.Lock()
-			defer mu.Unlock()
-			if !ok {
-				broken = append(broken, fmt.Sprintf("%s/%s: the cut-off manager serves %q, another %q, %v after the phase", user, project, a, b, soakAgree))
-				return
-			}
-			agreed++
-			longest = max(longest, took)
-		})
-	}
-	wg.Wait()
+	agreed, longest, failed := s.eachPair(soakAgree, func(user, project string) (bool, string) {
+		a, b := servedID(cut, user, project), servedID(other, user, project)
+		return a != "" && a == b, fmt.Sprintf("the cut-off manager serves %q, another %q", a, b)
+	})
+	broken = append(broken, failed...)
 	return fmt.Sprintf("%d Redis errors and %d creates without the lock on the cut-off manager; its breaker closed %v after the phase; %d of %d pairs served the same sandbox by it and by another manager, the longest in %v",
 		during.RedisErrors-s.cutBefore.RedisErrors, during.DegradedCreates-s.cutBefore.DegradedCreates, closedIn.Round(10*time.Millisecond),
 		agreed, soakPairs, longest.Round(10*time.Millisecond)), broken
@@ -699,11 +694,8 @@ func (s *soak) recoverHung() (string, []string) {
 		})
 	}
 	wg.Wait()
-	var condemned, spared int64
-	for i := range soakManagers {
-		st := s.manager(i).Stats()
-		condemned, spared = condemned+st.Unresponsive, spared+st.Spared
-	}
+	condemned, spared := s.condemnations()
+	condemned, spared = condemned-s.condemnedBefore, spared-s.sparedBefore
 	switch {
 	case len(hung) == 0:
 		broken = append(broken, "no sandbox was hung")
@@ -712,6 +704,71 @@ func (s *soak) recoverHung() (string, []string) {
 	}
 	return fmt.Sprintf("%d sandboxes hung, %d condemned (Stats.Unresponsive), %d condemnations spared (Stats.Spared: 3 or more hung, none answering), %d Acquires served a hung sandbox (each then rechecked), %d of %d pairs served an answering sandbox after the phase, the longest in %v",
 		len(hung), condemned, spared, s.servedHung.Load(), recovered, len(pairs), longest.Round(100*time.Millisecond)), broken
+}
+
+// eachPair waits, for every pair of the load at once, until try reports
+// the pair served as it should be, or bound has passed. It returns how
+// many pairs were, the longest wait, and a line for each that was not,
+// with what try said of its last attempt.
+func (s *soak) eachPair(bound time.Duration, try func(user, project string) (bool, string)) (done int, longest time.Duration, broken []string) {
+	var (
+		mu sync.Mutex
+		wg sync.WaitGroup
+	)
+	churn := int(s.churn.Load())
+	for pair := churn; pair < churn+soakPairs; pair++ {
+		user, project := fmt.Sprint("u", pair%7), fmt.Sprint("p", pair)
+		wg.Go(func() {
+			var why string
+			took, ok := await(bound, func() (ok bool) {
+				ok, why = try(user, project)
+				return ok
+			})
+			mu.Lock()
+			defer mu.Unlock()
+			if !ok {
+				broken = append(broken, fmt.Sprintf("%s/%s: %s, %v after the phase", user, project, why, bound))
+				return
+			}
+			done++
+			longest = max(longest, took)
+		})
+	}
+	wg.Wait()
+	return done, longest, broken
+}
+
+// condemnations sums the managers' Stats.Unresponsive and Stats.Spared.
+func (s *soak) condemnations() (condemned, spared int64) {
+	for i := range soakManagers {
+		st := s.manager(i).Stats()
+		condemned, spared = condemned+st.Unresponsive, spared+st.Spared
+	}
+	return condemned, spared
+}
+
+// recoverFromProxy checks that while every sandbox hung, the managers
+// condemned no more than a canary each every UnresponsiveAfter (replacing
+// the others would have met the same proxy, and destroyed what they held),
+// and that every pair is served once the proxy is back.
+func (s *soak) recoverFromProxy() (string, []string) {
+	condemned, spared := s.condemnations()
+	condemned, spared = condemned-s.condemnedBefore, spared-s.sparedBefore
+	canaries := int64(soakManagers) * (int64(s.proxyDownFor/soakUnresponsive) + 1)
+	var broken []string
+	if condemned > canaries {
+		broken = append(broken, fmt.Sprintf("%d sandboxes condemned while the proxy was down for %v: more than a canary per manager every UnresponsiveAfter (%d)",
+			condemned, s.proxyDownFor.Round(100*time.Millisecond), canaries))
+	}
+	if spared == 0 {
+		broken = append(broken, "no condemnation was spared: the sandboxes never looked unresponsive together")
+	}
+	served, longest, failed := s.eachPair(soakRecover, func(user, project string) (bool, string) {
+		return servedID(s.manager(0), user, project) != "", "not served once the proxy was back"
+	})
+	broken = append(broken, failed...)
+	return fmt.Sprintf("proxy down %v: %d sandboxes condemned (at most %d canaries), %d condemnations spared; %d of %d pairs served after it, the longest in %v",
+		s.proxyDownFor.Round(100*time.Millisecond), condemned, canaries, spared, served, soakPairs, longest.Round(100*time.Millisecond)), broken
 }
 
 // selectPhases keeps the first phase (steady) and those named in only.

@@ -106,6 +106,7 @@ type Server struct {
 	requests   atomic.Int64
 	lastHeader atomic.Pointer[http.Header]
 	down       atomic.Pointer[Fault] // set by Down: every request's fault
+	proxyDown  atomic.Bool           // set by ProxyDown: every sandbox hangs
 }
 
 // NewServer starts a fake with the zero Config and closes it at test end.
@@ -268,6 +269,16 @@ func (s *Server) Hang(id string) {
 	}
 	s.mu.Unlock()
 }
+
+// ProxyDown makes every sandbox's envd stop answering, those created
+// later too, as in an incident of E2B's sandbox proxy: each health check
+// gets the proxy's 502 while the API reports the sandbox running (and
+// connects, extends and lists it). ProxyUp ends it.
+func (s *Server) ProxyDown() { s.proxyDown.Store(true) }
+
+// ProxyUp ends what ProxyDown started: the sandboxes answer again, but for
+// those Hang hung.
+func (s *Server) ProxyUp() { s.proxyDown.Store(false) }
 
 // PauseNow pauses a running sandbox as auto-pause would.
 func (s *Server) PauseNow(id string) {
@@ -772,7 +783,7 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 	id := r.Header.Get("E2b-Sandbox-Id")
 	s.mu.Lock()
 	sb := s.liveLocked(id)
-	alive := sb != nil && sb.state == e2b.StateRunning && !sb.hung
+	alive := sb != nil && sb.state == e2b.StateRunning && !sb.hung && !s.proxyDown.Load()
 	s.mu.Unlock()
 	if !alive {
 		writeJSON(w, http.StatusBadGateway, map[string]any{"sandboxId": id, "message": "The sandbox was not found", "code": 502})
