@@ -90,3 +90,7 @@ func Suspects(m *Manager) int {
 	defer m.suspects.mu.Unlock()
 	return len(m.suspects.m)
 }
+
+// RefusingWrites reports whether m's Redis store is in an episode of
+// refused writes (see store.writesRefused).
+func RefusingWrites(m *Manager) bool { return m.store.refusedAt.Load() != 0 }

@@ -658,3 +658,24 @@ func TestRefusesWrites(t *testing.T) {
 	assert.False(t, refusesWrites(context.DeadlineExceeded))
 	assert.False(t, refusesWrites(nil))
 }
+
+// An episode of refused writes: a create waits the first RedisTimeout out,
+// then goes without the lock, as do the creates after it (one of them
+// logs), until a write is taken; the next refusal is waited out again.
+func TestWritesRefusedEpisode(t *testing.T) {
+	st := &store{born: time.Now(), timeout: 20 * time.Millisecond}
+	long, first := st.writesRefused()
+	assert.False(t, long, "the episode's first refusal is waited out")
+	assert.False(t, first)
+	time.Sleep(st.timeout)
+	long, first = st.writesRefused()
+	assert.True(t, long, "refused for RedisTimeout")
+	assert.True(t, first, "the first create past it logs")
+	long, first = st.writesRefused()
+	assert.True(t, long)
+	assert.False(t, first, "one warning per episode")
+
+	st.writesAccepted()
+	long, _ = st.writesRefused()
+	assert.False(t, long, "a write taken ends the episode")
+}

@@ -355,8 +355,10 @@ func TestRealRedisOutOfMemoryDegradesAndRecovers(t *testing.T) {
 	assert.EqualValues(t, 2, st.DegradedCreates)
 	assert.EqualValues(t, 2, st.UnpublishedSandboxes)
 
+	assert.True(t, sandboxpool.RefusingWrites(b))
 	require.NoError(t, admin.ConfigSet(ctx, "maxmemory", "0").Err())
 	require.Eventually(t, func() bool { return b.Stats().UnpublishedSandboxes == 0 }, 10*time.Second, 10*time.Millisecond)
+	assert.False(t, sandboxpool.RefusingWrites(b), "publishing ended the episode: the next refusal is waited out again")
 	for i, id := range cold {
 		assert.Equal(t, id, admin.HGet(ctx, fmt.Sprint("sandboxpool:{u:cold", i, "}:sbx"), "id").Val(), "published once Redis takes writes")
 		assert.Equal(t, id, acquireID(t, a, "u", fmt.Sprint("cold", i)), "another instance reuses it")
