@@ -32,8 +32,11 @@
 //     definitively that it is gone (ErrSandboxNotFound), or when the
 //     provider has reported it running while it did not answer for
 //     Config.UnresponsiveAfter (ErrSandboxUnresponsive): it is killed first,
-//     and kept if the kill fails. Timeouts, 5xx, 429 and auth errors are
-//     returned to the caller and never cause a duplicate.
+//     and kept if the kill fails. With three or more unresponsive and no
+//     probe answering since, the fault looks like the way to them, not the
+//     sandboxes: one is replaced every UnresponsiveAfter, and the others
+//     only once a probe answers (Stats().Spared). Timeouts, 5xx, 429 and
+//     auth errors are returned to the caller and never cause a duplicate.
 //  6. Probes have no side effects: a health check never extends a deadline.
 //  7. Bad input is refused before any I/O: ids are 1–128 bytes of ASCII
 //     letters, digits and ". _ - @ + =", starting with a letter or digit.
@@ -43,7 +46,9 @@
 //  9. Degrades, then recovers. When Redis is unreachable a circuit breaker
 //     opens; sandboxes in memory are still served, and new ones are created
 //     without the cross-instance lock (counted in Stats().DegradedCreates) or
-//     refused (Config.RefuseCreatesWhenDegraded). A background probe closes
+//     refused (Config.RefuseCreatesWhenDegraded). So are they when Redis
+//     answers reads but has refused writes for RedisTimeout (out of memory,
+//     say), with the breaker closed. A background probe closes
 //     the breaker once Redis answers, publishes what was created meanwhile,
 //     and makes the removals it could not announce (Close makes a last
 //     try at both); once the removal subscription is confirmed again, every
