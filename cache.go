@@ -306,7 +306,7 @@ func (m *Manager) fromCache(ctx context.Context, sh *shard, k pairKey) (*slot, e
 		s.deadline.Store(min(s.deadline.Load(), rec.deadline))
 		m.refreshHit(s)
 	} else if _, err := m.store.touch(ctx, s, s.deadline.Load(), m.stale()); err != nil {
-		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
+		m.log.LogAttrs(ctx, m.redisFailureLevel(err), "sandboxpool: extending Redis deadline failed", attrErr(err))
 	}
 	m.park(sh, s)
 	return s, nil
@@ -343,7 +343,7 @@ func (m *Manager) uncacheSlot(ctx context.Context, s *slot) {
 	}
 	deleted, err := m.store.compareDelete(ctx, s.key, s.id)
 	if err != nil {
-		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: deleting Redis record failed", attrErr(err))
+		m.log.LogAttrs(ctx, m.redisFailureLevel(err), "sandboxpool: deleting Redis record failed", slog.String("sandbox", s.id), attrErr(err))
 		return
 	}
 	if deleted {
@@ -372,7 +372,7 @@ func (m *Manager) cacheTouch(ctx context.Context, s *slot, deadline int64) (supe
 	}
 	switch {
 	case err != nil:
-		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: extending Redis deadline failed", attrErr(err))
+		m.log.LogAttrs(ctx, m.redisFailureLevel(err), "sandboxpool: extending Redis deadline failed", slog.String("sandbox", s.id), attrErr(err))
 		return false
 	case res == recordSuperseded:
 		m.supersede(ctx, s)
@@ -416,6 +416,19 @@ func (m *Manager) redisStats(st *Stats) {
 
 // Logging helpers for the Redis paths.
 const slogWarn = slog.LevelWarn
+
+// redisFailureLevel is the level of the line that reports one sandbox's
+// Redis call failing with err: Debug once the breaker has judged Redis
+// down, since its change of state said so at Warn, and an outage would
+// otherwise log a line for every sandbox at every keepalive (240 of them in
+// the soak's 6-second Redis restart, for 60 pairs); Warn while it is
+// closed, when the failure is news.
+func (m *Manager) redisFailureLevel(err error) slog.Level {
+	if errors.Is(err, errRedisUnavailable) && m.store.degraded() {
+		return slog.LevelDebug
+	}
+	return slogWarn
+}
 
 func attrErr(err error) slog.Attr { return slog.Any("error", err) }
 

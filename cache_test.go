@@ -1991,3 +1991,33 @@ func TestRedisResubscriptionRechecksWhatRedisCannotVouchFor(t *testing.T) {
 		return servedID(m, "u", "p") == id && m.Stats().HealthChecks > probes
 	}, 5*time.Second, 10*time.Millisecond, "a sandbox Redis could not vouch for was handed out unprobed")
 }
+
+// In a Redis outage, a sandbox's failing Redis call is logged at Debug
+// once the breaker is open: the breaker's change of state is the warning.
+// Before, every keepalive of every sandbox in use logged one, a line per
+// sandbox per keepalive for as long as the outage lasted.
+func TestRedisOutageWarnsOnceNotPerSandbox(t *testing.T) {
+	var logs syncBuffer
+	c := newMiniCluster(t)
+	m := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	})
+	const inUse = 20
+	for i := range inUse {
+		l, err := m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.NoError(t, err)
+		defer l.Release() // held: the reaper keeps them alive
+	}
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	for i := 0; !m.Stats().RedisDegraded; i++ {
+		require.Less(t, i, 20, "the breaker did not open")
+		acquireID(t, m, "v", fmt.Sprint("q", i)) // created without the lock
+	}
+	require.Contains(t, logs.String(), "Redis circuit breaker", "the outage is announced")
+
+	touches := m.Stats().Touches
+	c.advance(4 * time.Minute) // past the keepalive lead of IdleTimeout (5 min)
+	m.ReapNow()
+	assert.GreaterOrEqual(t, m.Stats().Touches-touches, int64(inUse), "every sandbox in use was kept alive")
+	assert.Zero(t, strings.Count(logs.String(), "extending Redis deadline failed"), "a warning per sandbox")
+}

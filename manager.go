@@ -961,7 +961,7 @@ func (m *Manager) remove(ctx context.Context, user, project string) error {
 		// The sandboxes are killed. Unless Redis refused, the announcement
 		// (and the record's deletion) is made once Redis answers again;
 		// instances not told find the sandboxes gone at their next probe.
-		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: announcing a removal to other instances failed", slog.String("pair", pairMember(k)), attrErr(err))
+		m.log.LogAttrs(ctx, m.redisFailureLevel(err), "sandboxpool: announcing a removal to other instances failed", slog.String("pair", pairMember(k)), attrErr(err))
 	} else if uerr != nil && !answered(uerr) && len(removed) > 0 {
 		m.keepRemoval(removal{k, removed}) // the record is deleted once Redis answers again
 	}

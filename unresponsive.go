@@ -175,7 +175,7 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	if err := m.announceRemoval(ctx, s.key, []string{s.id}); err != nil {
 		// Unless Redis refused, it is announced once Redis answers again;
 		// instances not told find it gone at their next probe.
-		m.log.LogAttrs(ctx, slogWarn, "sandboxpool: announcing a condemned sandbox to other instances failed", slog.String("sandbox", s.id), attrErr(err))
+		m.log.LogAttrs(ctx, m.redisFailureLevel(err), "sandboxpool: announcing a condemned sandbox to other instances failed", slog.String("sandbox", s.id), attrErr(err))
 	}
 	return true, nil
 }
