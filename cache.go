@@ -420,9 +420,9 @@ const slogWarn = slog.LevelWarn
 // redisFailureLevel is the level of the line that reports one sandbox's
 // Redis call failing with err: Debug once the breaker has judged Redis
 // down, since its change of state said so at Warn, and an outage would
-// otherwise log a line for every sandbox at every keepalive (240 of them in
-// the soak's 6-second Redis restart, for 60 pairs); Warn while it is
-// closed, when the failure is news.
+// otherwise log a line for every sandbox at every keepalive (202 of them in
+// the soak's 6-second Redis restart, for 60 pairs on 4 Managers); Warn
+// while it is closed, when the failure is news.
 func (m *Manager) redisFailureLevel(err error) slog.Level {
 	if errors.Is(err, errRedisUnavailable) && m.store.degraded() {
 		return slog.LevelDebug

@@ -104,7 +104,9 @@ func (m *Manager) probeAnswered(now int64) {
 			break
 		}
 	}
-	m.suspects.warned.Store(false)
+	if m.suspects.warned.Load() { // most probes answer: they only read the flag
+		m.suspects.warned.Store(false)
+	}
 }
 
 // acquit forgets that s was unresponsive: a probe answered, or s left the
