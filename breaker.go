@@ -58,10 +58,10 @@ func answered(err error) bool {
 // while it may go on answering reads: out of memory under the noeviction
 // policy (OOM), unable to persist (MISCONF), a replica (READONLY), or
 // short of the replicas min-replicas-to-write asks for (NOREPLICAS). Such
-// a Redis cannot coordinate creates, and the breaker does not see it: the
-// reads it answers keep it closed (see store.silent). So a create whose
-// coordinated attempts meet it goes without the lock once writes have
-// been refused for RedisTimeout (see store.writesRefused).
+// a Redis cannot coordinate creates, but it is no outage: the breaker
+// stays closed (see heardFrom). So a create whose coordinated attempts
+// meet it goes without the lock once writes have been refused for
+// RedisTimeout (see store.writesRefused).
 func refusesWrites(err error) bool {
 	var re redis.Error
 	if !errors.As(err, &re) {
@@ -85,7 +85,7 @@ func refusesWrites(err error) bool {
 // last; the creates that follow then go at once. first reports the call
 // that should log the episode.
 func (st *store) writesRefused() (long, first bool) {
-	now := int64(time.Since(st.born)) + 1 // never 0, which means "taking writes"
+	now := st.sinceBorn()
 	since := st.refusedAt.Load()
 	for since == 0 && !st.refusedAt.CompareAndSwap(0, now) {
 		since = st.refusedAt.Load()
@@ -104,13 +104,22 @@ func (st *store) writesAccepted() {
 	if st.refusedAt.Load() != 0 {
 		st.refusedAt.Store(0)
 		st.refusalLogged.Store(false)
+		st.refusalWarned.Store(false)
 	}
 }
 
+// sinceBorn is the time since the store was made, on the monotonic clock,
+// plus one: never 0, which refusedAt keeps for "taking writes".
+func (st *store) sinceBorn() int64 { return int64(time.Since(st.born)) + 1 }
+
 // heardFrom reports a call Redis answered: it succeeded, or failed with an
-// answer (see answered). The breaker counts it a success, and the silence
-// clock (see store.silent) a sign of life.
-func heardFrom(err error) bool { return err == nil || answered(err) }
+// answer (see answered), or with a refusal to write (see refusesWrites).
+// The breaker counts it a success, and the silence clock (see
+// store.silent) a sign of life. A Redis that refuses writes so keeps the
+// breaker closed whether or not reads come its way, and the reads it
+// answers still find other instances' sandboxes; the creates it holds up
+// go without the lock after RedisTimeout (see writesRefused).
+func heardFrom(err error) bool { return err == nil || answered(err) || refusesWrites(err) }
 
 // errNoTurn is a Redis call that never started: its context ended while it
 // waited for one of the Manager's Redis turns (see store.turns).
@@ -161,9 +170,11 @@ type store struct {
 	closed atomic.Bool
 	// refusedAt is when Redis began refusing writes (see refusesWrites),
 	// as time since born; 0 while it takes them. refusalLogged is set
-	// once that has been logged.
-	refusedAt     atomic.Int64
-	refusalLogged atomic.Bool
+	// once a create has said it goes without the lock, and refusalWarned
+	// once a sandbox's refused write has been logged at Warn (see
+	// Manager.redisFailureLevel).
+	refusedAt                    atomic.Int64
+	refusalLogged, refusalWarned atomic.Bool
 }
 
 // silent reports whether Redis has answered no call for RedisTimeout. The
@@ -233,6 +244,9 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	st.errs.Add(1)
 	if answered(err) {
 		return err
+	}
+	if refusesWrites(err) {
+		st.refusedAt.CompareAndSwap(0, st.sinceBorn()) // an episode begins (see writesRefused)
 	}
 	return fmt.Errorf("%w: %w", errRedisUnavailable, err)
 }

@@ -421,10 +421,15 @@ const slogWarn = slog.LevelWarn
 // Redis call failing with err: Debug once the breaker has judged Redis
 // down, since its change of state said so at Warn, and an outage would
 // otherwise log a line for every sandbox at every keepalive (202 of them in
-// the soak's 6-second Redis restart, for 60 pairs on 4 Managers); Warn
-// while it is closed, when the failure is news.
+// the soak's 6-second Redis restart, for 60 pairs on 4 Managers). A Redis
+// that refuses writes leaves the breaker closed: the first sandbox's
+// refused write of an episode is logged at Warn, the rest at Debug. Warn
+// otherwise, when the failure is news.
 func (m *Manager) redisFailureLevel(err error) slog.Level {
-	if errors.Is(err, errRedisUnavailable) && m.store.degraded() {
+	switch {
+	case errors.Is(err, errRedisUnavailable) && m.store.degraded():
+		return slog.LevelDebug
+	case refusesWrites(err) && !m.store.refusalWarned.CompareAndSwap(false, true):
 		return slog.LevelDebug
 	}
 	return slogWarn

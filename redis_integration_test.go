@@ -7,6 +7,7 @@ package sandboxpool_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strings"
 	"sync"
@@ -382,6 +383,35 @@ func TestRealRedisBriefRefusalOfWritesIsWaitedOut(t *testing.T) {
 	assert.Zero(t, st.DegradedCreates)
 	assert.Positive(t, st.RedisErrors, "the create met the refusal")
 	assert.Equal(t, id, admin.HGet(ctx, "sandboxpool:{u:p}:sbx", "id").Val())
+}
+
+// A Redis that refuses writes is up: the breaker stays closed even with no
+// read to answer (before, the refused keepalives alone opened it, and with
+// it every read that still worked was refused too). The failing keepalive
+// of every sandbox in use is logged at Warn for the first, at Debug for
+// the rest of the episode; before, each logged a warning, for as long as
+// Redis was full.
+func TestRealRedisRefusedWritesWarnOnce(t *testing.T) {
+	srv := redistest.Start(t, "--maxmemory", "8mb", "--maxmemory-policy", "noeviction")
+	var logs syncBuffer
+	m := instances(t, 1, fp.New(), func() redis.UniversalClient { return srv.Client(t) }, func(cfg *sandboxpool.Config) {
+		cfg.IdleTimeout, cfg.MaxAge = 2*time.Second, time.Minute // keepalives every few hundred ms
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})[0]
+	const inUse = 10
+	for i := range inUse {
+		l, err := m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.NoError(t, err)
+		defer l.Release()
+	}
+	outOfMemory(t, srv)
+	failed := func(level string) int {
+		return strings.Count(logs.String(), "level="+level+` msg="sandboxpool: extending Redis deadline failed"`)
+	}
+	require.Eventually(t, func() bool { return failed("DEBUG")+failed("WARN") >= inUse }, 10*time.Second, 10*time.Millisecond,
+		"every sandbox in use met the refusal at its keepalives")
+	assert.Equal(t, 1, failed("WARN"))
+	assert.False(t, m.Stats().RedisDegraded, "a refusal is an answer: Redis is up")
 }
 
 // outOfMemory fills srv (started with a maxmemory and noeviction) until it
