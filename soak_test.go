@@ -5,9 +5,9 @@ package sandboxpool_test
 // The soak: several Managers against a real redis-server and the fake E2B
 // over HTTP, driven through phases of injected faults (E2B 5xx/429/latency,
 // an E2B outage, E2B's sandbox proxy down, hung sandboxes, Redis restarts,
-// a Redis stall, one Manager cut off from Redis, create-lock expiry,
-// Manager restarts), checking the invariants after each phase. Run: make
-// soak DURATION=60s.
+// a Redis stall, Redis out of memory, one Manager cut off from Redis,
+// create-lock expiry, Manager restarts), checking the invariants after each
+// phase. Run: make soak DURATION=60s.
 
 import (
 	"context"
@@ -103,6 +103,10 @@ type soak struct {
 	// phase, began; proxyDownFor is how long the proxy was down.
 	condemnedBefore, sparedBefore int64
 	proxyDownFor                  time.Duration
+	// oomBefore is the managers' summed Stats as the out-of-memory phase
+	// began, and oomOpened is set if a breaker opened during it.
+	oomBefore sandboxpool.Stats
+	oomOpened atomic.Bool
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -403,6 +407,28 @@ func TestSoak(t *testing.T) {
 			sleep(ctx, 1500*time.Millisecond)
 			s.redis.Resume()
 		}, nil},
+		{"redis out of memory (writes refused)", func(ctx context.Context, s *soak) {
+			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
+			defer rdb.Close()
+			s.oomBefore = s.sumStats()
+			sleep(ctx, 300*time.Millisecond)
+			// Past maxmemory under noeviction: reads answered, every write
+			// refused (OOM). The Background context: the limit must be
+			// lifted even if the phase has ended.
+			if err := rdb.ConfigSet(context.Background(), "maxmemory", "1").Err(); err != nil {
+				panic(err)
+			}
+			for end := time.Now().Add(1500 * time.Millisecond); ctx.Err() == nil && time.Now().Before(end); sleep(ctx, 50*time.Millisecond) {
+				for i := range soakManagers {
+					if s.manager(i).Stats().RedisDegraded {
+						s.oomOpened.Store(true)
+					}
+				}
+			}
+			if err := rdb.ConfigSet(context.Background(), "maxmemory", "0").Err(); err != nil {
+				panic(err)
+			}
+		}, (*soak).afterOutOfMemory},
 		{"redis cut off from one manager", func(ctx context.Context, s *soak) {
 			s.cutBefore = s.manager(cutSlot).Stats()
 			sleep(ctx, 300*time.Millisecond)
@@ -736,6 +762,38 @@ func (s *soak) eachPair(bound time.Duration, try func(user, project string) (boo
 	}
 	wg.Wait()
 	return done, longest, broken
+}
+
+// sumStats sums the counters the out-of-memory phase reads over the
+// managers.
+func (s *soak) sumStats() (sum sandboxpool.Stats) {
+	for i := range soakManagers {
+		st := s.manager(i).Stats()
+		sum.DegradedCreates += st.DegradedCreates
+		sum.RedisErrors += st.RedisErrors
+	}
+	return sum
+}
+
+// afterOutOfMemory checks that Redis refusing writes made creates go
+// without the lock (it held them up, before) and that no manager took it
+// for an outage: the breakers stayed closed, so reads went on finding the
+// other managers' sandboxes. Duplicates, what is left and recovery are the
+// phase's common checks.
+func (s *soak) afterOutOfMemory() (string, []string) {
+	after := s.sumStats()
+	degraded, errs := after.DegradedCreates-s.oomBefore.DegradedCreates, after.RedisErrors-s.oomBefore.RedisErrors
+	var broken []string
+	if errs == 0 {
+		broken = append(broken, "no Redis call was refused: the phase did not reach the managers")
+	}
+	if degraded == 0 {
+		broken = append(broken, "no create went without the lock while Redis refused writes")
+	}
+	if s.oomOpened.Load() {
+		broken = append(broken, "a manager's breaker opened: Redis refusing writes was taken for an outage, and the reads it answered were refused")
+	}
+	return fmt.Sprintf("%d Redis calls refused, %d creates without the lock", errs, degraded), broken
 }
 
 // condemnations sums the managers' Stats.Unresponsive and Stats.Spared.
