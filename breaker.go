@@ -86,14 +86,7 @@ func refusesWrites(err error) bool {
 // that should log the episode.
 func (st *store) writesRefused() (long, first bool) {
 	now := st.sinceBorn()
-	since := st.refusedAt.Load()
-	for since == 0 && !st.refusedAt.CompareAndSwap(0, now) {
-		since = st.refusedAt.Load()
-	}
-	if since == 0 {
-		since = now // this call began the episode
-	}
-	if now-since < int64(st.timeout) {
+	if now-st.refusalSince(now) < int64(st.timeout) {
 		return false, false
 	}
 	return true, st.refusalLogged.CompareAndSwap(false, true)
@@ -106,6 +99,18 @@ func (st *store) writesAccepted() {
 		st.refusalLogged.Store(false)
 		st.refusalWarned.Store(false)
 	}
+}
+
+// refusalSince returns when the current episode of refused writes began,
+// beginning it at now if none is under way.
+func (st *store) refusalSince(now int64) int64 {
+	if st.refusedAt.CompareAndSwap(0, now) {
+		return now
+	}
+	if since := st.refusedAt.Load(); since != 0 {
+		return since
+	}
+	return now // a write taken ended the episode meanwhile: this refusal is its own
 }
 
 // sinceBorn is the time since the store was made, on the monotonic clock,
@@ -246,7 +251,7 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 		return err
 	}
 	if refusesWrites(err) {
-		st.refusedAt.CompareAndSwap(0, st.sinceBorn()) // an episode begins (see writesRefused)
+		st.refusalSince(st.sinceBorn())
 	}
 	return fmt.Errorf("%w: %w", errRedisUnavailable, err)
 }

@@ -98,15 +98,13 @@ type soak struct {
 	servedHung atomic.Int64
 	// cutBefore is the cut-off manager's Stats as its phase began.
 	cutBefore sandboxpool.Stats
-	// condemnedBefore and sparedBefore are the managers' Stats.Unresponsive
-	// and Stats.Spared as the sandbox proxy phase, or the hung sandboxes
-	// phase, began; proxyDownFor is how long the proxy was down.
-	condemnedBefore, sparedBefore int64
-	proxyDownFor                  time.Duration
-	// oomBefore is the managers' summed Stats as the out-of-memory phase
-	// began, and oomOpened is set if a breaker opened during it.
-	oomBefore sandboxpool.Stats
-	oomOpened atomic.Bool
+	// before is the managers' summed counters (see sumStats) as the
+	// current phase began, for the phases whose checks read them;
+	// proxyDownFor is how long the sandbox proxy was down, and oomOpened
+	// is set if a breaker opened while Redis refused writes.
+	before       sandboxpool.Stats
+	proxyDownFor time.Duration
+	oomOpened    atomic.Bool
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
@@ -380,7 +378,7 @@ func TestSoak(t *testing.T) {
 			s.fake.Up()
 		}, nil},
 		{"e2b sandbox proxy down (every envd 502)", func(ctx context.Context, s *soak) {
-			s.condemnedBefore, s.sparedBefore = s.condemnations()
+			s.before = s.sumStats()
 			sleep(ctx, 300*time.Millisecond)
 			s.fake.ProxyDown() // every sandbox hangs, those created meanwhile too
 			start := time.Now()
@@ -389,7 +387,7 @@ func TestSoak(t *testing.T) {
 			s.proxyDownFor = time.Since(start)
 		}, (*soak).recoverFromProxy},
 		{"hung sandboxes", func(ctx context.Context, s *soak) {
-			s.condemnedBefore, s.sparedBefore = s.condemnations()
+			s.before = s.sumStats()
 			for ctx.Err() == nil {
 				s.hangOne()
 				sleep(ctx, 200*time.Millisecond)
@@ -410,7 +408,7 @@ func TestSoak(t *testing.T) {
 		{"redis out of memory (writes refused)", func(ctx context.Context, s *soak) {
 			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 			defer rdb.Close()
-			s.oomBefore = s.sumStats()
+			s.before = s.sumStats()
 			sleep(ctx, 300*time.Millisecond)
 			// Past maxmemory under noeviction: reads answered, every write
 			// refused (OOM). The Background context: the limit must be
@@ -720,8 +718,8 @@ func (s *soak) recoverHung() (string, []string) {
 		})
 	}
 	wg.Wait()
-	condemned, spared := s.condemnations()
-	condemned, spared = condemned-s.condemnedBefore, spared-s.sparedBefore
+	after := s.sumStats()
+	condemned, spared := after.Unresponsive-s.before.Unresponsive, after.Spared-s.before.Spared
 	switch {
 	case len(hung) == 0:
 		broken = append(broken, "no sandbox was hung")
@@ -764,11 +762,13 @@ func (s *soak) eachPair(bound time.Duration, try func(user, project string) (boo
 	return done, longest, broken
 }
 
-// sumStats sums the counters the out-of-memory phase reads over the
-// managers.
+// sumStats sums over the managers the counters the phases' checks read:
+// Unresponsive, Spared, DegradedCreates and RedisErrors.
 func (s *soak) sumStats() (sum sandboxpool.Stats) {
 	for i := range soakManagers {
 		st := s.manager(i).Stats()
+		sum.Unresponsive += st.Unresponsive
+		sum.Spared += st.Spared
 		sum.DegradedCreates += st.DegradedCreates
 		sum.RedisErrors += st.RedisErrors
 	}
@@ -782,7 +782,7 @@ func (s *soak) sumStats() (sum sandboxpool.Stats) {
 // phase's common checks.
 func (s *soak) afterOutOfMemory() (string, []string) {
 	after := s.sumStats()
-	degraded, errs := after.DegradedCreates-s.oomBefore.DegradedCreates, after.RedisErrors-s.oomBefore.RedisErrors
+	degraded, errs := after.DegradedCreates-s.before.DegradedCreates, after.RedisErrors-s.before.RedisErrors
 	var broken []string
 	if errs == 0 {
 		broken = append(broken, "no Redis call was refused: the phase did not reach the managers")
@@ -796,22 +796,13 @@ func (s *soak) afterOutOfMemory() (string, []string) {
 	return fmt.Sprintf("%d Redis calls refused, %d creates without the lock", errs, degraded), broken
 }
 
-// condemnations sums the managers' Stats.Unresponsive and Stats.Spared.
-func (s *soak) condemnations() (condemned, spared int64) {
-	for i := range soakManagers {
-		st := s.manager(i).Stats()
-		condemned, spared = condemned+st.Unresponsive, spared+st.Spared
-	}
-	return condemned, spared
-}
-
 // recoverFromProxy checks that while every sandbox hung, the managers
 // condemned no more than a canary each every UnresponsiveAfter (replacing
 // the others would have met the same proxy, and destroyed what they held),
 // and that every pair is served once the proxy is back.
 func (s *soak) recoverFromProxy() (string, []string) {
-	condemned, spared := s.condemnations()
-	condemned, spared = condemned-s.condemnedBefore, spared-s.sparedBefore
+	after := s.sumStats()
+	condemned, spared := after.Unresponsive-s.before.Unresponsive, after.Spared-s.before.Spared
 	canaries := int64(soakManagers) * (int64(s.proxyDownFor/soakUnresponsive) + 1)
 	var broken []string
 	if condemned > canaries {
