@@ -68,9 +68,10 @@ type Manager struct {
 	unpubMu     sync.Mutex
 	unpublished map[*slot]struct{} // created while Redis was down; published on recovery
 
-	suspects    suspects            // sandboxes found unresponsive, not yet condemned
-	unannounced unannounced         // removals Redis did not answer, made on recovery
-	catchingUp  *semaphore.Weighted // one catchUp at a time: the probe's, or one of concurrent Closes'
+	suspects        suspects            // sandboxes found unresponsive, not yet condemned
+	providerFailing failureEpisode      // which failed keepalives and kills are logged at Warn
+	unannounced     unannounced         // removals Redis did not answer, made on recovery
+	catchingUp      *semaphore.Weighted // one catchUp at a time: the probe's, or one of concurrent Closes'
 
 	probeAfter int64 // ns; <0 = always probe
 	guard      int64 // ns, hotGuard (at most IdleTimeout/4)
@@ -1027,10 +1028,11 @@ func (m *Manager) kill(ctx context.Context, s *slot) error {
 func (m *Manager) killID(ctx context.Context, id, why string) error {
 	if err := m.provider.Kill(ctx, id); err != nil {
 		m.ctr.killErrors.Add(1)
-		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: kill failed", slog.String("sandbox", id), slog.String("reason", why), slog.Any("error", err))
+		m.log.LogAttrs(ctx, m.providerFailing.failed(true), "sandboxpool: kill failed", slog.String("sandbox", id), slog.String("reason", why), slog.Any("error", err))
 		return fmt.Errorf("sandboxpool: kill sandbox %s: %w", id, err)
 	}
 	m.ctr.kills.Add(1)
+	m.providerFailing.succeeded(ctx, m.log)
 	return nil
 }
 

@@ -300,12 +300,14 @@ func TestKeepaliveBacksOffWhileTheProviderRefuses(t *testing.T) {
 	tries := e.srv.Calls(e2btest.OpTimeout)
 	assert.GreaterOrEqual(t, tries, int64(3*n), "the keepalive keeps trying")
 	assert.LessOrEqual(t, tries, int64(6*n), "tries 77, 57, 42, 31 and 23 s before the deadline, where a try every tick made 58")
-	assert.Equal(t, n, strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending deadline failed`), "one Warn per sandbox")
+	assert.Equal(t, 1, strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending deadline failed`), "one Warn for the outage, not one per sandbox")
 	assert.Equal(t, tries, e.m.Stats().TouchErrors, "every refused push is counted")
 
 	e.srv.Up()
 	tick(15 * time.Second)
-	assert.Equal(t, n, strings.Count(logs.String(), `level=INFO msg="sandboxpool: deadline extended again"`))
+	assert.Equal(t, 1, strings.Count(logs.String(), `level=INFO msg="sandboxpool: the provider takes keepalives and kills again" failures_logged_at_debug=`+fmt.Sprint(tries-1)),
+		"one line for the outage's end, counting the failures it kept quiet")
+	assert.NotContains(t, logs.String(), `level=INFO msg="sandboxpool: deadline extended again"`, "not one per sandbox")
 	assert.ElementsMatch(t, ids, e.srv.Running(), "every sandbox in use outlived the refusals")
 	for _, id := range ids {
 		end, ok := e.srv.EndAt(id)
@@ -321,7 +323,63 @@ func TestKeepaliveBacksOffWhileTheProviderRefuses(t *testing.T) {
 	tick(10 * time.Minute)
 	tries = e.srv.Calls(e2btest.OpTimeout) - before
 	assert.LessOrEqual(t, tries, int64(40*n), "about 16 tries before the deadline and 20 in the 5 minutes after it")
-	assert.Equal(t, 2*n, strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending deadline failed`), "one Warn per sandbox and run of failures")
+	assert.Equal(t, 2, strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending deadline failed`), "one Warn per outage")
+}
+
+// An outage of the provider, or a revoked key, makes every sandbox's
+// keepalive and every kill fail: one Warn says so, not one per sandbox
+// (1,000 sandboxes made 1,000 Warn lines at once, and 1,000 Info lines when
+// the keepalives succeeded again). A failure alone among successes is news:
+// each such is a Warn.
+func TestProviderOutageWarnsOnceNotPerSandbox(t *testing.T) {
+	const n = 40
+	var logs syncBuffer
+	e := newE2BEnv(t, e2btest.Config{}, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	})
+	warns := func(msg string) int { return strings.Count(logs.String(), `level=WARN msg="sandboxpool: `+msg) }
+	for i := range n { // half leased, for keepalives; half idle, to be evicted and killed
+		l, err := e.m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.NoError(t, err)
+		if i%2 == 0 {
+			defer l.Release()
+		} else {
+			l.Release()
+		}
+	}
+	tick := func(d time.Duration) {
+		for ; d > 0; d -= sandboxpool.DefaultReapInterval {
+			e.clock.Advance(sandboxpool.DefaultReapInterval)
+			e.m.ReapNow()
+		}
+	}
+
+	// The outage begins after the first keepalives (77 s before the 5-minute
+	// deadline), covers the idle ones' evictions and the next keepalives,
+	// and ends before the deadline those pushed.
+	tick(4*time.Minute + 50*time.Second)
+	e.srv.Down(e2btest.Fault{Status: http.StatusUnauthorized})
+	tick(3*time.Minute + 30*time.Second)
+	st := e.m.Stats()
+	require.Equal(t, int64(n/2), st.KillErrors, "every idle sandbox's kill was refused")
+	require.GreaterOrEqual(t, st.TouchErrors, int64(n/2), "every leased sandbox's keepalive was refused")
+	assert.Equal(t, 1, warns("extending deadline failed")+warns("kill failed"), "one Warn for the outage")
+
+	e.srv.Up()
+	tick(15 * time.Second)
+	assert.Equal(t, 1, strings.Count(logs.String(), `level=INFO msg="sandboxpool: the provider takes keepalives and kills again" failures_logged_at_debug=`+fmt.Sprint(st.KillErrors+st.TouchErrors-1)))
+
+	// Two failures, each alone among successes: each is news.
+	for range 2 {
+		before := e.m.Stats().TouchErrors
+		e.srv.Inject(e2btest.OpTimeout, e2btest.Fault{Status: http.StatusUnauthorized})
+		for e.m.Stats().TouchErrors == before {
+			tick(sandboxpool.DefaultReapInterval)
+		}
+		tick(time.Minute) // the others' keepalives, and the failed one's retry, succeed
+	}
+	assert.Equal(t, 3, warns("extending deadline failed")+warns("kill failed"))
+	assert.Equal(t, 3, strings.Count(logs.String(), `level=INFO msg="sandboxpool: the provider takes keepalives and kills again"`))
 }
 
 // Close closes the E2B client's idle connections: net/http keeps each with
