@@ -137,6 +137,23 @@ func (c *cluster) advance(d time.Duration) {
 	}
 }
 
+// A Redis that will not say its eviction policy (miniredis has no INFO
+// memory; an ACL or a proxy may refuse INFO) is not a failing Redis: the
+// check says so at Debug, and neither warns nor counts a Redis error.
+func TestEvictionPolicyUnreadIsOnlyDebug(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mr.Addr(), ContextTimeoutEnabled: true})
+	t.Cleanup(func() { _ = rdb.Close() })
+	var logs syncBuffer
+	m, err := sandboxpool.New(sandboxpool.Config{Provider: fp.New(), Redis: rdb,
+		Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	require.NoError(t, err)
+	require.NoError(t, m.Close(context.Background())) // waits for the check
+	assert.Contains(t, logs.String(), `level=DEBUG msg="sandboxpool: cannot read Redis's eviction policy" error="section (memory) is not supported"`)
+	assert.NotContains(t, logs.String(), "level=WARN")
+	assert.Zero(t, m.Stats().RedisErrors)
+}
+
 func TestRedisKeyLayoutAndAlignedTTL(t *testing.T) {
 	c := newMiniCluster(t)
 	m := c.instance(t)

@@ -93,8 +93,11 @@ type Config struct {
 	// own: it runs as many calls at once as the client pools connections,
 	// and where the application's calls hold them, the Manager's wait for
 	// one past RedisTimeout, count as Redis failures, and can open its
-	// circuit breaker while Redis is well. default: nil, a single-process,
-	// memory-only pool.
+	// circuit breaker while Redis is well. Its maxmemory-policy should be
+	// noeviction: every key the pool writes expires, so a full Redis under
+	// any other (volatile-lru is the managed services' default) drops
+	// create locks and records, and lets duplicates through; New warns of
+	// it in the log. default: nil, a single-process, memory-only pool.
 	Redis redis.UniversalClient
 
 	// Namespace prefixes every Redis key and is stored in each sandbox's

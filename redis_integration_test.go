@@ -414,6 +414,56 @@ func TestRealRedisRefusedWritesWarnOnce(t *testing.T) {
 	assert.False(t, m.Stats().RedisDegraded, "a refusal is an answer: Redis is up")
 }
 
+// A Redis that evicts keys when full drops create locks and records, and
+// lets duplicates through: New warns of it, for each master that does.
+// volatile-lru is the default of the managed Redis services, and every key
+// the pool writes expires.
+func TestRealRedisThatEvictsIsWarnedOf(t *testing.T) {
+	ctx := context.Background()
+	warnings := func(t *testing.T, rdb redis.UniversalClient) []string {
+		var logs syncBuffer
+		m := instances(t, 1, fp.New(), func() redis.UniversalClient { return rdb }, func(cfg *sandboxpool.Config) {
+			cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		})[0]
+		require.NoError(t, m.Close(ctx)) // waits for the check
+		var nodes []string
+		for _, line := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(line, `level=WARN msg="sandboxpool: Redis evicts keys when full`) {
+				nodes = append(nodes, line[strings.Index(line, "maxmemory_policy="):])
+			}
+			assert.NotContains(t, line, "cannot read Redis's eviction policy")
+		}
+		return nodes
+	}
+	srv := redistest.Start(t)
+	admin := srv.Client(t)
+	set := func(policy, max string) {
+		require.NoError(t, admin.ConfigSet(ctx, "maxmemory-policy", policy).Err())
+		require.NoError(t, admin.ConfigSet(ctx, "maxmemory", max).Err())
+	}
+	set("noeviction", "64mb")
+	assert.Empty(t, warnings(t, srv.Client(t)), "noeviction: a full Redis refuses writes, and keeps what it has")
+	set("allkeys-lru", "0")
+	assert.Empty(t, warnings(t, srv.Client(t)), "no maxmemory: Redis evicts nothing")
+	set("volatile-lru", "64mb")
+	assert.Equal(t, []string{"maxmemory_policy=volatile-lru maxmemory=67108864 node=" + srv.Addr}, warnings(t, srv.Client(t)))
+
+	cl := redistest.StartCluster(t, 3)
+	cc := cl.Client(t)
+	require.NoError(t, cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+		if err := c.ConfigSet(ctx, "maxmemory", "64mb").Err(); err != nil {
+			return err
+		}
+		return c.ConfigSet(ctx, "maxmemory-policy", "allkeys-lfu").Err()
+	}))
+	got := warnings(t, cl.Client(t))
+	assert.Len(t, got, 3, "each master is checked: %v", got)
+	for _, w := range got {
+		assert.True(t, strings.HasPrefix(w, "maxmemory_policy=allkeys-lfu maxmemory=67108864 node=127.0.0.1:"), w)
+	}
+	assert.Len(t, slices.Compact(slices.Sorted(slices.Values(got))), 3, "three masters, not one three times")
+}
+
 // outOfMemory fills srv (started with a maxmemory and noeviction) until it
 // refuses writes, then lowers its maxmemory well below what it holds, so
 // that it refuses every write, and returns a client for it.
