@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -437,48 +438,73 @@ func (m *Manager) redisFailureLevel(err error) slog.Level {
 
 func attrErr(err error) slog.Attr { return slog.Any("error", err) }
 
-// checkEviction warns, once at New, when the pool's Redis drops keys when
-// full. Every key the pool writes expires, so under a volatile-* policy
-// (volatile-lru is the default of ElastiCache, Azure Cache for Redis and
-// Memorystore) as under an allkeys-* one, a full Redis drops create locks
-// and records: a dropped lock lets a second instance create a sandbox for
-// the pair, and a dropped record sends the next instance to create one
-// (guarantee 1 holds while Redis keeps what it is given). Without
-// maxmemory, Redis evicts nothing, whatever its policy. It reads INFO
-// memory from each master, outside the breaker and its turns: a Redis
-// that refuses INFO (an ACL, a proxy) or does not answer in RedisTimeout
-// only logs that at Debug, and is not checked again.
-func (m *Manager) checkEviction() {
-	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
-	defer cancel()
+// checkEviction warns when the pool's Redis drops keys when full. Every
+// key the pool writes expires, so under a volatile-* policy (volatile-lru
+// is the default of ElastiCache, Azure Cache for Redis and Memorystore) as
+// under an allkeys-* one, a full Redis drops create locks and records: a
+// dropped lock lets a second instance create a sandbox for the pair, and a
+// dropped record sends the next instance to create one (guarantee 1 holds
+// while Redis keeps what it is given). Without maxmemory, Redis evicts
+// nothing, whatever its policy.
+//
+// New starts it. It reads INFO memory from each master, outside the
+// breaker and its turns, and warns once for each master that evicts. A
+// Redis that does not answer (down when New ran) is asked again every
+// interval until it does or the Manager closes; one that answers INFO with
+// an error (an ACL, a proxy, miniredis) is only logged at Debug.
+func (m *Manager) checkEviction(interval time.Duration) {
+	var mu sync.Mutex // ForEachMaster and ForEachShard call check concurrently
+	warned := map[string]bool{}
+	first := func(node string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		was := warned[node]
+		warned[node] = true
+		return !was
+	}
 	check := func(ctx context.Context, c redis.Cmdable) error {
 		info, err := c.InfoMap(ctx, "memory").Result()
 		if err != nil {
 			return err
 		}
-		policy, max := info["Memory"]["maxmemory_policy"], info["Memory"]["maxmemory"]
-		if policy != "" && policy != "noeviction" && max != "" && max != "0" {
-			node := ""
-			if c, ok := c.(*redis.Client); ok {
-				node = c.Options().Addr
-			}
+		node := ""
+		if c, ok := c.(*redis.Client); ok {
+			node = c.Options().Addr
+		}
+		policy, maxmemory := info["Memory"]["maxmemory_policy"], info["Memory"]["maxmemory"]
+		if policy != "" && policy != "noeviction" && maxmemory != "" && maxmemory != "0" && first(node) {
 			m.log.LogAttrs(ctx, slogWarn, "sandboxpool: Redis evicts keys when full: a create lock or record it drops lets a second sandbox be made for a pair; set maxmemory-policy noeviction",
-				slog.String("maxmemory_policy", policy), slog.String("maxmemory", max), slog.String("node", node))
+				slog.String("maxmemory_policy", policy), slog.String("maxmemory", maxmemory), slog.String("node", node))
 		}
 		return nil
 	}
 	forEach := func(ctx context.Context, c *redis.Client) error { return check(ctx, c) }
-	var err error
-	switch rdb := m.store.rdb.(type) {
-	case *redis.ClusterClient:
-		err = rdb.ForEachMaster(ctx, forEach)
-	case *redis.Ring:
-		err = rdb.ForEachShard(ctx, forEach)
-	default:
-		err = check(ctx, rdb)
-	}
-	if err != nil {
-		m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: cannot read Redis's eviction policy", attrErr(err))
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
+		var err error
+		switch rdb := m.store.rdb.(type) {
+		case *redis.ClusterClient:
+			err = rdb.ForEachMaster(ctx, forEach)
+		case *redis.Ring:
+			err = rdb.ForEachShard(ctx, forEach)
+		default:
+			err = check(ctx, rdb)
+		}
+		cancel()
+		var reply redis.Error
+		if errors.As(err, &reply) {
+			m.log.LogAttrs(m.baseCtx, slog.LevelDebug, "sandboxpool: cannot read Redis's eviction policy", attrErr(err))
+		}
+		if err == nil || reply != nil {
+			return
+		}
+		select {
+		case <-m.done:
+			return
+		case <-t.C:
+		}
 	}
 }
 

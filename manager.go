@@ -132,7 +132,7 @@ func New(cfg Config) (*Manager, error) {
 		m.store = newStore(cfg, m.log, &m.ctr.redisErrors)
 		m.goBackground(func() { m.probeLoop(cfg.probeInterval) })
 		m.goBackground(m.removalLoop)
-		m.goBackground(m.checkEviction)
+		m.goBackground(func() { m.checkEviction(cfg.probeInterval) })
 	}
 	return m, nil
 }

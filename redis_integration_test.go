@@ -448,6 +448,19 @@ func TestRealRedisThatEvictsIsWarnedOf(t *testing.T) {
 	set("volatile-lru", "64mb")
 	assert.Equal(t, []string{"maxmemory_policy=volatile-lru maxmemory=67108864 node=" + srv.Addr}, warnings(t, srv.Client(t)))
 
+	// A Redis down when New ran is checked once it answers.
+	down := redistest.Start(t, "--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru")
+	down.Stop()
+	var logs syncBuffer
+	m := instances(t, 1, fp.New(), func() redis.UniversalClient { return down.Client(t) }, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})[0]
+	time.Sleep(2 * sandboxpool.DefaultRedisTimeout) // its first try gives up after RedisTimeout; more, every 100 ms (FastRedisRecovery)
+	down.Start()
+	assert.Eventually(t, func() bool { return strings.Contains(logs.String(), "Redis evicts keys when full") }, 5*time.Second, 10*time.Millisecond)
+	require.NoError(t, m.Close(ctx))
+	assert.Equal(t, 1, strings.Count(logs.String(), "Redis evicts keys when full"))
+
 	cl := redistest.StartCluster(t, 3)
 	cc := cl.Client(t)
 	require.NoError(t, cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
