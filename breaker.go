@@ -180,6 +180,9 @@ type store struct {
 	// Manager.redisFailureLevel).
 	refusedAt                    atomic.Int64
 	refusalLogged, refusalWarned atomic.Bool
+	// failing tells which failed calls of sandboxes and Removes are logged
+	// at Warn (see Manager.redisFailureLevel).
+	failing failureEpisode
 }
 
 // silent reports whether Redis has answered no call for RedisTimeout. The
@@ -198,8 +201,9 @@ func (st *store) silent() bool {
 func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 	cooldown := cfg.breakerCooldown
 	st := &store{rdb: cfg.Redis, ns: cfg.Namespace, timeout: cfg.RedisTimeout, log: log, errs: errs, born: time.Now(),
-		turns:  semaphore.NewWeighted(int64(poolSize(cfg.Redis))),
-		locker: redislock.New(cfg.Redis), limiter: redis_rate.NewLimiter(cfg.Redis)}
+		failing: failureEpisode{again: "sandboxpool: Redis answers again"},
+		turns:   semaphore.NewWeighted(int64(poolSize(cfg.Redis))),
+		locker:  redislock.New(cfg.Redis), limiter: redis_rate.NewLimiter(cfg.Redis)}
 	st.cb = gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        "sandboxpool-redis",
 		MaxRequests: 1,
@@ -210,7 +214,7 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		// The caller giving up says nothing about Redis.
 		IsExcluded: endedHere,
 		OnStateChange: func(_ string, from, to gobreaker.State) {
-			log.LogAttrs(context.Background(), slog.LevelWarn, "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
+			log.LogAttrs(context.Background(), breakerLevel(from.String(), to.String()), "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
 		},
 	})
 	return st
@@ -242,6 +246,7 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 	})
 	switch {
 	case err == nil || errors.Is(err, redis.Nil):
+		st.failing.succeeded(ctx, st.log)
 		return nil
 	case endedHere(err):
 		return err
@@ -440,7 +445,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 				return // Redis failed again: retry on the next probe
 			}
 			if id != s.id {
-				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
+				m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
 				m.supersede(ctx, s)
 			} else {
 				m.refreshReservation(ctx, s.key, s.deadline.Load()) // counted by the quotas from now on

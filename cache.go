@@ -415,29 +415,6 @@ func (m *Manager) redisStats(st *Stats) {
 	}
 }
 
-// Logging helpers for the Redis paths.
-const slogWarn = slog.LevelWarn
-
-// redisFailureLevel is the level of the line that reports one sandbox's
-// Redis call failing with err: Debug once the breaker has judged Redis
-// down, since its change of state said so at Warn, and an outage would
-// otherwise log a line for every sandbox at every keepalive (202 of them in
-// the soak's 6-second Redis restart, for 60 pairs on 4 Managers). A Redis
-// that refuses writes leaves the breaker closed: the first sandbox's
-// refused write of an episode is logged at Warn, the rest at Debug. Warn
-// otherwise, when the failure is news.
-func (m *Manager) redisFailureLevel(err error) slog.Level {
-	switch {
-	case errors.Is(err, errRedisUnavailable) && m.store.degraded():
-		return slog.LevelDebug
-	case refusesWrites(err) && !m.store.refusalWarned.CompareAndSwap(false, true):
-		return slog.LevelDebug
-	}
-	return slogWarn
-}
-
-func attrErr(err error) slog.Attr { return slog.Any("error", err) }
-
 // checkEviction warns when the pool's Redis drops keys when full. Every
 // key the pool writes expires, so under a volatile-* policy (volatile-lru
 // is the default of ElastiCache, Azure Cache for Redis and Memorystore) as

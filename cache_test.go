@@ -1562,8 +1562,9 @@ func TestCloseWaitsForARemoveInFlight(t *testing.T) {
 		sandboxpool.SlowRedisProbe(cfg, time.Hour) // no flush but Close's
 		cfg.Provider = kills
 		// Redis answers again as soon as the Remove has kept its removal:
-		// it answers Close's last try.
-		cfg.Logger = slog.New(onMessage{slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}),
+		// it answers Close's last try. (At Debug: the line is, once an
+		// earlier failure of the episode was the Warn.)
+		cfg.Logger = slog.New(onMessage{slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}),
 			"announcing a removal to other instances failed", func() { mr.SetError("") }})
 	})
 	mr = c.mr
@@ -2037,4 +2038,53 @@ func TestRedisOutageWarnsOnceNotPerSandbox(t *testing.T) {
 	m.ReapNow()
 	assert.GreaterOrEqual(t, m.Stats().Touches-touches, int64(inUse), "every sandbox in use was kept alive")
 	assert.Zero(t, strings.Count(logs.String(), "extending Redis deadline failed"), "a warning per sandbox")
+
+	// The breaker's tries while Redis still fails (open → half-open →
+	// open, every cooldown) and its closing are no warnings.
+	time.Sleep(100 * time.Millisecond) // several cooldowns of 20 ms
+	m.ReapNow()
+	c.mr.SetError("")
+	require.Eventually(t, func() bool { acquireID(t, m, "w", "r"); return !m.Stats().RedisDegraded }, 5*time.Second, 10*time.Millisecond)
+	assert.Equal(t, 1, strings.Count(logs.String(), `level=WARN msg="sandboxpool: Redis circuit breaker"`), "one warning for the outage: %s", logs.String())
+}
+
+// Before the breaker opens (RedisTimeout of silence), a Redis that fails
+// every call failed each sandbox's keepalive with a warning of its own:
+// 22 of them in the soak's 1-second Redis restart. The first failure since
+// a call succeeded is the warning; the success that ends the run says at
+// Info how many were kept at Debug; the next failure is news again.
+func TestRedisFailuresBeforeTheBreakerOpensWarnOnce(t *testing.T) {
+	var logs syncBuffer
+	c := newMiniCluster(t)
+	m := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.RedisTimeout = time.Hour // the breaker stays closed
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	})
+	const inUse = 20
+	for i := range inUse {
+		l, err := m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.NoError(t, err)
+		defer l.Release()
+	}
+	failed := func() int {
+		return strings.Count(logs.String(), `level=WARN msg="sandboxpool: extending Redis deadline failed"`)
+	}
+	again := func() int { return strings.Count(logs.String(), `level=INFO msg="sandboxpool: Redis answers again"`) }
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	c.advance(4 * time.Minute) // past the keepalive lead of IdleTimeout (5 min)
+	m.ReapNow()
+	require.False(t, m.Stats().RedisDegraded)
+	require.GreaterOrEqual(t, m.Stats().RedisErrors, int64(inUse), "every keepalive met the failure")
+	assert.Equal(t, 1, failed(), "one warning, not one per sandbox")
+	assert.Zero(t, again())
+
+	c.mr.SetError("")
+	acquireID(t, m, "v", "q")
+	assert.Equal(t, 1, again())
+	assert.Contains(t, logs.String(), fmt.Sprintf(`msg="sandboxpool: Redis answers again" failures_logged_at_debug=%d`, inUse-1))
+
+	c.mr.SetError("LOADING Redis is loading the dataset in memory")
+	c.advance(4 * time.Minute)
+	m.ReapNow()
+	assert.Equal(t, 2, failed(), "a failure after a success is news")
 }

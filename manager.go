@@ -115,10 +115,11 @@ func New(cfg Config) (*Manager, error) {
 		stopped:    make(chan struct{}),
 		jobs:       make(chan func()),
 
-		unpublished: make(map[*slot]struct{}),
-		suspects:    suspects{m: make(map[*slot]suspicion)},
-		catchingUp:  semaphore.NewWeighted(1),
-		shapes:      make(map[shape]*shape),
+		unpublished:     make(map[*slot]struct{}),
+		suspects:        suspects{m: make(map[*slot]suspicion)},
+		catchingUp:      semaphore.NewWeighted(1),
+		providerFailing: failureEpisode{again: "sandboxpool: the provider takes keepalives and kills again"},
+		shapes:          make(map[shape]*shape),
 	}
 	if m.guard > int64(cfg.IdleTimeout/4) {
 		m.guard = int64(cfg.IdleTimeout / 4)
@@ -988,7 +989,7 @@ func (m *Manager) lockForRemoval(ctx context.Context, k pairKey) (*pairLock, err
 	case ctx.Err() != nil:
 		return nil, pairErr("remove", k, context.Cause(ctx))
 	}
-	m.log.LogAttrs(ctx, slogWarn, "sandboxpool: removing without the pair's create lock", slog.String("pair", pairMember(k)), attrErr(err))
+	m.log.LogAttrs(ctx, m.redisFailureLevel(err), "sandboxpool: removing without the pair's create lock", slog.String("pair", pairMember(k)), attrErr(err))
 	return nil, nil
 }
 
@@ -1093,7 +1094,7 @@ func (m *Manager) supersede(ctx context.Context, s *slot) {
 	s.setFlag(flagSuperseded)
 	if m.retire(m.pool.shard(s.key), s, "superseded") {
 		m.ctr.superseded.Add(1)
-		m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis names another sandbox for the pair; this one is retired", slog.String("sandbox", s.id))
+		m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: Redis names another sandbox for the pair; this one is retired", slog.String("sandbox", s.id))
 	}
 }
 

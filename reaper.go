@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -394,40 +393,4 @@ func (m *Manager) touchTo(ctx context.Context, s *slot, now, target int64) error
 		m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: deadline extended again", slog.String("sandbox", s.id))
 	}
 	return nil
-}
-
-// failureEpisode tells which of the provider's failures in background work
-// (keepalives, kills) are news. An outage or a revoked key makes every
-// sandbox's keepalive and every kill fail, then succeed again: logged one
-// line per sandbox each way, 40 sandboxes (half in use, half idle) made 40
-// Warn lines, then 20 Info lines (TestProviderOutageWarnsOnceNotPerSandbox),
-// and a pool of thousands as many times more. The first failure since a
-// call succeeded is logged at Warn, the failures after it at Debug, and the
-// success that ends them says at Info how many were quiet. A failure alone
-// among successes is still a Warn of its own. Stats count every failure
-// (TouchErrors, KillErrors).
-type failureEpisode struct {
-	on    atomic.Bool
-	quiet atomic.Int64 // failures logged at Debug in this episode
-}
-
-// failed returns the level of a failure's line: Warn if news (a first
-// failure, of a sandbox or a kill that was not failing, with no episode
-// on), else Debug.
-func (e *failureEpisode) failed(first bool) slog.Level {
-	if first && e.on.CompareAndSwap(false, true) {
-		e.quiet.Store(0)
-		return slog.LevelWarn
-	}
-	e.quiet.Add(1)
-	return slog.LevelDebug
-}
-
-// succeeded ends the episode, if one is on, and says so. The Load first
-// keeps a success from writing the shared line while none is.
-func (e *failureEpisode) succeeded(ctx context.Context, log *slog.Logger) {
-	if !e.on.Load() || !e.on.CompareAndSwap(true, false) {
-		return
-	}
-	log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: the provider takes keepalives and kills again", slog.Int64("failures_logged_at_debug", e.quiet.Swap(0)))
 }

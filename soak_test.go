@@ -10,14 +10,17 @@ package sandboxpool_test
 // phase. Run: make soak DURATION=60s.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"maps"
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -108,7 +111,67 @@ type soak struct {
 	// closeErrs are Close failures: background work still running when the
 	// close deadline passed. Recorded, not fatal, so the table still prints.
 	closeErrs []string // guarded by mu
+	// warns counts the Managers' Warn lines (and above) by message, and
+	// faults the independent faults injected (a sandbox hung, an E2B call
+	// failed), each of which may be news of its own.
+	warns  warnCounter
+	faults atomic.Int64
 }
+
+// warnCounter is a slog.Handler that counts the records at Warn and above
+// by message, and keeps nothing else.
+type warnCounter struct {
+	mu sync.Mutex
+	n  map[string]int64
+}
+
+func (c *warnCounter) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (c *warnCounter) Handle(_ context.Context, r slog.Record) error {
+	c.mu.Lock()
+	if c.n == nil {
+		c.n = map[string]int64{}
+	}
+	c.n[r.Message]++
+	c.mu.Unlock()
+	return nil
+}
+func (c *warnCounter) WithAttrs([]slog.Attr) slog.Handler { return c }
+func (c *warnCounter) WithGroup(string) slog.Handler      { return c }
+
+// take returns the counts since the last take, and their total.
+func (c *warnCounter) take() (map[string]int64, int64) {
+	c.mu.Lock()
+	n := c.n
+	c.n = nil
+	c.mu.Unlock()
+	var total int64
+	for _, v := range n {
+		total += v
+	}
+	return n, total
+}
+
+// countsByMessage lists n's messages, the most frequent first, with their
+// counts.
+func countsByMessage(n map[string]int64) string {
+	msgs := slices.SortedFunc(maps.Keys(n), func(a, b string) int { return cmp.Or(cmp.Compare(n[b], n[a]), strings.Compare(a, b)) })
+	parts := make([]string, len(msgs))
+	for i, m := range msgs {
+		parts[i] = fmt.Sprintf("%d× %q", n[m], strings.TrimPrefix(m, "sandboxpool: "))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// soakWarnsPerManager bounds the Warn lines a phase may make per Manager,
+// beyond one per independent fault it injected (soak.faults: a sandbox
+// hung, one E2B call failed). A fault that meets every sandbox (an outage,
+// a restart) is news once per Manager, at its start (and for some at its
+// end), not once per sandbox: the first soak that counted them found
+// 22 to 77 Warn lines in each of four phases, one per sandbox (a keepalive
+// failing on Redis before the breaker opened, or on E2B; a Remove without
+// its lock), or per pair converging after an outage (a sandbox superseded),
+// or per breaker try (open → half-open → open).
+const soakWarnsPerManager = 10
 
 // soakCloseTimeout bounds a Manager's Close: longer than the CreateTimeout
 // of newManager, so a create in flight may finish before Close gives up.
@@ -141,7 +204,7 @@ func (s *soak) newManager(slot int) *sandboxpool.Manager {
 	s.mu.Unlock()
 	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(s.client), Redis: rdb, Namespace: "soak",
 		IdleTimeout: soakIdle, MaxAge: soakMaxAge, HealthCheckAfter: time.Second, UnresponsiveAfter: soakUnresponsive,
-		ReapInterval: 100 * time.Millisecond, LockTTL: time.Second, CreateTimeout: 10 * time.Second}
+		ReapInterval: 100 * time.Millisecond, LockTTL: time.Second, CreateTimeout: 10 * time.Second, Logger: slog.New(&s.warns)}
 	sandboxpool.FastRedisRecovery(&cfg, 200*time.Millisecond)
 	m, err := sandboxpool.New(cfg)
 	if err != nil { // a fixed, valid config: New cannot fail (and this may run off the test goroutine)
@@ -366,6 +429,7 @@ func TestSoak(t *testing.T) {
 			for ctx.Err() == nil {
 				if op := ops[rand.IntN(len(ops))]; s.fake.Pending(op) == 0 {
 					s.fake.Inject(op, faults[rand.IntN(len(faults))])
+					s.faults.Add(1)
 				}
 				time.Sleep(20 * time.Millisecond)
 			}
@@ -480,12 +544,14 @@ func TestSoak(t *testing.T) {
 		dupsLeft         int
 		drain            time.Duration // the longest a sandbox ran past MaxAge
 		running, goroutn int
+		warns            int64 // Warn lines, every Manager's
 	}
 	var rows []row
 	var reports []string
 	broken := []string{}
 	for _, ph := range phases {
 		ctx, cancel := context.WithTimeout(context.Background(), per)
+		faultsBefore := s.faults.Load()
 		before, removedBefore, goneBefore := s.served.Load(), s.removed.Load(), s.servedGone.Load()
 		failedBefore := s.totalErrs()
 		createsBefore, killsBefore, requestsBefore := s.fake.Calls(e2btest.OpCreate), s.fake.Calls(e2btest.OpKill), s.fake.Requests()
@@ -524,6 +590,16 @@ func TestSoak(t *testing.T) {
 		for _, msg := range b {
 			broken = append(broken, ph.name+": "+msg)
 		}
+		// The phase's Warn lines, its recovery's included.
+		warns, n := s.warns.take()
+		rows[len(rows)-1].warns = n
+		if n > 0 {
+			reports = append(reports, fmt.Sprintf("%s: warn lines: %s", ph.name, countsByMessage(warns)))
+		}
+		if faults := s.faults.Load() - faultsBefore; n > soakWarnsPerManager*soakManagers+faults {
+			broken = append(broken, fmt.Sprintf("%s: %d Warn lines from %d managers, more than %d each and one per fault injected (%d): %s",
+				ph.name, n, soakManagers, soakWarnsPerManager, faults, countsByMessage(warns)))
+		}
 	}
 
 	// Close everything: the fake must be empty once deadlines pass (aligned
@@ -556,11 +632,11 @@ func TestSoak(t *testing.T) {
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
 	w := tabwriter.NewWriter(os.Stdout, 2, 4, 2, ' ', 0)
-	fmt.Fprintf(w, "phase\tserved\tserved gone\tall served running in\tremoved\tfailed\tcreates\tkills\te2b requests\tduplicates converged in\tleft\tlongest past MaxAge\trunning at fake\tgoroutines\n")
+	fmt.Fprintf(w, "phase\tserved\tserved gone\tall served running in\tremoved\tfailed\tcreates\tkills\te2b requests\tduplicates converged in\tleft\tlongest past MaxAge\twarn lines\trunning at fake\tgoroutines\n")
 	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%d\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\n", r.phase, r.served, r.servedGone, r.servedRunning.Round(100*time.Millisecond), r.removed, r.failed, r.creates, r.kills, r.requests, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.running, r.goroutn)
+		fmt.Fprintf(w, "%s\t%d\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%v\t%d\t%d\t%d\n", r.phase, r.served, r.servedGone, r.servedRunning.Round(100*time.Millisecond), r.removed, r.failed, r.creates, r.kills, r.requests, r.converged.Round(100*time.Millisecond), r.dupsLeft, r.drain.Round(100*time.Millisecond), r.warns, r.running, r.goroutn)
 	}
-	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
+	fmt.Fprintf(w, "after close\t\t\t\t\t\t\t\t\t\t\t\t\t%d leaked\t%+d vs start\n", leaked, extraGoroutines)
 	w.Flush()
 	fmt.Printf("errors by kind: %s\n", s.errSummary())
 	fmt.Printf("redis keys left: %d; fake requests: %d\n", len(keys), s.fake.Requests())
@@ -668,6 +744,7 @@ func (s *soak) hangOne() {
 		if _, done := s.hung[id]; !done {
 			md := s.fake.Metadata(id)
 			s.fake.Hang(id)
+			s.faults.Add(1)
 			s.hung[id] = [2]string{md["sandboxpool.user"], md["sandboxpool.project"]}
 			return
 		}
