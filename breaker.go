@@ -214,7 +214,7 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		// The caller giving up says nothing about Redis.
 		IsExcluded: endedHere,
 		OnStateChange: func(_ string, from, to gobreaker.State) {
-			log.LogAttrs(context.Background(), breakerLevel(from.String(), to.String()), "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
+			log.LogAttrs(context.Background(), breakerLevel(from, to), "sandboxpool: Redis circuit breaker", slog.String("from", from.String()), slog.String("to", to.String()))
 		},
 	})
 	return st

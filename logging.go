@@ -5,6 +5,8 @@ import (
 	"errors"
 	"log/slog"
 	"sync/atomic"
+
+	"github.com/sony/gobreaker/v2"
 )
 
 // How the Manager logs. A fault that meets every sandbox (an outage of
@@ -82,11 +84,11 @@ func (m *Manager) redisFailureLevel(err error) slog.Level {
 // Info when it closes, Debug for its tries in between (to half-open, and
 // back to open when a try fails), which a long outage repeats every
 // cooldown. A Redis restart of 1 s logged 16 Warn lines on 4 Managers.
-func breakerLevel(from, to string) slog.Level {
+func breakerLevel(from, to gobreaker.State) slog.Level {
 	switch {
-	case to == "open" && from == "closed":
+	case to == gobreaker.StateOpen && from == gobreaker.StateClosed:
 		return slogWarn
-	case to == "closed":
+	case to == gobreaker.StateClosed:
 		return slog.LevelInfo
 	}
 	return slog.LevelDebug
