@@ -80,19 +80,19 @@ func (m *Manager) suspect(s *slot, now int64, err error) suspicion {
 // sp) is spared, with how many sandboxes are suspect: when at least
 // incidentSuspects are and no probe has answered since its spell began,
 // unless no canary was condemned within UnresponsiveAfter, in which case
-// this one is the canary (see incidentSuspects).
-func (m *Manager) spare(sp suspicion, now int64) (int, bool) {
+// this one is the canary (see incidentSuspects), and canary says so.
+func (m *Manager) spare(sp suspicion, now int64) (n int, spare, canary bool) {
 	m.suspects.mu.Lock()
-	n := len(m.suspects.m)
+	n = len(m.suspects.m)
 	m.suspects.mu.Unlock()
 	if n < incidentSuspects || m.suspects.answered.Load() >= sp.since {
-		return n, false
+		return n, false, false
 	}
 	last := m.suspects.canary.Load()
 	if last != 0 && now-last < int64(m.cfg.UnresponsiveAfter) || !m.suspects.canary.CompareAndSwap(last, now) {
-		return n, true
+		return n, true, false
 	}
-	return n, false
+	return n, false, true
 }
 
 // probeAnswered records that a probe at now answered: the way to the
@@ -159,7 +159,8 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	if m.cfg.UnresponsiveAfter < 0 || now-sp.since < int64(m.cfg.UnresponsiveAfter) {
 		return false, m.unresponsiveErr(sp, now)
 	}
-	if n, spare := m.spare(sp, now); spare {
+	n, spare, canary := m.spare(sp, now)
+	if spare {
 		m.ctr.spared.Add(1)
 		if m.suspects.warned.CompareAndSwap(false, true) {
 			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: sandboxes unresponsive together and no probe answering: sparing them, as the fault looks like the way to them; one is replaced every UnresponsiveAfter to tell",
@@ -172,8 +173,15 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	}
 	s.setFlag(flagKilled)
 	m.ctr.unresponsive.Add(1)
-	m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: unresponsive sandbox killed, to be replaced",
-		slog.String("sandbox", s.id), slog.Duration("unresponsive_for", time.Duration(now-sp.since)))
+	// A canary of a spell already logged is what that line announced, one
+	// every UnresponsiveAfter for as long as the incident lasts: Info (a
+	// 27-second spell of the soak logged 99 Warn lines on 4 Managers).
+	level := slog.LevelWarn
+	if canary && m.suspects.warned.Load() {
+		level = slog.LevelInfo
+	}
+	m.log.LogAttrs(ctx, level, "sandboxpool: unresponsive sandbox killed, to be replaced",
+		slog.String("sandbox", s.id), slog.Duration("unresponsive_for", time.Duration(now-sp.since)), slog.Bool("canary", canary))
 	if err := m.announceRemoval(ctx, s.key, []string{s.id}); err != nil {
 		// Unless Redis refused, it is announced once Redis answers again;
 		// instances not told find it gone at their next probe.

@@ -3,6 +3,8 @@ package sandboxpool_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -333,6 +335,41 @@ func TestSandboxesUnresponsiveTogetherAreSpared(t *testing.T) {
 	}
 	assert.Equal(t, 0, sandboxpool.Suspects(e.m))
 	assert.Len(t, e.p.Killed(), 1)
+}
+
+// The canaries of a spell already logged at Warn are what that line
+// announced, one every UnresponsiveAfter for as long as the incident
+// lasts: each is logged at Info, where each was a Warn of its own (99 in a
+// 27-second spell of the soak). The first, condemned before the spell was
+// known, is a Warn.
+func TestCanariesOfALoggedSpellAreInfo(t *testing.T) {
+	var logs syncBuffer
+	e := newEnv(t, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	})
+	ids := hungPairs(t, e, 4)
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter)
+	first := e.acquire(t, "u", "p0")
+	require.Equal(t, sandboxpool.OutcomeCreated, first.Outcome())
+	e.p.Hang(first.Sandbox().ID)
+	first.Release()
+	for i := 1; i < len(ids); i++ {
+		_, err := e.m.Acquire(context.Background(), "u", fmt.Sprint("p", i))
+		require.ErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive, "spared")
+	}
+	require.Contains(t, logs.String(), `level=WARN msg="sandboxpool: sandboxes unresponsive together`)
+
+	e.clock.Advance(sandboxpool.DefaultUnresponsiveAfter)
+	second := e.acquire(t, "u", "p1") // the next canary
+	require.Equal(t, sandboxpool.OutcomeCreated, second.Outcome())
+	second.Release()
+	require.Len(t, e.p.Killed(), 2)
+	killed := func(level string) int {
+		return strings.Count(logs.String(), "level="+level+` msg="sandboxpool: unresponsive sandbox killed, to be replaced"`)
+	}
+	assert.Equal(t, 1, killed("WARN"), "the first canary, before the spell was logged")
+	assert.Equal(t, 1, killed("INFO"), "the second, which the spell's line announced")
+	assert.Contains(t, logs.String(), "canary=true")
 }
 
 // A canary whose replacement answers its probe shows the way to the
