@@ -113,7 +113,7 @@ type soak struct {
 	closeErrs []string // guarded by mu
 	// warns counts the Managers' Warn lines (and above) by message, and
 	// faults the independent faults injected (a sandbox hung, an E2B call
-	// failed), each of which may be news of its own.
+	// failed, a create lock deleted), each of which may be news of its own.
 	warns  warnCounter
 	faults atomic.Int64
 }
@@ -164,13 +164,14 @@ func countsByMessage(n map[string]int64) string {
 
 // soakWarnsPerManager bounds the Warn lines a phase may make per Manager,
 // beyond one per independent fault it injected (soak.faults: a sandbox
-// hung, one E2B call failed). A fault that meets every sandbox (an outage,
-// a restart) is news once per Manager, at its start (and for some at its
-// end), not once per sandbox: the first soak that counted them found
-// 22 to 77 Warn lines in each of four phases, one per sandbox (a keepalive
-// failing on Redis before the breaker opened, or on E2B; a Remove without
-// its lock), or per pair converging after an outage (a sandbox superseded),
-// or per breaker try (open → half-open → open).
+// hung, one E2B call failed, a create lock deleted). A fault that meets
+// every sandbox (an outage, a restart) is news once per Manager, at its
+// start (and for some at its end), not once per sandbox: the first soak
+// that counted them found 22 to 77 Warn lines in each of four phases, one
+// per sandbox (a keepalive failing on Redis before the breaker opened; a
+// Remove without its lock), per pair converging after an outage (a
+// sandbox superseded), or per breaker try (open → half-open → open), and
+// the first 5-minute one 99 in the proxy-down phase, one per canary.
 const soakWarnsPerManager = 10
 
 // soakCloseTimeout bounds a Manager's Close: longer than the CreateTimeout
