@@ -183,6 +183,9 @@ type store struct {
 	// failing tells which failed calls of sandboxes and Removes are logged
 	// at Warn (see Manager.redisFailureLevel).
 	failing failureEpisode
+	// evicts is set once a master was found to evict keys when full (see
+	// Manager.checkEviction).
+	evicts atomic.Bool
 }
 
 // silent reports whether Redis has answered no call for RedisTimeout. The

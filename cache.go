@@ -409,6 +409,7 @@ func (m *Manager) redisStats(st *Stats) {
 		return
 	}
 	st.RedisDegraded = m.store.degraded()
+	st.RedisEvicts = m.store.evicts.Load()
 	if ps := m.store.rdb.PoolStats(); ps != nil {
 		st.Redis = RedisPoolStats{Hits: ps.Hits, Misses: ps.Misses, Timeouts: ps.Timeouts,
 			TotalConns: ps.TotalConns, IdleConns: ps.IdleConns, StaleConns: ps.StaleConns}
@@ -450,6 +451,7 @@ func (m *Manager) checkEviction(interval time.Duration) {
 		}
 		policy, maxmemory := info["Memory"]["maxmemory_policy"], info["Memory"]["maxmemory"]
 		if policy != "" && policy != "noeviction" && maxmemory != "" && maxmemory != "0" && first(node) {
+			m.store.evicts.Store(true)
 			m.log.LogAttrs(ctx, slogWarn, "sandboxpool: Redis evicts keys when full: a create lock or record it drops lets a second sandbox be made for a pair; set maxmemory-policy noeviction",
 				slog.String("maxmemory_policy", policy), slog.String("maxmemory", maxmemory), slog.String("node", node))
 		}

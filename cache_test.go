@@ -152,6 +152,7 @@ func TestEvictionPolicyUnreadIsOnlyDebug(t *testing.T) {
 	assert.Contains(t, logs.String(), `level=DEBUG msg="sandboxpool: cannot read Redis's eviction policy" error="section (memory) is not supported"`)
 	assert.NotContains(t, logs.String(), "level=WARN")
 	assert.Zero(t, m.Stats().RedisErrors)
+	assert.False(t, m.Stats().RedisEvicts, "not known to evict")
 }
 
 func TestRedisKeyLayoutAndAlignedTTL(t *testing.T) {

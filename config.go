@@ -96,8 +96,9 @@ type Config struct {
 	// circuit breaker while Redis is well. Its maxmemory-policy should be
 	// noeviction: every key the pool writes expires, so a full Redis under
 	// any other (volatile-lru is the managed services' default) drops
-	// create locks and records, and lets duplicates through; New warns of
-	// it in the log. default: nil, a single-process, memory-only pool.
+	// create locks and records, and lets duplicates through; New starts a
+	// check that warns of it in the log and sets Stats().RedisEvicts.
+	// default: nil, a single-process, memory-only pool.
 	Redis redis.UniversalClient
 
 	// Namespace prefixes every Redis key and is stored in each sandbox's

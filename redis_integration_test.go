@@ -426,6 +426,9 @@ func TestRealRedisThatEvictsIsWarnedOf(t *testing.T) {
 			cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		})[0]
 		require.NoError(t, m.Close(ctx)) // waits for the check
+		defer func() {
+			assert.Equal(t, strings.Contains(logs.String(), "level=WARN"), m.Stats().RedisEvicts, "Stats().RedisEvicts says what the log says")
+		}()
 		var nodes []string
 		for _, line := range strings.Split(logs.String(), "\n") {
 			if strings.Contains(line, `level=WARN msg="sandboxpool: Redis evicts keys when full`) {
@@ -460,6 +463,7 @@ func TestRealRedisThatEvictsIsWarnedOf(t *testing.T) {
 	assert.Eventually(t, func() bool { return strings.Contains(logs.String(), "Redis evicts keys when full") }, 5*time.Second, 10*time.Millisecond)
 	require.NoError(t, m.Close(ctx))
 	assert.Equal(t, 1, strings.Count(logs.String(), "Redis evicts keys when full"))
+	assert.True(t, m.Stats().RedisEvicts)
 
 	cl := redistest.StartCluster(t, 3)
 	cc := cl.Client(t)

@@ -116,6 +116,12 @@ func (x *Metrics) descs() []stat {
 			}
 			return 0
 		}),
+		gauge("redis_evicts", "1 once a master of the pool's Redis was found to evict keys when full, which lets duplicates through: set maxmemory-policy noeviction.", func(s sandboxpool.Stats) float64 {
+			if s.RedisEvicts {
+				return 1
+			}
+			return 0
+		}),
 		gauge("unannounced_removals", "Removals kept until Redis answers again.", func(s sandboxpool.Stats) float64 { return float64(s.UnannouncedRemovals) }),
 		gauge("unpublished_sandboxes", "Sandboxes created while Redis did not answer, not yet published for other instances to reuse.", func(s sandboxpool.Stats) float64 { return float64(s.UnpublishedSandboxes) }),
 		counter("redis_pool_hits", "Redis connections reused from the pool.", func(s sandboxpool.Stats) int64 { return int64(s.Redis.Hits) }),
