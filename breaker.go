@@ -448,7 +448,7 @@ func (m *Manager) reconcile(ctx context.Context) {
 				return // Redis failed again: retry on the next probe
 			}
 			if id != s.id {
-				m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
+				m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: duplicate from the Redis outage retired", slog.String("sandbox", s.id), slog.String("kept", id))
 				m.supersede(ctx, s)
 			} else {
 				m.refreshReservation(ctx, s.key, s.deadline.Load()) // counted by the quotas from now on

@@ -9,12 +9,25 @@ import (
 	"github.com/sony/gobreaker/v2"
 )
 
-// How the Manager logs. A fault that meets every sandbox (an outage of
-// Redis or of E2B, a revoked key, a Redis that refuses writes) is news
-// once per Manager, not once per sandbox: a line per sandbox per
-// keepalive, or per kill, or per Remove, floods the log when it is read
-// most. The soak checks it: each of its phases may log at most
-// soakWarnsPerManager Warn lines per Manager.
+// How the Manager logs:
+//   - Warn: news an operator should act on or know of: a fault beginning
+//     (an outage of Redis or of E2B, a revoked key, a Redis that refuses
+//     writes or evicts keys), or one sandbox's own fault (hung, a call
+//     failing alone among successes, a lost create lock).
+//   - Info: the Manager's own changes of state: a fault's end (Redis
+//     answers again, the breaker closes, the provider takes keepalives
+//     again), a subscription restored, a canary the spell announced.
+//   - Debug: each sandbox's lifecycle (evicted, past MaxAge, gone,
+//     superseded, a duplicate retired, killed) and each sandbox's share
+//     of a fault already announced. Stats count all of them.
+//
+// A fault that meets every sandbox is news once per Manager, not once per
+// sandbox: a line per sandbox per keepalive, or per kill, or per Remove,
+// floods the log when it is read most, and a line per sandbox at Info
+// grows with the pool (a pool of 10,000 rotating at a 15-minute MaxAge
+// would log 11 lines a second of "max age reached"). The soak checks it:
+// each of its phases may log at most soakWarnsPerManager Warn lines per
+// Manager.
 
 const slogWarn = slog.LevelWarn
 

@@ -1094,7 +1094,7 @@ func (m *Manager) supersede(ctx context.Context, s *slot) {
 	s.setFlag(flagSuperseded)
 	if m.retire(m.pool.shard(s.key), s, "superseded") {
 		m.ctr.superseded.Add(1)
-		m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: Redis names another sandbox for the pair; this one is retired", slog.String("sandbox", s.id))
+		m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: Redis names another sandbox for the pair; this one is retired", slog.String("sandbox", s.id))
 	}
 }
 

@@ -248,7 +248,7 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 		if now >= m.expiresAt(s) {
 			if m.pool.detach(sh, s, stateRetired, false) {
 				m.ctr.evictions.Add(1)
-				m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: max age reached", slog.String("sandbox", s.id))
+				m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: max age reached", slog.String("sandbox", s.id))
 			}
 		}
 	}
@@ -303,7 +303,7 @@ func (m *Manager) visit(ctx context.Context, s *slot, now int64) {
 		if err := m.touchTo(ctx, s, now, target); err != nil {
 			if errors.Is(err, ErrSandboxNotFound) {
 				if m.pool.detach(sh, s, stateDead, false) {
-					m.log.LogAttrs(ctx, slog.LevelInfo, "sandboxpool: sandbox gone", slog.String("sandbox", s.id))
+					m.log.LogAttrs(ctx, slog.LevelDebug, "sandboxpool: sandbox gone", slog.String("sandbox", s.id))
 				}
 				m.forget(ctx, s)
 				return

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"sync/atomic"
 	"testing"
@@ -374,4 +375,32 @@ func slowestTickKeepsALease(t *testing.T, idle, tick, phase time.Duration, failF
 		assert.GreaterOrEqual(t, calls, int64(4), "keepalives were tried, failed, and retried")
 		assert.GreaterOrEqual(t, 2*e.m.Stats().TouchErrors, calls, "every keepalive's first try failed")
 	}
+}
+
+// Each sandbox's lifecycle is logged at Debug, as its eviction always was,
+// and counted in Stats: a line per sandbox at Info grows with the pool (a
+// pool of 10,000 rotating at a 15-minute MaxAge would log 11 lines a second
+// of "max age reached"), and after an E2B outage every pair's sandbox was
+// found gone at Info. Nothing here is news for an operator: no line at
+// Info or above.
+func TestSandboxLifecycleIsLoggedAtDebug(t *testing.T) {
+	var logs syncBuffer
+	e := newEnv(t, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	})
+	const n = 20
+	for i := range n { // leased throughout: kept alive, and past MaxAge retired at their release
+		l := e.acquire(t, "u", fmt.Sprint("p", i))
+		defer l.Release()
+		if i%2 == 0 {
+			e.p.Vanish(l.Sandbox().ID) // its next keepalive finds it gone
+		}
+	}
+	e.run(10 * time.Minute) // past the first keepalives
+	require.EqualValues(t, n/2, e.m.Stats().Active, "the vanished ones were found gone")
+	e.run(6 * time.Minute) // past MaxAge (15 min)
+	st := e.m.Stats()
+	require.Zero(t, st.Active, "the others reached MaxAge")
+	require.EqualValues(t, n/2, st.Evictions)
+	assert.Empty(t, logs.String())
 }
