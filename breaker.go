@@ -97,7 +97,7 @@ func (st *store) writesAccepted() {
 	if st.refusedAt.Load() != 0 {
 		st.refusedAt.Store(0)
 		st.refusalLogged.Store(false)
-		st.refusalWarned.Store(false)
+		st.refused.succeeded(context.Background(), st.log)
 	}
 }
 
@@ -175,11 +175,13 @@ type store struct {
 	closed atomic.Bool
 	// refusedAt is when Redis began refusing writes (see refusesWrites),
 	// as time since born; 0 while it takes them. refusalLogged is set
-	// once a create has said it goes without the lock, and refusalWarned
-	// once a sandbox's refused write has been logged at Warn (see
-	// Manager.redisFailureLevel).
-	refusedAt                    atomic.Int64
-	refusalLogged, refusalWarned atomic.Bool
+	// once a create has said it goes without the lock, and refused tells
+	// which of the sandboxes' refused writes are logged at Warn (see
+	// Manager.redisFailureLevel): the episode ends when a write is taken,
+	// not at any answer, since reads go on succeeding.
+	refusedAt     atomic.Int64
+	refusalLogged atomic.Bool
+	refused       failureEpisode
 	// failing tells which failed calls of sandboxes and Removes are logged
 	// at Warn (see Manager.redisFailureLevel).
 	failing failureEpisode

@@ -431,15 +431,7 @@ func (m *Manager) redisStats(st *Stats) {
 // interval until it does or the Manager closes; one that answers INFO with
 // an error (an ACL, a proxy, miniredis) is only logged at Debug.
 func (m *Manager) checkEviction(interval time.Duration) {
-	var mu sync.Mutex // ForEachMaster and ForEachShard call check concurrently
-	warned := map[string]bool{}
-	first := func(node string) bool {
-		mu.Lock()
-		defer mu.Unlock()
-		was := warned[node]
-		warned[node] = true
-		return !was
-	}
+	var warned sync.Map // node → true; ForEachMaster and ForEachShard call check concurrently
 	check := func(ctx context.Context, c redis.Cmdable) error {
 		info, err := c.InfoMap(ctx, "memory").Result()
 		if err != nil {
@@ -450,7 +442,10 @@ func (m *Manager) checkEviction(interval time.Duration) {
 			node = c.Options().Addr
 		}
 		policy, maxmemory := info["Memory"]["maxmemory_policy"], info["Memory"]["maxmemory"]
-		if policy != "" && policy != "noeviction" && maxmemory != "" && maxmemory != "0" && first(node) {
+		if policy != "" && policy != "noeviction" && maxmemory != "" && maxmemory != "0" {
+			if _, was := warned.LoadOrStore(node, true); was {
+				return nil
+			}
 			m.store.evicts.Store(true)
 			m.log.LogAttrs(ctx, slogWarn, "sandboxpool: Redis evicts keys when full: a create lock or record it drops lets a second sandbox be made for a pair; set maxmemory-policy noeviction",
 				slog.String("maxmemory_policy", policy), slog.String("maxmemory", maxmemory), slog.String("node", node))

@@ -42,7 +42,7 @@ func attrErr(err error) slog.Attr { return slog.Any("error", err) }
 // success that ends them says at Info how many were quiet. A failure alone
 // among successes is still a Warn of its own. Stats count every failure.
 type failureEpisode struct {
-	again string       // the Info line of the success that ends an episode
+	again string       // the Info line of the success that ends an episode; none if empty
 	on    atomic.Bool  // a failure was logged at Warn, and no call has succeeded since
 	quiet atomic.Int64 // failures logged at Debug in this episode
 }
@@ -61,7 +61,7 @@ func (e *failureEpisode) failed(first bool) slog.Level {
 // succeeded ends the episode, if one is on, and says so. The Load first
 // keeps a success from writing the shared line while none is.
 func (e *failureEpisode) succeeded(ctx context.Context, log *slog.Logger) {
-	if !e.on.Load() || !e.on.CompareAndSwap(true, false) {
+	if !e.on.Load() || !e.on.CompareAndSwap(true, false) || e.again == "" {
 		return
 	}
 	log.LogAttrs(ctx, slog.LevelInfo, e.again, slog.Int64("failures_logged_at_debug", e.quiet.Swap(0)))
@@ -82,10 +82,7 @@ func (e *failureEpisode) succeeded(ctx context.Context, log *slog.Logger) {
 func (m *Manager) redisFailureLevel(err error) slog.Level {
 	switch {
 	case refusesWrites(err):
-		if m.store.refusalWarned.CompareAndSwap(false, true) {
-			return slogWarn
-		}
-		return slog.LevelDebug
+		return m.store.refused.failed(true)
 	case errors.Is(err, errRedisUnavailable):
 		return m.store.failing.failed(!m.store.degraded())
 	}

@@ -47,7 +47,9 @@ type suspects struct {
 	// and canary when the latest condemnation made without one since
 	// the condemned sandbox's spell began (see incidentSuspects).
 	answered, canary atomic.Int64
-	warned           atomic.Bool // the current spell of spared sandboxes was logged
+	// spell is on once the current spell of spared sandboxes was logged,
+	// and ends, with no line, when a probe answers.
+	spell failureEpisode
 }
 
 // suspicion is what a suspect's probes found.
@@ -104,9 +106,7 @@ func (m *Manager) probeAnswered(now int64) {
 			break
 		}
 	}
-	if m.suspects.warned.Load() { // most probes answer: they only read the flag
-		m.suspects.warned.Store(false)
-	}
+	m.suspects.spell.succeeded(context.Background(), m.log) // most probes answer: they only read its flag
 }
 
 // acquit forgets that s was unresponsive: a probe answered, or s left the
@@ -162,7 +162,7 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	n, spare, canary := m.spare(sp, now)
 	if spare {
 		m.ctr.spared.Add(1)
-		if m.suspects.warned.CompareAndSwap(false, true) {
+		if m.suspects.spell.failed(true) == slog.LevelWarn {
 			m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: sandboxes unresponsive together and no probe answering: sparing them, as the fault looks like the way to them; one is replaced every UnresponsiveAfter to tell",
 				slog.Int("unresponsive", n), slog.Duration("unresponsive_after", m.cfg.UnresponsiveAfter))
 		}
@@ -177,7 +177,7 @@ func (m *Manager) condemn(ctx context.Context, s *slot, now int64, probeErr erro
 	// every UnresponsiveAfter for as long as the incident lasts: Info (a
 	// 27-second spell of the soak logged 99 Warn lines on 4 Managers).
 	level := slog.LevelWarn
-	if canary && m.suspects.warned.Load() {
+	if canary && m.suspects.spell.on.Load() {
 		level = slog.LevelInfo
 	}
 	m.log.LogAttrs(ctx, level, "sandboxpool: unresponsive sandbox killed, to be replaced",
