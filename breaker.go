@@ -185,8 +185,8 @@ type store struct {
 	// failing tells which failed calls of sandboxes and Removes are logged
 	// at Warn (see Manager.redisFailureLevel).
 	failing failureEpisode
-	// evicts is set once a master was found to evict keys when full (see
-	// Manager.checkEviction).
+	// evicts says whether a master evicts keys when full, as the masters
+	// last answered (see Manager.checkEviction).
 	evicts atomic.Bool
 }
 

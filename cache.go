@@ -416,6 +416,16 @@ func (m *Manager) redisStats(st *Stats) {
 	}
 }
 
+// evictionRecheck is how often a Manager reads its Redis's eviction
+// policy again once it has read it. A managed Redis's maxmemory and policy
+// change while it runs (CONFIG SET, a parameter group applied live, a
+// failover to a replica configured otherwise), and Stats().RedisEvicts,
+// which alerts are built on, must follow the change both ways, not keep
+// what New found until a restart. One INFO memory per master a minute is
+// nothing to Redis, and a minute is short next to the hours a
+// misconfiguration lasts.
+const evictionRecheck = time.Minute
+
 // checkEviction warns when the pool's Redis drops keys when full. Every
 // key the pool writes expires, so under a volatile-* policy (volatile-lru
 // is the default of ElastiCache, Azure Cache for Redis and Memorystore) as
@@ -426,12 +436,18 @@ func (m *Manager) redisStats(st *Stats) {
 // nothing, whatever its policy.
 //
 // New starts it. It reads INFO memory from each master, outside the
-// breaker and its turns, and warns once for each master that evicts. A
-// Redis that does not answer (down when New ran) is asked again every
-// interval until it does or the Manager closes; one that answers INFO with
-// an error (an ACL, a proxy, miniredis) is only logged at Debug.
-func (m *Manager) checkEviction(interval time.Duration) {
-	var warned sync.Map // node → true; ForEachMaster and ForEachShard call check concurrently
+// breaker and its turns, every recheck for as long as the Manager runs:
+// a master that starts evicting is logged at Warn, one that stops at
+// Info, and Stats().RedisEvicts says whether any master that answered
+// last evicts. A Redis that does not answer (down when New ran) is asked
+// again every interval until it does; one that answers INFO with an error
+// (an ACL, a proxy, miniredis) is only logged at Debug, and not asked
+// again.
+func (m *Manager) checkEviction(interval, recheck time.Duration) {
+	var (
+		mu       sync.Mutex                // ForEachMaster and ForEachShard call check concurrently
+		answered map[string]evictionPolicy // node → its policy, this round
+	)
 	check := func(ctx context.Context, c redis.Cmdable) error {
 		info, err := c.InfoMap(ctx, "memory").Result()
 		if err != nil {
@@ -441,21 +457,16 @@ func (m *Manager) checkEviction(interval time.Duration) {
 		if c, ok := c.(*redis.Client); ok {
 			node = c.Options().Addr
 		}
-		policy, maxmemory := info["Memory"]["maxmemory_policy"], info["Memory"]["maxmemory"]
-		if policy != "" && policy != "noeviction" && maxmemory != "" && maxmemory != "0" {
-			if _, was := warned.LoadOrStore(node, true); was {
-				return nil
-			}
-			m.store.evicts.Store(true)
-			m.log.LogAttrs(ctx, slogWarn, "sandboxpool: Redis evicts keys when full: a create lock or record it drops lets a second sandbox be made for a pair; set maxmemory-policy noeviction",
-				slog.String("maxmemory_policy", policy), slog.String("maxmemory", maxmemory), slog.String("node", node))
-		}
+		mu.Lock()
+		answered[node] = evictionPolicy{policy: info["Memory"]["maxmemory_policy"], maxmemory: info["Memory"]["maxmemory"]}
+		mu.Unlock()
 		return nil
 	}
 	forEach := func(ctx context.Context, c *redis.Client) error { return check(ctx, c) }
-	t := time.NewTicker(interval)
-	defer t.Stop()
+	known := map[string]evictionPolicy{} // each master's policy, as it last answered
+	wait := interval
 	for {
+		answered = map[string]evictionPolicy{}
 		ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
 		var err error
 		switch rdb := m.store.rdb.(type) {
@@ -470,16 +481,56 @@ func (m *Manager) checkEviction(interval time.Duration) {
 		var reply redis.Error
 		if errors.As(err, &reply) {
 			m.log.LogAttrs(m.baseCtx, slog.LevelDebug, "sandboxpool: cannot read Redis's eviction policy", attrErr(err))
-		}
-		if err == nil || reply != nil {
 			return
+		}
+		m.evictionChanged(known, answered, err == nil) // the calls of check have all returned
+		if err == nil {
+			wait = recheck
 		}
 		select {
 		case <-m.done:
 			return
-		case <-t.C:
+		case <-time.After(wait):
 		}
 	}
+}
+
+// evictionPolicy is what a master said of its eviction: its
+// maxmemory_policy and maxmemory, as INFO memory gives them.
+type evictionPolicy struct{ policy, maxmemory string }
+
+// evicts reports whether a master so configured drops keys when full.
+func (p evictionPolicy) evicts() bool {
+	return p.policy != "" && p.policy != "noeviction" && p.maxmemory != "" && p.maxmemory != "0"
+}
+
+// evictionChanged logs each master whose eviction changed between known
+// and answered (a Warn when it starts, an Info when it stops), records
+// the answers in known, and sets store.evicts. A master that did not
+// answer keeps what it said last; after a round every master answered
+// (all), the masters that are gone are dropped.
+func (m *Manager) evictionChanged(known, answered map[string]evictionPolicy, all bool) {
+	for node, p := range answered {
+		was, ok := known[node]
+		known[node] = p
+		level, msg := slogWarn, "sandboxpool: Redis evicts keys when full: a create lock or record it drops lets a second sandbox be made for a pair; set maxmemory-policy noeviction"
+		switch {
+		case p.evicts() == (ok && was.evicts()):
+			continue // no change
+		case !p.evicts():
+			level, msg = slog.LevelInfo, "sandboxpool: Redis no longer evicts keys"
+		}
+		m.log.LogAttrs(m.baseCtx, level, msg, slog.String("maxmemory_policy", p.policy), slog.String("maxmemory", p.maxmemory), slog.String("node", node))
+	}
+	evicts := false
+	for node, p := range known {
+		if _, ok := answered[node]; all && !ok {
+			delete(known, node)
+			continue
+		}
+		evicts = evicts || p.evicts()
+	}
+	m.store.evicts.Store(evicts)
 }
 
 // EnvRedisURL names the Redis to share, as redis://[user:password@]host:port/db

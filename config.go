@@ -96,8 +96,9 @@ type Config struct {
 	// circuit breaker while Redis is well. Its maxmemory-policy should be
 	// noeviction: every key the pool writes expires, so a full Redis under
 	// any other (volatile-lru is the managed services' default) drops
-	// create locks and records, and lets duplicates through; New starts a
-	// check that warns of it in the log and sets Stats().RedisEvicts.
+	// create locks and records, and lets duplicates through; the Manager
+	// reads the policy from New on, and every minute after, warns when a
+	// master evicts and sets Stats().RedisEvicts.
 	// default: nil, a single-process, memory-only pool.
 	Redis redis.UniversalClient
 
@@ -227,6 +228,9 @@ type Config struct {
 	// breakerCooldown, probeInterval and removalPingAfter shorten Redis
 	// recovery in tests.
 	breakerCooldown, probeInterval, removalPingAfter time.Duration
+	// evictionRecheck shortens how often Redis's eviction policy is read
+	// again in tests.
+	evictionRecheck time.Duration
 	// workerIdle shortens a background worker's idle wait in tests.
 	workerIdle time.Duration
 	// checkTimeout shortens the bound on a liveness probe in tests.
@@ -271,6 +275,7 @@ func (c Config) withDefaults() Config {
 	setDefault(&c.breakerCooldown, breakerCooldown)
 	setDefault(&c.probeInterval, redisProbeInterval)
 	setDefault(&c.removalPingAfter, removalPingAfter)
+	setDefault(&c.evictionRecheck, evictionRecheck)
 	setDefault(&c.workerIdle, workerIdle)
 	setDefault(&c.checkTimeout, checkTimeout)
 	return c

@@ -77,6 +77,10 @@ func FastRedisRecovery(cfg *Config, d time.Duration) {
 // Redis did not answer, so a long interval leaves both to Close.
 func SlowRedisProbe(cfg *Config, every time.Duration) { cfg.probeInterval = every }
 
+// EvictionRecheck sets how often the Manager reads Redis's eviction policy
+// again.
+func EvictionRecheck(cfg *Config, every time.Duration) { cfg.evictionRecheck = every }
+
 // EffectiveConfig returns the Config a Manager runs with: defaults filled,
 // durations capped.
 func EffectiveConfig(m *Manager) Config { return m.cfg }

@@ -133,7 +133,7 @@ func New(cfg Config) (*Manager, error) {
 		m.store = newStore(cfg, m.log, &m.ctr.redisErrors)
 		m.goBackground(func() { m.probeLoop(cfg.probeInterval) })
 		m.goBackground(m.removalLoop)
-		m.goBackground(func() { m.checkEviction(cfg.probeInterval) })
+		m.goBackground(func() { m.checkEviction(cfg.probeInterval, cfg.evictionRecheck) })
 	}
 	return m, nil
 }

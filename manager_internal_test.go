@@ -1,6 +1,7 @@
 package sandboxpool
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -678,4 +679,36 @@ func TestWritesRefusedEpisode(t *testing.T) {
 	st.writesAccepted()
 	long, _ = st.writesRefused()
 	assert.False(t, long, "a write taken ends the episode")
+}
+
+// A master that does not answer a recheck keeps what it said last, so a
+// Redis Cluster one of whose masters evicts is not reported mended while
+// that master is down; once every master answered, those that left the
+// cluster are forgotten, so one that evicted does not hold RedisEvicts
+// set for ever.
+func TestEvictionStateOfMastersThatDidNotAnswer(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr(), MaxRetries: -1})
+	t.Cleanup(func() { _ = rdb.Close() })
+	var logs bytes.Buffer
+	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, probeInterval: time.Hour, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	require.NoError(t, err)
+	require.NoError(t, m.Close(context.Background())) // its own check, refused by miniredis, is over
+	evicting := evictionPolicy{policy: "allkeys-lru", maxmemory: "1000"}
+	mended := evictionPolicy{policy: "noeviction", maxmemory: "1000"}
+
+	known := map[string]evictionPolicy{}
+	m.evictionChanged(known, map[string]evictionPolicy{"a": evicting, "b": evicting}, true)
+	assert.True(t, m.store.evicts.Load())
+	assert.Equal(t, 2, strings.Count(logs.String(), "Redis evicts keys when full"), "one per master")
+
+	m.evictionChanged(known, map[string]evictionPolicy{"a": mended}, false) // b did not answer
+	assert.True(t, m.store.evicts.Load(), "b, unanswered, still evicts as far as is known")
+	assert.Equal(t, 1, strings.Count(logs.String(), `level=INFO msg="sandboxpool: Redis no longer evicts keys" maxmemory_policy=noeviction maxmemory=1000 node=a`))
+
+	m.evictionChanged(known, map[string]evictionPolicy{"a": mended}, true) // b left the cluster
+	assert.False(t, m.store.evicts.Load())
+	assert.Equal(t, map[string]evictionPolicy{"a": mended}, known)
+	assert.Equal(t, 2, strings.Count(logs.String(), "Redis evicts keys when full"))
+	assert.Equal(t, 1, strings.Count(logs.String(), "Redis no longer evicts keys"), "a master gone is no mend")
 }

@@ -481,6 +481,47 @@ func TestRealRedisThatEvictsIsWarnedOf(t *testing.T) {
 	assert.Len(t, slices.Compact(slices.Sorted(slices.Values(got))), 3, "three masters, not one three times")
 }
 
+// A Redis whose eviction policy changes while the Manager runs is read
+// again (every minute; here every 20 ms): the change is logged once each
+// way, and Stats().RedisEvicts follows it, so that an alert on it clears
+// when the policy is mended. Before, the policy was read once, from New
+// on: a Redis set to evict after the service started was never flagged,
+// and one mended after went on being.
+func TestRealRedisEvictionPolicyChangedLiveIsFollowed(t *testing.T) {
+	ctx := context.Background()
+	srv := redistest.Start(t, "--maxmemory", "64mb", "--maxmemory-policy", "noeviction")
+	admin := srv.Client(t)
+	var logs syncBuffer
+	m := instances(t, 1, fp.New(), func() redis.UniversalClient { return srv.Client(t) }, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+		sandboxpool.EvictionRecheck(cfg, 20*time.Millisecond)
+	})[0]
+	count := func(msg string) int { return strings.Count(logs.String(), `msg="sandboxpool: `+msg) }
+	policy := func(p string) { require.NoError(t, admin.ConfigSet(ctx, "maxmemory-policy", p).Err()) }
+	settled := func() { time.Sleep(200 * time.Millisecond) } // ten rechecks
+
+	settled()
+	assert.False(t, m.Stats().RedisEvicts)
+	policy("volatile-lru")
+	require.Eventually(t, func() bool { return m.Stats().RedisEvicts }, 5*time.Second, 10*time.Millisecond, "the new policy was never read")
+	settled()
+	assert.Equal(t, 1, count("Redis evicts keys when full"), "once, not at every recheck")
+	assert.True(t, m.Stats().RedisEvicts)
+
+	policy("noeviction")
+	require.Eventually(t, func() bool { return !m.Stats().RedisEvicts }, 5*time.Second, 10*time.Millisecond, "the mend was never read")
+	settled()
+	assert.Equal(t, 1, count("Redis no longer evicts keys"))
+	assert.Contains(t, logs.String(), `level=INFO msg="sandboxpool: Redis no longer evicts keys" maxmemory_policy=noeviction maxmemory=67108864 node=`+srv.Addr)
+
+	policy("allkeys-lru")
+	require.Eventually(t, func() bool { return m.Stats().RedisEvicts }, 5*time.Second, 10*time.Millisecond)
+	assert.Eventually(t, func() bool { return count("Redis evicts keys when full") == 2 }, 5*time.Second, 10*time.Millisecond, "evicting again is news again")
+	require.NoError(t, m.Close(ctx))
+	assert.Equal(t, 2, count("Redis evicts keys when full"))
+	assert.Equal(t, 1, count("Redis no longer evicts keys"))
+}
+
 // outOfMemory fills srv (started with a maxmemory and noeviction) until it
 // refuses writes, then lowers its maxmemory well below what it holds, so
 // that it refuses every write, and returns a client for it.

@@ -42,11 +42,12 @@ type Stats struct {
 	Leased        int64 // leases held on sandboxes in the pool
 	KeyLocks      int64 // per-pair lock entries (in-flight acquires) in memory
 	RedisDegraded bool  // the Redis circuit breaker is open
-	// RedisEvicts is set once a master of the pool's Redis was found to
-	// evict keys when full (a maxmemory, and a policy other than
-	// noeviction): the create locks and records it drops let duplicates
-	// through (see Config.Redis). New starts the check; false until it
-	// has read the policy.
+	// RedisEvicts says whether a master of the pool's Redis evicts keys
+	// when full (a maxmemory, and a policy other than noeviction): the
+	// create locks and records it drops let duplicates through (see
+	// Config.Redis). The Manager reads each master's policy from New on,
+	// and again every minute, so it follows a policy changed live, both
+	// ways; false until a master has answered.
 	RedisEvicts bool
 	// UnannouncedRemovals are removals whose Redis calls got no answer,
 	// kept until Redis answers again (see Manager.Remove).

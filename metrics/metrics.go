@@ -116,7 +116,7 @@ func (x *Metrics) descs() []stat {
 			}
 			return 0
 		}),
-		gauge("redis_evicts", "1 once a master of the pool's Redis was found to evict keys when full, which lets duplicates through: set maxmemory-policy noeviction.", func(s sandboxpool.Stats) float64 {
+		gauge("redis_evicts", "1 while a master of the pool's Redis evicts keys when full (read every minute), which lets duplicates through: set maxmemory-policy noeviction.", func(s sandboxpool.Stats) float64 {
 			if s.RedisEvicts {
 				return 1
 			}
