@@ -2089,3 +2089,95 @@ func TestRedisFailuresBeforeTheBreakerOpensWarnOnce(t *testing.T) {
 	m.ReapNow()
 	assert.Equal(t, 2, failed(), "a failure after a success is news")
 }
+
+// requestKey is a context key a caller's request carries (a trace span, a
+// request id).
+type requestKey struct{}
+
+// valueHook records the requestKey value of each Redis call whose
+// arguments name key.
+type valueHook struct {
+	key  string
+	mu   sync.Mutex
+	seen []any
+}
+
+func (h *valueHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *valueHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (h *valueHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if slices.ContainsFunc(cmd.Args(), func(a any) bool { s, ok := a.(string); return ok && strings.Contains(s, h.key) }) {
+			h.mu.Lock()
+			h.seen = append(h.seen, ctx.Value(requestKey{}))
+			h.mu.Unlock()
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// valueProvider records the requestKey value of each Create and Connect.
+type valueProvider struct {
+	*fp.Provider
+	mu   sync.Mutex
+	seen []any
+}
+
+func (p *valueProvider) record(ctx context.Context) {
+	p.mu.Lock()
+	p.seen = append(p.seen, ctx.Value(requestKey{}))
+	p.mu.Unlock()
+}
+
+func (p *valueProvider) Create(ctx context.Context, req sandboxpool.CreateRequest) (sandboxpool.Sandbox, error) {
+	p.record(ctx)
+	return p.Provider.Create(ctx, req)
+}
+
+func (p *valueProvider) Connect(ctx context.Context, id string, timeout time.Duration) (sandboxpool.Sandbox, error) {
+	p.record(ctx)
+	return p.Provider.Connect(ctx, id, timeout)
+}
+
+// A fill runs with the values of the ctx of the Acquire that started it,
+// so that a tracer or a log handler sees its Redis and provider calls as
+// that request's work, as puddle hands its constructor the acquiring
+// context's values; its cancellation stays its own: the caller leaving
+// does not cut the create. Before, the fill ran on the Manager's context
+// alone, and its calls belonged to no request.
+func TestFillCarriesTheCallersValuesNotItsCancellation(t *testing.T) {
+	c := newMiniCluster(t)
+	p := &valueProvider{Provider: c.p}
+	hook := &valueHook{key: "{u:p}"}
+	a := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = p; cfg.Redis = c.client(t, hook) })
+
+	c.p.SetLatency(fp.OpCreate, 200*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.WithValue(context.Background(), requestKey{}, "request 1"), 50*time.Millisecond)
+	defer cancel()
+	_, err := a.Acquire(ctx, "u", "p")
+	require.ErrorIs(t, err, context.DeadlineExceeded, "the caller left during the create")
+	c.p.SetLatency(fp.OpCreate, 0)
+	l, err := a.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	l.Release()
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate), "the create went on without its caller, and was kept")
+	assert.Equal(t, []any{"request 1"}, p.seen)
+	hook.mu.Lock()
+	assert.NotEmpty(t, hook.seen)
+	for _, v := range hook.seen {
+		assert.Equal(t, "request 1", v, "every Redis call of the fill carries the request's values: %v", hook.seen)
+	}
+	hook.mu.Unlock()
+
+	// Another instance's warm path: the record found, the sandbox connected
+	// to, with the request's values.
+	p2 := &valueProvider{Provider: c.p}
+	b := c.instance(t, func(cfg *sandboxpool.Config) { cfg.Provider = p2 })
+	l, err = b.Acquire(context.WithValue(context.Background(), requestKey{}, "request 2"), "u", "p")
+	require.NoError(t, err)
+	l.Release()
+	assert.Equal(t, sandboxpool.OutcomeCacheHit, l.Outcome())
+	assert.Equal(t, []any{"request 2"}, p2.seen)
+}

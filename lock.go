@@ -38,7 +38,7 @@ func (m *Manager) obtainLock(ctx context.Context, k pairKey, token string) (*pai
 		case l != nil:
 			pl := &pairLock{lock: l, stop: make(chan struct{})}
 			pl.wg.Add(1)
-			go pl.refresh(m, m.cfg.LockTTL)
+			go pl.refresh(ctx, m, m.cfg.LockTTL)
 			return pl, nil
 		case !pause(ctx, lockRetry):
 			return nil, fmt.Errorf("waiting for the create lock of %s/%s: %w", k.user, k.project, context.Cause(ctx))
@@ -64,15 +64,16 @@ func (m *Manager) tryLock(ctx context.Context, k pairKey, token string) (l *redi
 	return l, err
 }
 
-// unlock releases l, under its own RedisTimeout: the caller's ctx may have
-// ended. Its turn may wait up to LockTTL, when l expires anyway. A lock
-// that expired meanwhile (ErrLockNotHeld) needs nothing. When Close has
-// cut the create short (the Manager's context is cancelled, and Close
-// waits for the create to return), l is still released (see outlive), so
-// the other instances need not wait out LockTTL for a create that ended;
-// its turn then waits RedisTimeout at most.
-func (m *Manager) unlock(l *redislock.Lock) {
-	ttl, cancel := context.WithTimeout(m.baseCtx, m.cfg.LockTTL)
+// unlock releases l, under its own RedisTimeout, with ctx's values only:
+// the caller's ctx may have ended. Its turn may wait up to LockTTL, when
+// l expires anyway. A lock that expired meanwhile (ErrLockNotHeld) needs
+// nothing. When Close has cut the create short (the Manager's context is
+// cancelled, and Close waits for the create to return), l is still
+// released (see outlive), so the other instances need not wait out
+// LockTTL for a create that ended; its turn then waits RedisTimeout at
+// most.
+func (m *Manager) unlock(ctx context.Context, l *redislock.Lock) {
+	ttl, cancel := m.detached(ctx, m.cfg.LockTTL)
 	defer cancel()
 	ctx, cancelOutlive := m.outlive(ttl)
 	defer cancelOutlive()
@@ -90,7 +91,7 @@ func (m *Manager) publishIfLockFree(ctx context.Context, s *slot, token string) 
 	if err != nil || l == nil {
 		return false // held: someone else is creating
 	}
-	defer m.unlock(l)
+	defer m.unlock(ctx, l)
 	ok, err := m.store.publish(ctx, s, l.Token())
 	return err == nil && ok
 }
@@ -107,7 +108,9 @@ func pause(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
+// refresh extends the lock every ttl/3 until released, each call with
+// ctx's values (the create's) but not its cancellation.
+func (pl *pairLock) refresh(ctx context.Context, m *Manager, ttl time.Duration) {
 	defer pl.wg.Done()
 	t := time.NewTicker(ttl / 3)
 	defer t.Stop()
@@ -117,8 +120,8 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 			return
 		case <-t.C:
 			// The turn may wait until the next refresh is due.
-			ctx, cancel := context.WithTimeout(m.baseCtx, ttl/3)
-			err := m.store.bounded(ctx, func(call context.Context) error { return pl.lock.Refresh(call, ttl, nil) })
+			tick, cancel := m.detached(ctx, ttl/3)
+			err := m.store.bounded(tick, func(call context.Context) error { return pl.lock.Refresh(call, ttl, nil) })
 			cancel()
 			switch {
 			case endedHere(err):
@@ -138,9 +141,10 @@ func (pl *pairLock) refresh(m *Manager, ttl time.Duration) {
 	}
 }
 
-// release stops refreshing and releases the lock (if still ours).
-func (m *Manager) releaseLock(pl *pairLock) {
+// releaseLock stops refreshing and releases the lock (if still ours),
+// with ctx's values.
+func (m *Manager) releaseLock(ctx context.Context, pl *pairLock) {
 	close(pl.stop)
 	pl.wg.Wait()
-	m.unlock(pl.lock) // ErrLockNotHeld: it expired, publish already knew
+	m.unlock(ctx, pl.lock) // ErrLockNotHeld: it expired, publish already knew
 }

@@ -188,7 +188,9 @@ func (m *Manager) worker(fn func()) {
 // at most one create. If ctx ends first, Acquire returns its error, but a
 // create already started finishes and is kept for the next Acquire. If ctx
 // has already ended, Acquire returns its error and starts nothing, even
-// for a pooled pair, as database/sql and pgxpool do.
+// for a pooled pair, as database/sql and pgxpool do. The work an Acquire
+// starts (a create, or a reconnect) carries ctx's values, for tracing and
+// logs, but not its cancellation or deadline (CreateTimeout bounds it).
 func (m *Manager) Acquire(ctx context.Context, user, project string) (l *Lease, err error) {
 	// This wrapper is kept small enough to be inlined into the caller, so
 	// the Lease is allocated in the caller's frame: it stays on the stack,
@@ -302,7 +304,7 @@ func endedErr(ctx context.Context, op string) error {
 func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*slot, Outcome, error) {
 	for attempt := 0; ; attempt++ {
 		f, started := m.pool.join(sh, k)
-		if started && !m.goBackground(func() { m.runFill(sh, f.key, f) }) {
+		if started && !m.goBackground(func() { m.runFill(ctx, sh, f.key, f) }) {
 			m.pool.finish(sh, k, f, nil, OutcomeError, ErrClosed)
 		}
 		select {
@@ -328,12 +330,33 @@ func (m *Manager) acquireSlow(ctx context.Context, k pairKey, sh *shard) (*slot,
 }
 
 // runFill runs a fill with its own deadline, detached from every caller, and
-// publishes the result to the flight's waiters.
-func (m *Manager) runFill(sh *shard, k pairKey, f *flight) {
-	ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.CreateTimeout)
+// publishes the result to the flight's waiters. The fill carries the
+// values of the ctx of the Acquire that started it (a trace span, a
+// request id a log handler reads), so that its Redis and provider calls,
+// and its log lines, belong to that request, as puddle hands its
+// constructor the acquiring context's values; its cancellation and
+// deadline are the Manager's and CreateTimeout, never that caller's.
+func (m *Manager) runFill(values context.Context, sh *shard, k pairKey, f *flight) {
+	ctx, cancel := m.detached(values, m.cfg.CreateTimeout)
 	defer cancel()
 	s, o, err := m.fill(ctx, sh, k)
 	m.pool.finish(sh, k, f, s, o, m.closedErr(err))
+}
+
+// detached returns a context for work done for a caller but not bounded
+// by it: it carries values's values, ends d from now, and is cancelled
+// by Close (the Manager's context), never by values's cancellation. Once
+// Close has cut work short it is returned cancelled, as a child of the
+// Manager's context would be (AfterFunc would cancel it a moment later,
+// on a goroutine of its own, and outlive must see it ended).
+func (m *Manager) detached(values context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(values), d)
+	if m.baseCtx.Err() != nil {
+		cancel()
+		return ctx, cancel
+	}
+	stop := context.AfterFunc(m.baseCtx, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // closedErr is err of work that Close cut short (it gave up waiting and
@@ -576,7 +599,7 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, tok
 		}
 		return nil, pairErr("create", k, err)
 	}
-	defer m.releaseLock(lock)
+	defer m.releaseLock(ctx, lock)
 	if s, err := m.fromCache(ctx, sh, k); s != nil || err != nil {
 		return s, err // published by another instance while we waited
 	}
@@ -912,7 +935,7 @@ func (m *Manager) remove(ctx context.Context, user, project string) error {
 	if lock, err := m.lockForRemoval(ctx, k); err != nil {
 		return err
 	} else if lock != nil {
-		defer m.releaseLock(lock)
+		defer m.releaseLock(ctx, lock)
 	}
 	var errs []error
 	var removed []string // the pair's sandboxes killed (or found already gone)
