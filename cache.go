@@ -469,11 +469,13 @@ func (m *Manager) checkEviction(interval, recheck time.Duration) {
 		answered = map[string]evictionPolicy{}
 		ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
 		var err error
+		canForget := true // an answer from every node asked is one from every node
 		switch rdb := m.store.rdb.(type) {
 		case *redis.ClusterClient:
 			err = rdb.ForEachMaster(ctx, forEach)
 		case *redis.Ring:
 			err = rdb.ForEachShard(ctx, forEach)
+			canForget = false // ForEachShard skips the shards it holds down
 		default:
 			err = check(ctx, rdb)
 		}
@@ -483,7 +485,7 @@ func (m *Manager) checkEviction(interval, recheck time.Duration) {
 			m.log.LogAttrs(m.baseCtx, slog.LevelDebug, "sandboxpool: cannot read Redis's eviction policy", attrErr(err))
 			return
 		}
-		m.evictionChanged(known, answered, err == nil) // the calls of check have all returned
+		m.evictionChanged(known, answered, err == nil && canForget) // the calls of check have all returned
 		if err == nil {
 			wait = recheck
 		}
@@ -508,7 +510,9 @@ func (p evictionPolicy) evicts() bool {
 // and answered (a Warn when it starts, an Info when it stops), records
 // the answers in known, and sets store.evicts. A master that did not
 // answer keeps what it said last; after a round every master answered
-// (all), the masters that are gone are dropped.
+// (all), the masters that are gone are dropped. A Ring never says all:
+// ForEachShard does not ask the shards it holds down, and a shard that
+// evicts would be warned of again each time it came back.
 func (m *Manager) evictionChanged(known, answered map[string]evictionPolicy, all bool) {
 	for node, p := range answered {
 		was, ok := known[node]

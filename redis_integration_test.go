@@ -522,6 +522,42 @@ func TestRealRedisEvictionPolicyChangedLiveIsFollowed(t *testing.T) {
 	assert.Equal(t, 1, count("Redis no longer evicts keys"))
 }
 
+// A Ring's shard that evicts is warned of once, not again each time it
+// comes back from being down: ForEachShard does not ask a shard the Ring
+// holds down, and the check must not take its silence for the shard
+// having left.
+func TestRealRedisRingShardBackFromDownIsNotWarnedOfAgain(t *testing.T) {
+	evicting := redistest.Start(t, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+	other := redistest.Start(t)
+	ring := redis.NewRing(&redis.RingOptions{ContextTimeoutEnabled: true, HeartbeatFrequency: 20 * time.Millisecond,
+		Addrs: map[string]string{"a": evicting.Addr, "b": other.Addr}})
+	t.Cleanup(func() { _ = ring.Close() })
+	var logs syncBuffer
+	m := instances(t, 1, fp.New(), func() redis.UniversalClient { return ring }, func(cfg *sandboxpool.Config) {
+		cfg.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelInfo}))
+		sandboxpool.EvictionRecheck(cfg, 20*time.Millisecond)
+	})[0]
+	warned := func() int { return strings.Count(logs.String(), "Redis evicts keys when full") }
+	require.Eventually(t, func() bool { return warned() == 1 }, 5*time.Second, 10*time.Millisecond)
+	shardsUp := func() int64 { // the shards ForEachShard asks: those the Ring does not hold down
+		var n atomic.Int64
+		_ = ring.ForEachShard(context.Background(), func(context.Context, *redis.Client) error { n.Add(1); return nil })
+		return n.Load()
+	}
+
+	evicting.Stop()
+	require.Eventually(t, func() bool { return shardsUp() == 1 }, 5*time.Second, 10*time.Millisecond, "the Ring never held the shard down")
+	time.Sleep(200 * time.Millisecond) // rechecks, the shard down
+	assert.True(t, m.Stats().RedisEvicts, "a shard down is not a shard mended")
+	evicting.Start()
+	require.Eventually(t, func() bool { return shardsUp() == 2 }, 5*time.Second, 10*time.Millisecond, "the Ring never took the shard back")
+	time.Sleep(200 * time.Millisecond) // rechecks, the shard back
+	require.NoError(t, m.Close(context.Background()))
+	assert.Equal(t, 1, warned(), "warned of again when it came back")
+	assert.NotContains(t, logs.String(), "no longer evicts")
+	assert.True(t, m.Stats().RedisEvicts)
+}
+
 // outOfMemory fills srv (started with a maxmemory and noeviction) until it
 // refuses writes, then lowers its maxmemory well below what it holds, so
 // that it refuses every write, and returns a client for it.
