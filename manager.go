@@ -345,18 +345,31 @@ func (m *Manager) runFill(values context.Context, sh *shard, k pairKey, f *fligh
 
 // detached returns a context for work done for a caller but not bounded
 // by it: it carries values's values, ends d from now, and is cancelled
-// by Close (the Manager's context), never by values's cancellation. Once
-// Close has cut work short it is returned cancelled, as a child of the
-// Manager's context would be (AfterFunc would cancel it a moment later,
-// on a goroutine of its own, and outlive must see it ended).
+// by Close (it derives from the Manager's context), never by values's
+// cancellation.
 func (m *Manager) detached(values context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(values), d)
-	if m.baseCtx.Err() != nil {
-		cancel()
-		return ctx, cancel
+	ctx, cancel := context.WithTimeout(m.baseCtx, d)
+	return valuesOf{ctx, values}, cancel
+}
+
+// valuesOf is a context with the deadline, cancellation and cause of its
+// Context and the values of values, as puddle's valueCancelCtx. Value asks
+// the Context first: it derives from the Manager's context, which holds no
+// values, so it answers only the context package's own key for its
+// cancellation, with which contexts derived from a valuesOf (one per
+// Redis call) join the Context's cancellation directly; asked of values
+// first, that key would find values's own, and each would wait on a
+// goroutine of its own.
+type valuesOf struct {
+	context.Context
+	values context.Context
+}
+
+func (c valuesOf) Value(key any) any {
+	if v := c.Context.Value(key); v != nil {
+		return v
 	}
-	stop := context.AfterFunc(m.baseCtx, cancel)
-	return ctx, func() { stop(); cancel() }
+	return c.values.Value(key)
 }
 
 // closedErr is err of work that Close cut short (it gave up waiting and

@@ -712,3 +712,43 @@ func TestEvictionStateOfMastersThatDidNotAnswer(t *testing.T) {
 	assert.Equal(t, 2, strings.Count(logs.String(), "Redis evicts keys when full"))
 	assert.Equal(t, 1, strings.Count(logs.String(), "Redis no longer evicts keys"), "a master gone is no mend")
 }
+
+// A detached context carries its caller's values, not its cancellation;
+// Close cancels it, with the cause readable from what derives from it; and
+// the contexts derived from it (one per Redis call of a fill) join its
+// cancellation without a goroutine each, as they would if Value asked the
+// caller's context first.
+func TestDetachedContext(t *testing.T) {
+	type key struct{}
+	m, err := New(Config{Provider: stubProvider{}, manualReap: true})
+	require.NoError(t, err)
+	caller, leave := context.WithCancel(context.WithValue(context.Background(), key{}, "request"))
+	ctx, cancel := m.detached(caller, time.Hour)
+	defer cancel()
+	leave()
+	require.NoError(t, ctx.Err(), "the caller leaving cut the work")
+	assert.Equal(t, "request", ctx.Value(key{}))
+	deadline, ok := ctx.Deadline()
+	assert.True(t, ok)
+	assert.WithinDuration(t, time.Now().Add(time.Hour), deadline, time.Minute)
+
+	before := runtime.NumGoroutine()
+	var children []context.Context
+	for range 100 {
+		child, cancel := context.WithTimeout(ctx, time.Hour)
+		defer cancel()
+		children = append(children, child)
+	}
+	assert.Less(t, runtime.NumGoroutine()-before, 10, "a goroutine per derived context")
+
+	require.NoError(t, m.Close(context.Background()))
+	m.cancel() // as Close does when its ctx runs out
+	for _, child := range children {
+		<-child.Done()
+		assert.ErrorIs(t, context.Cause(child), context.Canceled)
+		assert.Equal(t, "request", child.Value(key{}))
+	}
+	closed, cancel2 := m.detached(caller, time.Hour)
+	defer cancel2()
+	assert.Error(t, closed.Err(), "work detached after Close cut the rest is cut at once")
+}
