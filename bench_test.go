@@ -466,9 +466,11 @@ type refWorker chan func()
 // once per connection, not a call's. A benchmark run opens a fresh client,
 // so counting it added one or two round trips per run, 5.001 per cold
 // create instead of 5 in a run of 2,500 creates.
-type countingHook struct{ n, ns *atomic.Int64 }
+type countingHook struct {
+	passHook
+	n, ns *atomic.Int64
+}
 
-func (countingHook) DialHook(next redis.DialHook) redis.DialHook { return next }
 func (h countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
 		if handshake(cmd) {

@@ -1696,6 +1696,7 @@ func TestRedisTimeoutBoundsCallsToAStalledRedis(t *testing.T) {
 // name key: fate gets them in order, numbered from 1 (a script's NOSCRIPT
 // round, which go-redis follows with the script itself, is not counted).
 type faultHook struct {
+	passHook
 	key  string
 	mu   sync.Mutex
 	seen int
@@ -1712,11 +1713,6 @@ const (
 )
 
 var errInjected = errors.New("i/o timeout (injected)")
-
-func (h *faultHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *faultHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
-}
 
 func (h *faultHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 	return func(ctx context.Context, cmd redis.Cmder) error {
@@ -1900,12 +1896,11 @@ func TestRedisLostLockWithAFailedReadKillsNothing(t *testing.T) {
 // failPipelines fails a client's pipelines of HGETs while on, as a Redis
 // that fails one read among answered calls would. (go-redis sends a new
 // connection's handshake as a pipeline too: that one passes.)
-type failPipelines struct{ on atomic.Bool }
-
-func (h *failPipelines) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *failPipelines) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
-	return next
+type failPipelines struct {
+	passHook
+	on atomic.Bool
 }
+
 func (h *failPipelines) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
 	return func(ctx context.Context, cmds []redis.Cmder) error {
 		if h.on.Load() && cmds[0].Name() == "hget" {
@@ -2097,14 +2092,10 @@ type requestKey struct{}
 // valueHook records the requestKey value of each Redis call whose
 // arguments name key.
 type valueHook struct {
+	passHook
 	key  string
 	mu   sync.Mutex
 	seen []any
-}
-
-func (h *valueHook) DialHook(next redis.DialHook) redis.DialHook { return next }
-func (h *valueHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 func (h *valueHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {

@@ -140,3 +140,13 @@ func (p *endedKills) Kill(ctx context.Context, id string) error {
 	defer p.n.Add(1)
 	return p.Provider.Kill(ctx, id)
 }
+
+// passHook is a go-redis hook that passes every call through: the test
+// hooks embed it and replace what they watch.
+type passHook struct{}
+
+func (passHook) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (passHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (passHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
