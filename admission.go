@@ -151,9 +151,12 @@ func (a *admission) release(k pairKey) {
 // than the limits, at worst a refusal while a concurrent rollback runs.
 //
 // A pair's place is the pair's, shared by every instance that creates it
-// or keeps it alive, so an entry's expiry only ever moves forward (ZADD
-// GT): a second creator waiting for the pair's lock, with a shorter
+// or keeps it alive, so an entry's expiry only ever moves forward: a
+// second creator waiting for the pair's lock, with a shorter
 // CreateTimeout, does not shorten the place of the create under the lock.
+// The scripts compare scores themselves rather than use ZADD GT, which
+// needs Redis 6.2: managed Redis 6.0 (Azure Cache for Redis's "6", for
+// one) refuses it, and every create with a quota would fail there.
 // Only what ends the pair's sandbox (a failed create under the lock, a
 // sandbox forgotten, Remove) drops the place, and a rollback drops only a
 // place its own reservation added. Every keepalive writes the place again
@@ -172,7 +175,7 @@ if not had then
   local n = redis.call("zcard", KEYS[1])
   if limit > 0 and n >= limit then return -n end
 end
-redis.call("zadd", KEYS[1], "GT", ARGV[4], ARGV[2])
+if not had or tonumber(had) < tonumber(ARGV[4]) then redis.call("zadd", KEYS[1], ARGV[4], ARGV[2]) end
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
 redis.call("pexpireat", KEYS[1], top[2])
 if had then return 2 end
@@ -181,7 +184,8 @@ return 1
 	// luaBump writes a live pair's place with its expiry, moved forward
 	// only, and the set's. KEYS: set; ARGV: member, score (ms).
 	luaBump = redis.NewScript(`
-redis.call("zadd", KEYS[1], "GT", ARGV[2], ARGV[1])
+local had = redis.call("zscore", KEYS[1], ARGV[1])
+if not had or tonumber(had) < tonumber(ARGV[2]) then redis.call("zadd", KEYS[1], ARGV[2], ARGV[1]) end
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
 redis.call("pexpireat", KEYS[1], top[2])
 return 0

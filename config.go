@@ -87,7 +87,8 @@ type Config struct {
 	// Redis, when set, makes the pool safe to share between processes: it
 	// holds the pair → sandbox cache, the per-pair create lock, the idle
 	// clock, quotas and rate limits. Standalone, Sentinel and Cluster clients
-	// all work. The client must be built with ContextTimeoutEnabled: true
+	// all work, on Redis 4.0 or later: nothing the Manager sends, in its
+	// scripts or through redislock and redis_rate, is newer. The client must be built with ContextTimeoutEnabled: true
 	// (New refuses a go-redis client without it), or go-redis ignores
 	// RedisTimeout on a stalled server. Give the Manager a client of its
 	// own: it runs as many calls at once as the client pools connections,
@@ -179,15 +180,15 @@ type Config struct {
 	LockTTL time.Duration
 
 	// MaxSandboxes caps the pairs with a sandbox alive at once
-	// (cluster-wide with Redis, which must then be 6.2 or later). A pair
-	// counts once while its sandbox is replaced (past MaxAge, say), so a
-	// replacement is never refused: only a create for a pair without a
-	// sandbox is, with ErrQuotaExceeded. default: 0, unlimited.
+	// (cluster-wide with Redis). A pair counts once while its sandbox is
+	// replaced (past MaxAge, say), so a replacement is never refused: only
+	// a create for a pair without a sandbox is, with ErrQuotaExceeded.
+	// default: 0, unlimited.
 	MaxSandboxes int
 
 	// MaxPerUser caps the pairs with a sandbox of one user, counted as
-	// MaxSandboxes counts them (cluster-wide with Redis, 6.2 or later).
-	// default: 0, unlimited.
+	// MaxSandboxes counts them (cluster-wide with Redis). default: 0,
+	// unlimited.
 	MaxPerUser int
 
 	// CreateLimit limits fresh creates per user (reuse is never limited);
