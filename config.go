@@ -88,13 +88,14 @@ type Config struct {
 	// holds the pair → sandbox cache, the per-pair create lock, the idle
 	// clock, quotas and rate limits. Standalone, Sentinel and Cluster clients
 	// all work, on Redis 4.0 or later: nothing the Manager sends, in its
-	// scripts or through redislock and redis_rate, is newer. The client must be built with ContextTimeoutEnabled: true
-	// (New refuses a go-redis client without it), or go-redis ignores
-	// RedisTimeout on a stalled server. Give the Manager a client of its
-	// own: it runs as many calls at once as the client pools connections,
-	// and where the application's calls hold them, the Manager's wait for
-	// one past RedisTimeout, count as Redis failures, and can open its
-	// circuit breaker while Redis is well. Its maxmemory-policy should be
+	// scripts or through redislock and redis_rate, is newer. The client
+	// must be built with ContextTimeoutEnabled: true (New refuses a
+	// go-redis client without it), or go-redis ignores RedisTimeout on a
+	// stalled server. Give the Manager a client of its own: it runs as
+	// many calls at once as the client pools connections, and where the
+	// application's calls hold them, the Manager's wait for one past
+	// RedisTimeout, count as Redis failures, and can open its circuit
+	// breaker while Redis is well. Its maxmemory-policy should be
 	// noeviction: every key the pool writes expires, so a full Redis under
 	// any other (volatile-lru is the managed services' default) drops
 	// create locks and records, and lets duplicates through; the Manager
