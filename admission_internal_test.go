@@ -2,6 +2,7 @@ package sandboxpool
 
 import (
 	"context"
+	"fmt"
 	"go/ast"
 	"go/parser"
 	"go/token"
@@ -70,32 +71,44 @@ func TestQuotaPlacesOnlyMoveForward(t *testing.T) {
 	}
 }
 
+// redisFloor is the oldest Redis the package's scripts must run on.
+var redisFloor = redisRelease{4, 0}
+
+// redisRelease is a Redis release, major and minor.
+type redisRelease [2]int
+
+func (r redisRelease) after(o redisRelease) bool {
+	return r[0] > o[0] || r[0] == o[0] && r[1] > o[1]
+}
+
+func (r redisRelease) String() string { return fmt.Sprintf("%d.%d", r[0], r[1]) }
+
 // scriptSince is every command the package's Lua scripts call, with the
 // Redis release that brought it in the form they call it: a command not
 // listed fails TestScriptsNeedNothingNewerThanRedis4 until it is added with
-// its version, checked against the command's page at redis.io. Managed
-// Redis lags the releases (Azure Cache for Redis's "6" is 6.0), and a
-// script a server refuses fails every call that needs it.
-var scriptSince = map[string]string{
-	"del":              "1.0",
-	"get":              "1.0",
-	"hget":             "2.0",
-	"hmget":            "2.0",
-	"hset":             "4.0 (several fields)",
-	"pexpireat":        "2.6",
-	"zadd":             "1.2",
-	"zcard":            "1.2",
-	"zrange":           "1.2",
-	"zremrangebyscore": "1.2",
-	"zscore":           "1.2",
+// its release, read off the command's page at redis.io. Managed Redis lags
+// the releases (Azure Cache for Redis's "6" is 6.0), and a script a server
+// refuses fails every call that needs it.
+var scriptSince = map[string]redisRelease{
+	"del":              {1, 0},
+	"get":              {1, 0},
+	"hget":             {2, 0},
+	"hmget":            {2, 0},
+	"hset":             {4, 0}, // with several fields
+	"pexpireat":        {2, 6},
+	"zadd":             {1, 2},
+	"zcard":            {1, 2},
+	"zrange":           {1, 2},
+	"zremrangebyscore": {1, 2},
+	"zscore":           {1, 2},
 }
 
-// newerOptions are the options of those commands that came after Redis
-// 4.0, with the release that brought them.
-var newerOptions = map[string]map[string]string{
-	"zadd":      {"GT": "6.2", "LT": "6.2"},
-	"pexpireat": {"NX": "7.0", "XX": "7.0", "GT": "7.0", "LT": "7.0"},
-	"zrange":    {"BYSCORE": "6.2", "BYLEX": "6.2", "REV": "6.2", "LIMIT": "6.2"},
+// newerOptions are options of those commands that came after redisFloor,
+// with the release that brought them.
+var newerOptions = map[string]map[string]redisRelease{
+	"zadd":      {"GT": {6, 2}, "LT": {6, 2}},
+	"pexpireat": {"NX": {7, 0}, "XX": {7, 0}, "GT": {7, 0}, "LT": {7, 0}},
+	"zrange":    {"BYSCORE": {6, 2}, "BYLEX": {6, 2}, "REV": {6, 2}, "LIMIT": {6, 2}},
 }
 
 // The package's Lua scripts call nothing newer than Redis 4.0: no command
@@ -150,13 +163,17 @@ func TestScriptsNeedNothingNewerThanRedis4(t *testing.T) {
 		require.NotEmpty(t, calls, name)
 		for _, c := range calls {
 			cmd := strings.ToLower(c[1])
-			if _, ok := scriptSince[cmd]; !ok {
+			since, ok := scriptSince[cmd]
+			switch {
+			case !ok:
 				t.Errorf("%s calls %s, which scriptSince does not list: add it with the Redis release it needs", name, cmd)
 				continue
+			case since.after(redisFloor):
+				t.Errorf("%s calls %s, which needs Redis %v", name, cmd, since)
 			}
 			for _, arg := range quotedRe.FindAllStringSubmatch(c[2], -1) {
-				if since, ok := newerOptions[cmd][strings.ToUpper(arg[1])]; ok {
-					t.Errorf("%s calls %s with %s, which needs Redis %s", name, cmd, arg[1], since)
+				if since, ok := newerOptions[cmd][strings.ToUpper(arg[1])]; ok && since.after(redisFloor) {
+					t.Errorf("%s calls %s with %s, which needs Redis %v", name, cmd, arg[1], since)
 				}
 			}
 		}
