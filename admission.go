@@ -182,10 +182,11 @@ if had then return 2 end
 return 1
 `)
 	// luaBump writes a live pair's place with its expiry, moved forward
-	// only, and the set's. KEYS: set; ARGV: member, score (ms).
+	// only unless ARGV[3] is "settle", and the set's. KEYS: set; ARGV:
+	// member, score (ms), mode.
 	luaBump = redis.NewScript(`
 local had = redis.call("zscore", KEYS[1], ARGV[1])
-if not had or tonumber(had) < tonumber(ARGV[2]) then redis.call("zadd", KEYS[1], ARGV[2], ARGV[1]) end
+if ARGV[3] == "settle" or not had or tonumber(had) < tonumber(ARGV[2]) then redis.call("zadd", KEYS[1], ARGV[2], ARGV[1]) end
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
 redis.call("pexpireat", KEYS[1], top[2])
 return 0
@@ -269,6 +270,23 @@ func (st *store) unreserve(ctx context.Context, k pairKey) error {
 // refreshReservation writes the live pair's quota places with its new
 // deadline (moved forward only), in the sets whose limits are configured.
 func (m *Manager) refreshReservation(ctx context.Context, k pairKey, deadline int64) {
+	m.writePlaces(ctx, k, deadline, "forward")
+}
+
+// settleReservation writes the quota places of the pair whose sandbox this
+// instance has just made and published with the sandbox's deadline, earlier
+// or later than the place held. The place held is the create's provisional
+// one (CreateTimeout from its start), or a lock waiter's, whose create will
+// not happen now that the pair has a sandbox. Moved forward only, a
+// provisional place past the sandbox's deadline (CreateTimeout longer than
+// IdleTimeout) counted the sandbox, and kept the sets' keys, after it had
+// expired, whenever no instance was left to forget it.
+func (m *Manager) settleReservation(ctx context.Context, k pairKey, deadline int64) {
+	m.writePlaces(ctx, k, deadline, "settle")
+}
+
+// writePlaces runs luaBump in mode on each set whose limit is configured.
+func (m *Manager) writePlaces(ctx context.Context, k pairKey, deadline int64, mode string) {
 	keys, _ := m.quotaSets(k)
 	if len(keys) == 0 {
 		return
@@ -277,7 +295,7 @@ func (m *Manager) refreshReservation(ctx context.Context, k pairKey, deadline in
 		_, err := m.store.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, key := range keys {
 				// Eval, not EvalSha: a pipeline cannot fall back on NOSCRIPT.
-				luaBump.Eval(ctx, p, []string{key}, pairMember(k), nsToMs(deadline))
+				luaBump.Eval(ctx, p, []string{key}, pairMember(k), nsToMs(deadline), mode)
 			}
 			return nil
 		})

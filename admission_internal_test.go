@@ -179,3 +179,33 @@ func TestScriptsNeedNothingNewerThanRedis4(t *testing.T) {
 		}
 	}
 }
+
+// The instance that creates and publishes a pair's sandbox settles the
+// pair's quota places at the sandbox's deadline, the record's, even when
+// its provisional place (CreateTimeout from the create's start) ends
+// later. Before, places only ever moved forward, so with CreateTimeout
+// longer than IdleTimeout a place, and the sets' keys, outlived an unused
+// sandbox by the difference whenever no instance was left to forget it
+// (the soak, checking for keys left after its managers closed, found it).
+func TestCreatedSandboxSettlesItsQuotaPlace(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
+	defer rdb.Close()
+	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, MaxSandboxes: 10, MaxPerUser: 10,
+		IdleTimeout: time.Minute, CreateTimeout: 10 * time.Minute})
+	require.NoError(t, err)
+	defer m.Close(context.Background())
+	ctx, k := context.Background(), pairKey{"u", "p"}
+
+	l, err := m.Acquire(ctx, k.user, k.project)
+	require.NoError(t, err)
+	l.Release()
+	deadline, err := strconv.ParseFloat(mr.HGet(m.store.sbxKey(k), fieldDeadline), 64)
+	require.NoError(t, err)
+	for _, set := range []string{m.store.userLiveKey("u"), m.store.liveKey()} {
+		score, err := rdb.ZScore(ctx, set, pairMember(k)).Result()
+		require.NoError(t, err, set)
+		assert.Equal(t, deadline, score, "%s: the place ends with the sandbox, not at the create's CreateTimeout", set)
+		assert.InDelta(t, float64(time.Minute), float64(mr.TTL(set)), float64(5*time.Second), "%s: and so does the set", set)
+	}
+}

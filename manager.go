@@ -636,7 +636,7 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, tok
 		}
 	}
 	m.park(sh, s)
-	m.refreshReservation(ctx, k, s.deadline.Load()) // from the provisional expiry to the sandbox's deadline
+	m.settleReservation(ctx, k, s.deadline.Load()) // from the provisional expiry to the sandbox's deadline
 	return s, nil
 }
 
