@@ -65,6 +65,16 @@ const (
 	// replacement's create may meet a lock held by another instance. Half
 	// of MaxAge: a pair does not recover by its sandbox's rotation alone.
 	soakRecover = soakMaxAge / 2
+	// soakQuota is every manager's MaxSandboxes and MaxPerUser, and
+	// soakCreateRate its CreateLimit per user a second: each four times or
+	// more what the load can hold or make (a window of soakPairs pairs,
+	// their users' share of it, the pairs the create-lock phase's churn
+	// adds while old ones idle out; a few creates a second per user). So
+	// the quota scripts and the rate limiter run through every fault, a
+	// refusal means places or tokens leaked, and the keys they write are
+	// among those that must be gone after close.
+	soakQuota      = 4 * soakPairs
+	soakCreateRate = 1000
 )
 
 type soakPhase struct {
@@ -205,7 +215,8 @@ func (s *soak) newManager(slot int) *sandboxpool.Manager {
 	s.mu.Unlock()
 	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(s.client), Redis: rdb, Namespace: "soak",
 		IdleTimeout: soakIdle, MaxAge: soakMaxAge, HealthCheckAfter: time.Second, UnresponsiveAfter: soakUnresponsive,
-		ReapInterval: 100 * time.Millisecond, LockTTL: time.Second, CreateTimeout: 10 * time.Second, Logger: slog.New(&s.warns)}
+		ReapInterval: 100 * time.Millisecond, LockTTL: time.Second, CreateTimeout: 10 * time.Second, Logger: slog.New(&s.warns),
+		MaxSandboxes: soakQuota, MaxPerUser: soakQuota, CreateLimit: sandboxpool.RateLimit{Rate: soakCreateRate}}
 	sandboxpool.FastRedisRecovery(&cfg, 200*time.Millisecond)
 	m, err := sandboxpool.New(cfg)
 	if err != nil { // a fixed, valid config: New cannot fail (and this may run off the test goroutine)
@@ -219,6 +230,10 @@ func (s *soak) manager(i int) *sandboxpool.Manager {
 	defer s.mu.Unlock()
 	return s.ms[i%len(s.ms)]
 }
+
+// refusedKind is the error kind of the quota's and rate limit's refusals,
+// which the soak's load never earns (see soakQuota).
+const refusedKind = "refused by a quota or the create limit"
 
 func (s *soak) countErr(err error) {
 	kind := "other"
@@ -238,6 +253,8 @@ func (s *soak) countErr(err error) {
 		kind = "e2b unreachable"
 	case errors.Is(err, sandboxpool.ErrUnavailable):
 		kind = "unavailable (Redis, or create locks lost)"
+	case errors.Is(err, sandboxpool.ErrQuotaExceeded), errors.Is(err, sandboxpool.ErrRateLimited):
+		kind = refusedKind
 	}
 	v, _ := s.errs.LoadOrStore(kind, new(atomic.Int64))
 	v.(*atomic.Int64).Add(1)
@@ -619,12 +636,21 @@ func TestSoak(t *testing.T) {
 	leaked := len(s.fake.Running())
 	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.redis.Addr})
 	keys, _ := rdb.Keys(context.Background(), "soak:*").Result()
+	rateKeys, _ := rdb.Keys(context.Background(), "rate:soak:*").Result() // the create limit's (redis_rate's prefix)
+	keys = append(keys, rateKeys...)
+	left := make([]string, len(keys))
+	for i, k := range keys {
+		left[i] = describeKey(rdb, k)
+	}
 	_ = rdb.Close()
 	if leaked > 0 {
 		broken = append(broken, fmt.Sprintf("%d sandboxes outlived their deadline after every manager closed", leaked))
 	}
 	if len(keys) > 0 {
-		broken = append(broken, fmt.Sprintf("%d Redis keys left after every deadline passed: %v", len(keys), keys))
+		broken = append(broken, fmt.Sprintf("%d Redis keys left after every deadline passed: %s", len(keys), strings.Join(left, ", ")))
+	}
+	if v, ok := s.errs.Load(refusedKind); ok {
+		broken = append(broken, fmt.Sprintf("%d Acquires %s set above anything the load holds or makes: places or tokens leaked", v.(*atomic.Int64).Load(), refusedKind))
 	}
 	s.client.CloseIdleConnections()
 	for _, c := range s.rdbs {
@@ -648,6 +674,22 @@ func TestSoak(t *testing.T) {
 	if len(broken) > 0 {
 		t.Fatalf("soak invariants broken:\n- %s", strings.Join(broken, "\n- "))
 	}
+}
+
+// describeKey names a key left in Redis with its expiry and, for a quota
+// set, its places, each with its expiry: what tells a place that outlives
+// its sandbox from one of a sandbox still running.
+func describeKey(rdb *redis.Client, key string) string {
+	ctx := context.Background()
+	ttl, _ := rdb.PTTL(ctx, key).Result()
+	desc := fmt.Sprintf("%s (expires in %v", key, ttl)
+	if places, err := rdb.ZRangeWithScores(ctx, key, 0, -1).Result(); err == nil {
+		now := time.Now().UnixMilli()
+		for _, p := range places {
+			desc += fmt.Sprintf("; %v in %+dms", p.Member, int64(p.Score)-now)
+		}
+	}
+	return desc + ")"
 }
 
 // await calls try every 50 ms until it reports true or bound has passed;
