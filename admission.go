@@ -151,10 +151,12 @@ func (a *admission) release(k pairKey) {
 // than the limits, at worst a refusal while a concurrent rollback runs.
 //
 // A pair's place is the pair's, shared by every instance that creates it
-// or keeps it alive, so an entry's expiry only ever moves forward: a
-// second creator waiting for the pair's lock, with a shorter
-// CreateTimeout, does not shorten the place of the create under the lock.
-// The scripts compare scores themselves rather than use ZADD GT, which
+// or keeps it alive, so an entry's expiry moves forward only: a second
+// creator waiting for the pair's lock, with a shorter CreateTimeout, does
+// not shorten the place of the create under the lock. Only the instance
+// that publishes the pair's new sandbox sets the place to the sandbox's
+// deadline, earlier or later (settleReservation): no create is pending
+// then. The scripts compare scores themselves rather than use ZADD GT, which
 // needs Redis 6.2: managed Redis 6.0 (Azure Cache for Redis's "6", for
 // one) refuses it, and every create with a quota would fail there.
 // Only what ends the pair's sandbox (a failed create under the lock, a
