@@ -151,12 +151,16 @@ func (a *admission) release(k pairKey) {
 // than the limits, at worst a refusal while a concurrent rollback runs.
 //
 // A pair's place is the pair's, shared by every instance that creates it
-// or keeps it alive, so an entry's expiry moves forward only: a second
-// creator waiting for the pair's lock, with a shorter CreateTimeout, does
-// not shorten the place of the create under the lock. Only the instance
-// that publishes the pair's new sandbox sets the place to the sandbox's
-// deadline, earlier or later (settleReservation): no create is pending
-// then. The scripts compare scores themselves rather than use ZADD GT, which
+// or keeps it alive. A reservation adds it, expiring at the create's
+// CreateTimeout, or finds it there and leaves it: most creates that find
+// it are waiting for the pair's lock and end up taking the sandbox its
+// holder publishes, so their own expiry would keep the place past that
+// sandbox's end. Once a create holds the lock and finds nothing
+// published, it moves the place's expiry forward to its own (never back:
+// a keepalive may have pushed it further), and the instance that
+// publishes the pair's new sandbox sets it to the sandbox's deadline,
+// earlier or later (settleReservation): no create is pending then. The
+// scripts compare scores themselves rather than use ZADD GT, which
 // needs Redis 6.2: managed Redis 6.0 (Azure Cache for Redis's "6", for
 // one) refuses it, and every create with a quota would fail there.
 // Only what ends the pair's sandbox (a failed create under the lock, a
@@ -168,7 +172,7 @@ func (a *admission) release(k pairKey) {
 var (
 	// luaReserve: KEYS: set; ARGV: now (ms), member, limit, score (ms).
 	// Returns 1 when it added the pair's place, 2 when the pair had one
-	// (its expiry moved forward only), else -count: refused.
+	// (left as it was), else -count: refused.
 	luaReserve = redis.NewScript(`
 redis.call("zremrangebyscore", KEYS[1], "-inf", ARGV[1])
 local limit = tonumber(ARGV[3])
@@ -177,7 +181,7 @@ if not had then
   local n = redis.call("zcard", KEYS[1])
   if limit > 0 and n >= limit then return -n end
 end
-if not had or tonumber(had) < tonumber(ARGV[4]) then redis.call("zadd", KEYS[1], ARGV[4], ARGV[2]) end
+if not had then redis.call("zadd", KEYS[1], ARGV[4], ARGV[2]) end
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
 redis.call("pexpireat", KEYS[1], top[2])
 if had then return 2 end
@@ -191,6 +195,16 @@ local had = redis.call("zscore", KEYS[1], ARGV[1])
 if ARGV[3] == "settle" or not had or tonumber(had) < tonumber(ARGV[2]) then redis.call("zadd", KEYS[1], ARGV[2], ARGV[1]) end
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
 redis.call("pexpireat", KEYS[1], top[2])
+return 0
+`)
+	// luaDrop drops a pair's place and brings the set's expiry back to its
+	// latest place's: left where the dropped place had set it, an emptied
+	// set's key would stay (as a cleanup that leaves stale keys) until a
+	// sandbox that is gone would have ended. KEYS: set; ARGV: member.
+	luaDrop = redis.NewScript(`
+redis.call("zrem", KEYS[1], ARGV[1])
+local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
+if top[2] then redis.call("pexpireat", KEYS[1], top[2]) end
 return 0
 `)
 )
@@ -214,7 +228,7 @@ func (m *Manager) quotaSets(k pairKey) (keys []string, limits []int) {
 // reserveRemote applies CreateLimit (once per create: see coordination)
 // and the quotas cluster-wide. A refusal wraps ErrRateLimited or
 // ErrQuotaExceeded; a Redis failure wraps errRedisUnavailable.
-func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *coordination) error {
+func (m *Manager) reserveRemote(ctx context.Context, k pairKey, co *coordination) error {
 	if r := m.cfg.CreateLimit; r.enabled() && !co.rated {
 		var res *redis_rate.Result
 		err := m.store.do(ctx, func(ctx context.Context) (err error) {
@@ -230,7 +244,9 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *c
 		co.rated = true
 	}
 	keys, limits := m.quotaSets(k)
-	score := nsToMs(now + int64(m.cfg.CreateTimeout)) // provisional, until published
+	now := m.clock.precise()
+	co.placeUntil = now + int64(m.cfg.CreateTimeout) // provisional, until published
+	score := nsToMs(co.placeUntil)
 
 	var added []string // the places this call added: a refusal gives them back
 	for i, key := range keys {
@@ -245,7 +261,9 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *c
 		if err != nil {
 			rctx, cancel := m.outlive(ctx) // given back even when Close cut the create short
 			for _, taken := range added {
-				_ = m.store.do(rctx, func(ctx context.Context) error { return m.store.rdb.ZRem(ctx, taken, pairMember(k)).Err() })
+				_ = m.store.do(rctx, func(ctx context.Context) error {
+					return luaDrop.Run(ctx, m.store.rdb, []string{taken}, pairMember(k)).Err()
+				})
 			}
 			cancel()
 			return err
@@ -261,8 +279,10 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, now int64, co *c
 func (st *store) unreserve(ctx context.Context, k pairKey) error {
 	return st.do(ctx, func(ctx context.Context) error {
 		_, err := st.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			p.ZRem(ctx, st.liveKey(), pairMember(k))
-			p.ZRem(ctx, st.userLiveKey(k.user), pairMember(k))
+			for _, key := range []string{st.liveKey(), st.userLiveKey(k.user)} {
+				// Eval, not EvalSha: a pipeline cannot fall back on NOSCRIPT.
+				luaDrop.Eval(ctx, p, []string{key}, pairMember(k))
+			}
 			return nil
 		})
 		return err

@@ -20,21 +20,20 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// A pair's quota places only move forward: a keepalive that writes an
-// earlier deadline than the one a set holds (a creator waiting under a
-// longer CreateTimeout wrote it) leaves it, and a later one moves it. The
-// scripts compare the scores themselves (ZADD GT needs Redis 6.2), so this
-// is theirs to get right.
-func TestQuotaPlacesOnlyMoveForward(t *testing.T) {
-	mr := miniredis.RunT(t)
-	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
-	defer rdb.Close()
-	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, MaxSandboxes: 10, MaxPerUser: 10})
-	require.NoError(t, err)
-	defer m.Close(context.Background())
+// How each write treats a pair's quota place that is there already. A
+// keepalive (refreshReservation) moves it forward only: a deadline earlier
+// than the one a set holds leaves it, a later one moves it, and the set's
+// expiry with it. A reservation leaves it, whether its own provisional
+// expiry ends earlier or later: the create may be a lock waiter that will
+// take the sandbox the holder publishes. The publisher (settleReservation)
+// sets it, earlier or later. The scripts compare the scores themselves
+// (ZADD GT needs Redis 6.2), so this is theirs to get right.
+func TestQuotaPlaceWrites(t *testing.T) {
+	m, mr, rdb := newQuotaManager(t, func(cfg *Config) { cfg.CreateTimeout = time.Hour })
 	ctx, k := context.Background(), pairKey{"u", "p"}
 	sets := []string{m.store.userLiveKey("u"), m.store.liveKey()}
 	at := func(d time.Duration) int64 { return time.Now().Add(d).UnixNano() }
+	placed := func(ns int64) []float64 { return []float64{float64(nsToMs(ns)), float64(nsToMs(ns))} }
 	scores := func() []float64 {
 		var s []float64
 		for _, set := range sets {
@@ -44,31 +43,30 @@ func TestQuotaPlacesOnlyMoveForward(t *testing.T) {
 		}
 		return s
 	}
-	expiry := func() []time.Duration {
-		var d []time.Duration
+	expireIn := func(want time.Duration, msg string) {
 		for _, set := range sets {
-			d = append(d, mr.TTL(set))
+			assert.InDelta(t, float64(want), float64(mr.TTL(set)), float64(time.Minute), "%s: %s", set, msg)
 		}
-		return d
 	}
 
 	far := at(2 * time.Hour)
 	m.refreshReservation(ctx, k, far) // a pair not in the sets is added
-	want := float64(nsToMs(far))
-	require.Equal(t, []float64{want, want}, scores())
-
+	require.Equal(t, placed(far), scores())
 	m.refreshReservation(ctx, k, at(time.Hour))
-	assert.Equal(t, []float64{want, want}, scores(), "an earlier deadline leaves the place as it was")
-	require.NoError(t, m.reserveRemote(ctx, k, time.Now().UnixNano(), &coordination{}))
-	assert.Equal(t, []float64{want, want}, scores(), "so does a reservation ending before it")
-
+	assert.Equal(t, placed(far), scores(), "a keepalive's earlier deadline leaves the place as it was")
 	later := at(3 * time.Hour)
 	m.refreshReservation(ctx, k, later)
-	want = float64(nsToMs(later))
-	assert.Equal(t, []float64{want, want}, scores(), "a later deadline moves it")
-	for _, d := range expiry() {
-		assert.InDelta(t, float64(3*time.Hour), float64(d), float64(time.Minute), "and the set's expiry with it")
-	}
+	assert.Equal(t, placed(later), scores(), "a later one moves it")
+	expireIn(3*time.Hour, "and the set's expiry with it")
+
+	require.NoError(t, m.reserveRemote(ctx, k, &coordination{}))
+	assert.Equal(t, placed(later), scores(), "a reservation ending earlier leaves it")
+	soon := at(10 * time.Minute)
+	m.settleReservation(ctx, k, soon)
+	assert.Equal(t, placed(soon), scores(), "the publisher sets it, earlier too")
+	expireIn(10*time.Minute, "and the set's expiry with it")
+	require.NoError(t, m.reserveRemote(ctx, k, &coordination{}))
+	assert.Equal(t, placed(soon), scores(), "a reservation ending later (CreateTimeout, an hour) leaves it too")
 }
 
 // redisFloor is the oldest Redis the package's scripts must run on.
@@ -99,6 +97,7 @@ var scriptSince = map[string]redisRelease{
 	"zadd":             {1, 2},
 	"zcard":            {1, 2},
 	"zrange":           {1, 2},
+	"zrem":             {1, 2},
 	"zremrangebyscore": {1, 2},
 	"zscore":           {1, 2},
 }
@@ -153,7 +152,7 @@ func TestScriptsNeedNothingNewerThanRedis4(t *testing.T) {
 		names = append(names, name)
 	}
 	slices.Sort(names)
-	require.Subset(t, names, []string{"luaAdopt", "luaBump", "luaCompareDelete", "luaPublish", "luaReserve", "luaTouch"},
+	require.Subset(t, names, []string{"luaAdopt", "luaBump", "luaCompareDelete", "luaDrop", "luaPublish", "luaReserve", "luaTouch"},
 		"the test reads every script")
 
 	callRe := regexp.MustCompile(`redis\.(?:p?call)\(\s*"([^"]+)"([^)]*)\)`)
@@ -188,13 +187,7 @@ func TestScriptsNeedNothingNewerThanRedis4(t *testing.T) {
 // sandbox by the difference whenever no instance was left to forget it
 // (the soak, checking for keys left after its managers closed, found it).
 func TestCreatedSandboxSettlesItsQuotaPlace(t *testing.T) {
-	mr := miniredis.RunT(t)
-	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
-	defer rdb.Close()
-	m, err := New(Config{Provider: stubProvider{}, Redis: rdb, MaxSandboxes: 10, MaxPerUser: 10,
-		IdleTimeout: time.Minute, CreateTimeout: 10 * time.Minute})
-	require.NoError(t, err)
-	defer m.Close(context.Background())
+	m, mr, rdb := newQuotaManager(t, func(cfg *Config) { cfg.IdleTimeout, cfg.CreateTimeout = time.Minute, 10*time.Minute })
 	ctx, k := context.Background(), pairKey{"u", "p"}
 
 	l, err := m.Acquire(ctx, k.user, k.project)
@@ -208,4 +201,45 @@ func TestCreatedSandboxSettlesItsQuotaPlace(t *testing.T) {
 		assert.Equal(t, deadline, score, "%s: the place ends with the sandbox, not at the create's CreateTimeout", set)
 		assert.InDelta(t, float64(time.Minute), float64(mr.TTL(set)), float64(5*time.Second), "%s: and so does the set", set)
 	}
+}
+
+// Dropping a pair's place brings its set's expiry back to the latest place
+// left, and an emptied set is gone. Before, the set kept the expiry the
+// dropped place had set, so a set whose latest sandbox was removed stayed
+// in Redis until that sandbox would have ended.
+func TestDroppedPlaceTakesItsSetsExpiryWithIt(t *testing.T) {
+	m, mr, _ := newQuotaManager(t, nil)
+	ctx := context.Background()
+	at := func(d time.Duration) int64 { return time.Now().Add(d).UnixNano() }
+	sets := []string{m.store.userLiveKey("u"), m.store.liveKey()}
+
+	m.refreshReservation(ctx, pairKey{"u", "near"}, at(time.Minute))
+	m.refreshReservation(ctx, pairKey{"u", "far"}, at(time.Hour))
+	for _, set := range sets {
+		require.InDelta(t, float64(time.Hour), float64(mr.TTL(set)), float64(time.Minute), set)
+	}
+	require.NoError(t, m.store.unreserve(ctx, pairKey{"u", "far"}))
+	for _, set := range sets {
+		assert.InDelta(t, float64(time.Minute), float64(mr.TTL(set)), float64(10*time.Second), "%s expires with the place left", set)
+	}
+	require.NoError(t, m.store.unreserve(ctx, pairKey{"u", "near"}))
+	for _, set := range sets {
+		assert.False(t, mr.Exists(set), "%s, emptied, is gone", set)
+	}
+}
+
+// newQuotaManager is a Manager on a miniredis with both quotas set (ten
+// sandboxes), as mutate leaves its Config.
+func newQuotaManager(t *testing.T, mutate func(*Config)) (*Manager, *miniredis.Miniredis, *redis.Client) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
+	t.Cleanup(func() { _ = rdb.Close() })
+	cfg := Config{Provider: stubProvider{}, Redis: rdb, MaxSandboxes: 10, MaxPerUser: 10}
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	m, err := New(cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.Close(context.Background()) })
+	return m, mr, rdb
 }

@@ -1173,6 +1173,77 @@ func TestRedisLockWaiterKeepsTheCreatorsQuotaPlace(t *testing.T) {
 	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
 }
 
+// A create that finds the pair's place already there leaves it: most such
+// creates wait for the pair's lock and take the sandbox its holder
+// publishes. Before, the reservation moved the place to the waiter's own
+// provisional expiry; when the holder had already published by then (it
+// set the place to its sandbox's deadline), the place stayed CreateTimeout
+// ahead, past the sandbox's end, and counted it after it was gone. The
+// soak, which checks for keys left once every sandbox has ended, found it.
+func TestRedisLockWaiterLeavesNoPlacePastTheSandbox(t *testing.T) {
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) {
+		cfg.MaxSandboxes, cfg.MaxPerUser, cfg.IdleTimeout, cfg.CreateTimeout = 10, 10, time.Minute, time.Hour
+	})
+	open, acquired := c.createInFlight(t, "u", "p")
+	var published string
+	// The waiter has missed the record: its reservation goes out once the
+	// holder has published and released the lock.
+	waiter := c.instance(t, func(cfg *sandboxpool.Config) {
+		cfg.Redis = c.client(t, &onFirst{arg: "sandboxpool:{u}:live", do: func() { open(); published = <-acquired }})
+	})
+	l, err := waiter.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	defer l.Release()
+	require.Equal(t, published, l.Sandbox().ID, "the waiter took the holder's sandbox")
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+
+	deadline, err := strconv.ParseFloat(c.hget(t, "sandboxpool:{u:p}:sbx", "deadline"), 64)
+	require.NoError(t, err)
+	for _, set := range []string{"sandboxpool:{u}:live", "sandboxpool:live"} {
+		score, err := c.rdb.ZScore(context.Background(), set, "u:p").Result()
+		require.NoError(t, err)
+		assert.Equal(t, deadline, score, "%s: the place ends with the sandbox, not at the waiter's CreateTimeout", set)
+	}
+}
+
+// A create that holds the pair's lock and finds nothing published moves
+// the place it found (an earlier sandbox's, about to expire) to its own
+// expiry: the place does not lapse while the create runs, and a create of
+// another pair cannot take it meanwhile. Its reservation left the place as
+// it was (see TestRedisLockWaiterLeavesNoPlacePastTheSandbox).
+func TestRedisCreateUnderTheLockExtendsThePlaceItFound(t *testing.T) {
+	c := newMiniCluster(t, func(cfg *sandboxpool.Config) { cfg.MaxSandboxes, cfg.IdleTimeout = 1, time.Minute })
+	ending := c.clock.Now().Add(time.Second).UnixMilli() // an earlier sandbox of u/p
+	require.NoError(t, c.rdb.ZAdd(context.Background(), "sandboxpool:live", redis.Z{Score: float64(ending), Member: "u:p"}).Err())
+	other := c.instance(t)
+	open, acquired := c.createInFlight(t, "u", "p")
+	c.advance(time.Minute) // past the place's old expiry, within the create's CreateTimeout
+
+	_, err := other.Acquire(context.Background(), "v", "q")
+	require.ErrorIs(t, err, sandboxpool.ErrQuotaExceeded, "u/p's create in flight holds the only place")
+	open()
+	<-acquired
+	assert.EqualValues(t, 1, c.p.Calls(fp.OpCreate))
+}
+
+// onFirst is a go-redis hook that runs do before the first command with
+// arg among its arguments is sent.
+type onFirst struct {
+	passHook
+	arg  string
+	once sync.Once
+	do   func()
+}
+
+func (h *onFirst) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if slices.Contains(cmd.Args(), any(h.arg)) {
+			h.once.Do(h.do)
+		}
+		return next(ctx, cmd)
+	}
+}
+
 // The largest time.Duration means no limit across instances too. A create
 // in flight keeps its quota place (its provisional place is scored at now +
 // CreateTimeout, a sum that overflowed, so the place read as long expired

@@ -556,7 +556,7 @@ func (m *Manager) createLocal(ctx context.Context, k pairKey, withRate bool) (*s
 // again, once: the second attempt waits for whoever holds the lock now and
 // adopts what it publishes.
 func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey, co *coordination) (*slot, error) {
-	if err := m.reserveRemote(ctx, k, m.clock.precise(), co); err != nil {
+	if err := m.reserveRemote(ctx, k, co); err != nil {
 		m.countRefusal(err)
 		if errors.Is(err, errRedisUnavailable) {
 			return nil, err
@@ -564,7 +564,7 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey, c
 		return nil, pairErr("create", k, err)
 	}
 	for attempt := 1; ; attempt++ {
-		s, err := m.createUnderLock(ctx, sh, k, co.token)
+		s, err := m.createUnderLock(ctx, sh, k, co)
 		if !errors.Is(err, errLockLost) {
 			return s, err
 		}
@@ -582,6 +582,9 @@ func (m *Manager) createCoordinated(ctx context.Context, sh *shard, k pairKey, c
 type coordination struct {
 	token string
 	rated bool
+	// placeUntil is the create's provisional quota place's expiry (unix
+	// ns): CreateTimeout from its cluster-wide admission.
+	placeUntil int64
 }
 
 // lostLockAttempts bounds the creates of one fill that may lose their lock
@@ -600,8 +603,8 @@ var errLockLost = errors.New("the create lock was lost and no sandbox was publis
 // it is the pair's, and otherwise adopts the winner's (see
 // settleLostLock). The pair's quota place is kept on success and dropped
 // when the create fails under the lock.
-func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, token string) (*slot, error) {
-	lock, err := m.obtainLock(ctx, k, token)
+func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, co *coordination) (*slot, error) {
+	lock, err := m.obtainLock(ctx, k, co.token)
 	if err != nil {
 		// The pair's quota place stays: whoever holds the lock may be
 		// creating under it, and an attempt tried again reserves the same
@@ -616,6 +619,7 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, tok
 	if s, err := m.fromCache(ctx, sh, k); s != nil || err != nil {
 		return s, err // published by another instance while we waited
 	}
+	m.refreshReservation(ctx, k, co.placeUntil) // the pair's pending create is this one now
 	s, err := m.createLocal(ctx, k, false)
 	if err != nil {
 		// The place goes even when ctx has ended (Close cut the create
@@ -631,7 +635,7 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, tok
 		m.markUnpublished(s)
 	case !ok: // our lock expired: another instance may have published meanwhile
 		m.ctr.lockLost.Add(1)
-		if w, err := m.settleLostLock(ctx, sh, s, token); w != s {
+		if w, err := m.settleLostLock(ctx, sh, s, co.token); w != s {
 			return w, err
 		}
 	}
