@@ -608,8 +608,8 @@ func (m *Manager) createUnderLock(ctx context.Context, sh *shard, k pairKey, co 
 	if err != nil {
 		// The pair's quota place stays: whoever holds the lock may be
 		// creating under it, and an attempt tried again reserves the same
-		// place. Left alone, the provisional place expires at this
-		// create's CreateTimeout.
+		// place. A place this create's reservation added expires, left
+		// alone, at its CreateTimeout.
 		if errors.Is(err, errRedisUnavailable) {
 			return nil, err
 		}
