@@ -198,9 +198,8 @@ redis.call("pexpireat", KEYS[1], top[2])
 return 0
 `)
 	// luaDrop drops a pair's place and brings the set's expiry back to its
-	// latest place's: left where the dropped place had set it, an emptied
-	// set's key would stay (as a cleanup that leaves stale keys) until a
-	// sandbox that is gone would have ended. KEYS: set; ARGV: member.
+	// latest place's: left where the dropped place had set it, the set's
+	// key would outlive every place left. KEYS: set; ARGV: member.
 	luaDrop = redis.NewScript(`
 redis.call("zrem", KEYS[1], ARGV[1])
 local top = redis.call("zrange", KEYS[1], -1, -1, "WITHSCORES")
@@ -297,12 +296,9 @@ func (m *Manager) refreshReservation(ctx context.Context, k pairKey, deadline in
 
 // settleReservation writes the quota places of the pair whose sandbox this
 // instance has just made and published with the sandbox's deadline, earlier
-// or later than the place held. The place held is the create's provisional
-// one (CreateTimeout from its start), or a lock waiter's, whose create will
-// not happen now that the pair has a sandbox. Moved forward only, a
-// provisional place past the sandbox's deadline (CreateTimeout longer than
-// IdleTimeout) counted the sandbox, and kept the sets' keys, after it had
-// expired, whenever no instance was left to forget it.
+// or later than the place held: that was a create's provisional expiry
+// (CreateTimeout from its start), and no create of the pair is pending now,
+// so the place ends with the sandbox.
 func (m *Manager) settleReservation(ctx context.Context, k pairKey, deadline int64) {
 	m.writePlaces(ctx, k, deadline, "settle")
 }
