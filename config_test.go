@@ -106,6 +106,25 @@ func TestConfigFromEnv(t *testing.T) {
 	assert.Zero(t, empty.IdleTimeout, "unset variables keep the defaults")
 }
 
+// ConfigFromEnv reads the process's environment: a variable set there
+// reaches the Config, and a malformed one is an error naming it.
+func TestConfigFromEnvReadsTheProcessEnvironment(t *testing.T) {
+	t.Setenv(sandboxpool.EnvE2BAPIKey, "") // empty: no provider, whatever the machine has set
+	t.Setenv(sandboxpool.EnvRedisURL, "")
+	t.Setenv(sandboxpool.EnvNamespace, "staging")
+	t.Setenv(sandboxpool.EnvMaxAge, "2h")
+	cfg, err := sandboxpool.ConfigFromEnv()
+	require.NoError(t, err)
+	assert.Equal(t, "staging", cfg.Namespace)
+	assert.Equal(t, 2*time.Hour, cfg.MaxAge)
+	assert.Nil(t, cfg.Provider)
+	assert.Nil(t, cfg.Redis)
+
+	t.Setenv(sandboxpool.EnvLockTTL, "soon")
+	_, err = sandboxpool.ConfigFromEnv()
+	require.ErrorContains(t, err, sandboxpool.EnvLockTTL)
+}
+
 func TestConfigFromEnvErrors(t *testing.T) {
 	for name, val := range map[string]string{
 		"SANDBOXPOOL_IDLE_TIMEOUT":                 "5 minutes",
