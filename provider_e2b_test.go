@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -169,6 +170,41 @@ func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 	e.clock.Advance(sandboxpool.SuspectProbeEvery) // until then the Acquire fails without a probe
 	assert.Equal(t, id, acquireID(t, e.m, "u", "p"))
 	assert.EqualValues(t, 1, e.srv.Calls(e2btest.OpCreate))
+}
+
+// The E2B provider maps E2B's answers onto the Provider contract: a
+// Connect to a sandbox E2B does not know is ErrSandboxNotFound, and a probe
+// that envd's proxy answers "not found" (502) for a sandbox the API reports
+// in a state neither running nor paused (one the spec may add) is only
+// unreachable: neither gone, so not replaced, nor unresponsive, so not
+// condemned after UnresponsiveAfter.
+func TestE2BProviderMapsAnswers(t *testing.T) {
+	ctx := context.Background()
+	srv := e2btest.Start(e2btest.Config{})
+	t.Cleanup(srv.Close)
+	client, err := e2b.New(srv.ClientOptions())
+	require.NoError(t, err)
+	_, err = sandboxpool.NewE2BProvider(client).Connect(ctx, "i9missing", time.Minute)
+	require.ErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	require.ErrorIs(t, err, e2b.ErrNotFound)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(http.StatusBadGateway) })
+	mux.HandleFunc("GET /sandboxes/{id}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = fmt.Fprintf(w, `{"sandboxID":%q,"templateID":"base","clientID":"c","startedAt":"2026-11-27T10:00:00Z",`+
+			`"endAt":"2026-11-27T10:05:00Z","state":"snapshotting","cpuCount":2,"memoryMB":512,"diskSizeMB":1024,"envdVersion":"0.6.4"}`, r.PathValue("id"))
+	})
+	odd := httptest.NewServer(mux)
+	t.Cleanup(odd.Close)
+	client, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("key"), BaseURL: odd.URL, SandboxURL: odd.URL})
+	require.NoError(t, err)
+	err = sandboxpool.NewE2BProvider(client).Check(ctx, sandboxpool.Sandbox{ID: "i9odd", Domain: "e2b.app"})
+	require.ErrorIs(t, err, e2b.ErrUnreachable)
+	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
+	assert.NotErrorIs(t, err, sandboxpool.ErrSandboxUnresponsive)
+	assert.Contains(t, err.Error(), "reports snapshotting")
+	client.CloseIdleConnections()
 }
 
 // A probe that gets no answer (envd, or the route to it, hangs) fails its
