@@ -43,6 +43,13 @@ func SetDefaultBuilder(b func() (*Manager, error)) (restore func()) {
 	}
 }
 
+// ResetDefault makes Default build again, with its own builder, on its
+// next call, and again after restore.
+func ResetDefault() (restore func()) {
+	defaultManager = onceDefault()
+	return func() { defaultManager = onceDefault() }
+}
+
 // RemovalMessage and ParseRemoval expose the removal announcement's format
 // to its fuzz test.
 func RemovalMessage(user, project string, ids []string) string {

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sandboxpool/sandboxpool"
+	"github.com/sandboxpool/sandboxpool/e2b/e2btest"
 	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
 )
 
@@ -748,7 +749,7 @@ func TestDefaultBuiltOnce(t *testing.T) {
 	}
 }
 
-func TestDefaultErrorSharedAndFromEnv(t *testing.T) {
+func TestDefaultErrorIsShared(t *testing.T) {
 	restore := sandboxpool.SetDefaultBuilder(func() (*sandboxpool.Manager, error) { return nil, errUpstream })
 	defer restore()
 	var wg sync.WaitGroup
@@ -772,6 +773,42 @@ func TestDefaultBuildPanicIsNeverANilManager(t *testing.T) {
 			t.Errorf("Default returned %v, %v after its build panicked", m, err)
 		})
 	}
+}
+
+// Default builds its Manager from the environment, once: a malformed
+// variable is the error of every call, and a good environment gives every
+// call one Manager, here on the E2B provider against the fake.
+func TestDefaultIsBuiltFromTheEnvironment(t *testing.T) {
+	srv := e2btest.Start(e2btest.Config{})
+	t.Cleanup(srv.Close)
+	t.Setenv(sandboxpool.EnvRedisURL, "")
+	t.Setenv(sandboxpool.EnvE2BAPIKey, e2btest.APIKey)
+	t.Setenv(sandboxpool.EnvE2BAPIURL, srv.URL)
+	t.Setenv(sandboxpool.EnvE2BSandboxURL, srv.EnvdURL)
+	t.Setenv(sandboxpool.EnvMaxAge, "two hours")
+
+	restore := sandboxpool.ResetDefault()
+	defer restore()
+	for range 2 {
+		m, err := sandboxpool.Default()
+		require.ErrorContains(t, err, sandboxpool.EnvMaxAge)
+		assert.Nil(t, m)
+	}
+
+	t.Setenv(sandboxpool.EnvMaxAge, "2h")
+	sandboxpool.ResetDefault()
+	m, err := sandboxpool.Default()
+	require.NoError(t, err)
+	again, err := sandboxpool.Default()
+	require.NoError(t, err)
+	assert.Same(t, m, again)
+	l, err := m.Acquire(context.Background(), "u", "p")
+	require.NoError(t, err)
+	assert.Equal(t, []string{l.Sandbox().ID}, srv.Running(), "created through the E2B the environment names")
+	l.Release()
+	require.NoError(t, m.Close(context.Background()))
+	_, err = m.Acquire(context.Background(), "u", "p")
+	require.ErrorIs(t, err, sandboxpool.ErrClosed)
 }
 
 func TestQuotas(t *testing.T) {
