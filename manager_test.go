@@ -799,6 +799,7 @@ func TestDefaultIsBuiltFromTheEnvironment(t *testing.T) {
 	sandboxpool.ResetDefault()
 	m, err := sandboxpool.Default()
 	require.NoError(t, err)
+	t.Cleanup(func() { _ = m.Close(context.Background()) }) // repeatable: closed here too if the test stops early
 	again, err := sandboxpool.Default()
 	require.NoError(t, err)
 	assert.Same(t, m, again)
