@@ -180,11 +180,7 @@ func TestE2BAmbiguousNeverReplaces(t *testing.T) {
 // condemned after UnresponsiveAfter.
 func TestE2BProviderMapsAnswers(t *testing.T) {
 	ctx := context.Background()
-	srv := e2btest.Start(e2btest.Config{})
-	t.Cleanup(srv.Close)
-	client, err := e2b.New(srv.ClientOptions())
-	require.NoError(t, err)
-	_, err = sandboxpool.NewE2BProvider(client).Connect(ctx, "i9missing", time.Minute)
+	_, err := newE2BEnv(t, e2btest.Config{}).cfg.Provider.Connect(ctx, "i9missing", time.Minute)
 	require.ErrorIs(t, err, sandboxpool.ErrSandboxNotFound)
 	require.ErrorIs(t, err, e2b.ErrNotFound)
 
@@ -197,7 +193,7 @@ func TestE2BProviderMapsAnswers(t *testing.T) {
 	})
 	odd := httptest.NewServer(mux)
 	t.Cleanup(odd.Close)
-	client, err = e2b.New(e2b.Options{APIKey: e2b.NewSecret("key"), BaseURL: odd.URL, SandboxURL: odd.URL})
+	client, err := e2b.New(e2b.Options{APIKey: e2b.NewSecret("key"), BaseURL: odd.URL, SandboxURL: odd.URL})
 	require.NoError(t, err)
 	err = sandboxpool.NewE2BProvider(client).Check(ctx, sandboxpool.Sandbox{ID: "i9odd", Domain: "e2b.app"})
 	require.ErrorIs(t, err, e2b.ErrUnreachable)
