@@ -421,6 +421,25 @@ func sandboxID(w http.ResponseWriter, r *http.Request) (string, bool) {
 	return id, true
 }
 
+// idAndTimeout reads the sandbox id of the path and the required timeout
+// (seconds, 0 allowed) of the body of a connect or a timeout change, or
+// answers the request's error.
+func (s *Server) idAndTimeout(w http.ResponseWriter, r *http.Request) (string, time.Duration, bool) {
+	id, ok := sandboxID(w, r)
+	if !ok {
+		return "", 0, false
+	}
+	var body struct {
+		Timeout *int `json:"timeout"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Timeout == nil {
+		writeError(w, http.StatusBadRequest, "validation error: timeout is required", 0)
+		return "", 0, false
+	}
+	d, ok := s.timeoutArg(w, *body.Timeout, false)
+	return id, d, ok
+}
+
 func notFound(w http.ResponseWriter, id string) {
 	writeError(w, http.StatusNotFound, fmt.Sprintf("Sandbox %q doesn't exist or you don't have access to it", id), 0)
 }
@@ -578,18 +597,7 @@ func (s *Server) kill(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request) {
-	id, ok := sandboxID(w, r)
-	if !ok {
-		return
-	}
-	var body struct {
-		Timeout *int `json:"timeout"`
-	}
-	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Timeout == nil {
-		writeError(w, http.StatusBadRequest, "validation error: timeout is required", 0)
-		return
-	}
-	d, ok := s.timeoutArg(w, *body.Timeout, false)
+	id, d, ok := s.idAndTimeout(w, r)
 	if !ok {
 		return
 	}
@@ -605,18 +613,7 @@ func (s *Server) setTimeout(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) connect(w http.ResponseWriter, r *http.Request) {
-	id, ok := sandboxID(w, r)
-	if !ok {
-		return
-	}
-	var body struct {
-		Timeout *int `json:"timeout"`
-	}
-	if err := json.NewDecoder(r.Body).Decode(&body); err != nil || body.Timeout == nil {
-		writeError(w, http.StatusBadRequest, "validation error: timeout is required", 0)
-		return
-	}
-	d, ok := s.timeoutArg(w, *body.Timeout, false)
+	id, d, ok := s.idAndTimeout(w, r)
 	if !ok {
 		return
 	}
