@@ -17,7 +17,7 @@ BENCHTIME ?= 1s
 # median of side-by-side runs (the same process's).
 HOTCOUNT  ?= 5
 
-.PHONY: all test race unit lint fuzz bench soak cover generate check-generated tidy-check help
+.PHONY: all test race unit lint fuzz bench bench-history soak cover generate check-generated tidy-check help
 
 ### all: lint, then the full test command
 all: lint test
@@ -82,6 +82,10 @@ bench:
 	done | tee -a testdata/bench.txt; \
 	$(GO) test -run '^$$' -bench '^Benchmark(Contention|MemoryPerPair|ReaperTickIdle)$$' -benchmem -benchtime $(BENCHTIME) -cpu 1,2 -timeout 60m . | tee -a testdata/bench.txt; \
 	$(GO) run ./internal/benchtable < testdata/bench.txt
+
+### bench-history: one row per recorded run kept in testdata/ (bench-*.txt), the table testdata/README.md holds
+bench-history:
+	@$(GO) run ./internal/benchtable -history testdata/bench-*.txt
 
 ### soak: several managers, real redis-server, fake E2B, injected faults, under the race detector; DURATION=60s by default
 DURATION ?= 60s

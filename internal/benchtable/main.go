@@ -6,11 +6,13 @@
 // made side by side (run i of one against run i of its baseline), which a
 // noisy shared machine needs: its speed drifts between runs. A second table
 // reads the figures against the library's performance targets (see
-// targets).
+// targets). With -history, it reads the files it is given instead, the
+// recorded runs, and prints one row per run (see history).
 package main
 
 import (
 	"bufio"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -181,6 +183,15 @@ func find(rs []result, name string, procs int) (result, bool) {
 }
 
 func main() {
+	hist := flag.Bool("history", false, "print one row per file of make bench output named as an argument (the runs kept in testdata/) instead of reading stdin")
+	flag.Parse()
+	if *hist {
+		if err := history(os.Stdout, flag.Args()); err != nil {
+			fmt.Fprintln(os.Stderr, "benchtable:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	rs := parse(os.Stdin)
 	table(os.Stdout, rs)
 	fmt.Println()

@@ -2,6 +2,9 @@ package main
 
 import (
 	"math"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -133,13 +136,10 @@ BenchmarkHotPathArrivalIDs/puddle-Acquire+Release-2        1000  125 ns/op
 	}
 }
 
-// The targets are read against every run, not only the medians: a count
-// (allocations, creates per pair) breaks its target if any run breaks it,
-// and a ratio's verdict is its median's, with the runs that contradict it
-// named.
-func TestTargetsReadEveryRun(t *testing.T) {
-	var out strings.Builder
-	targets(&out, parse(strings.NewReader(`
+// threeHotRuns are three side-by-side runs of the hot path at GOMAXPROCS=2:
+// the pool over the bare map 1.5, 2.5 and 1.3 and over puddle 1.07, 1.79
+// and 0.93, with one allocation in the second run.
+const threeHotRuns = `
 BenchmarkHotPath/baseline-maphash64-2            1000  100 ns/op  0 allocs/op
 BenchmarkHotPath/sandboxpool-Acquire+Release-2   1000  150 ns/op  0 allocs/op
 BenchmarkHotPath/puddle-Acquire+Release-2        1000  140 ns/op  0 allocs/op
@@ -149,6 +149,15 @@ BenchmarkHotPath/puddle-Acquire+Release-2        1000  140 ns/op  0 allocs/op
 BenchmarkHotPath/baseline-maphash64-2            1000  100 ns/op  0 allocs/op
 BenchmarkHotPath/sandboxpool-Acquire+Release-2   1000  130 ns/op  0 allocs/op
 BenchmarkHotPath/puddle-Acquire+Release-2        1000  140 ns/op  0 allocs/op
+`
+
+// The targets are read against every run, not only the medians: a count
+// (allocations, creates per pair) breaks its target if any run breaks it,
+// and a ratio's verdict is its median's, with the runs that contradict it
+// named.
+func TestTargetsReadEveryRun(t *testing.T) {
+	var out strings.Builder
+	targets(&out, parse(strings.NewReader(threeHotRuns+`
 BenchmarkContention/1000-goroutines-one-pair-2   1  5 ns/op  1 creates/pair
 BenchmarkContention/8-managers-100-pairs-2       1  5 ns/op  0.99 creates/pair
 BenchmarkMemoryPerPair-2                         1  5 ns/op  200 B/pair  11 heap-after-churn-%
@@ -175,5 +184,61 @@ BenchmarkReaperTickIdle-2                        1000  30 ns/op
 		if strings.Contains(out.String(), absent) {
 			t.Errorf("targets mention %q, whose benchmarks did not run:\n%s", absent, out.String())
 		}
+	}
+}
+
+// A history row gives what the machine-bound targets hang on (a GET,
+// puddle, the bare map against puddle) and their verdicts with the runs
+// that met them, marks a missed median, and names any other target missed.
+func TestHistoryRowReadsTheTargets(t *testing.T) {
+	rs := parse(strings.NewReader(threeHotRuns + `
+BenchmarkRedisPaths/baseline-GET-2                   1000  20000 ns/op
+BenchmarkRedisPaths/ref-GET-then-e2b-Connect-2       1000  60000 ns/op
+BenchmarkRedisPaths/warm-redis-hit-e2b-fake-2        1000  63000 ns/op  55 io-µs/op  8 own-µs/op
+BenchmarkReaperTickIdle-2                        1000  30 ns/op
+`))
+	// Pool over puddle run by run 1.07, 1.79, 0.93: a missed median, one
+	// run faster. The warm path 63 µs against 0.5 × 20 + 60 = 70: 0.90.
+	// Its own time, 8 µs, is 0.40 of the GET. One allocation in a run
+	// breaks "allocates nothing".
+	want := "| r1 | 20 µs | 140 ns | 0.71× | **1.07×** (1 of 3) | — | — | 0.90 | 0.40 | hot path allocates nothing: 1 allocs/op at most |"
+	if got := historyRow("r1", rs); got != want {
+		t.Errorf("history row:\n got %s\nwant %s", got, want)
+	}
+	header, _, _ := strings.Cut(historyHeader, "\n")
+	if got, want := strings.Count(header, "|"), strings.Count(want, "|"); got != want {
+		t.Errorf("history header has %d bars, a row %d: one column per cell", got, want)
+	}
+}
+
+// Runs are listed in the order of their numbers, not of their names'
+// characters: run 9 before run 10.
+func TestHistoryOrdersRunsByNumber(t *testing.T) {
+	files := []string{"bench-2026-11-27-10.txt", "bench-contended.txt", "bench-2026-11-27-9.txt", "bench-2026-11-26-14.txt"}
+	slices.SortFunc(files, naturalCompare)
+	want := []string{"bench-2026-11-26-14.txt", "bench-2026-11-27-9.txt", "bench-2026-11-27-10.txt", "bench-contended.txt"}
+	if !slices.Equal(files, want) {
+		t.Errorf("sorted %q, want %q", files, want)
+	}
+}
+
+// testdata/README.md's table of the recorded runs is what the history
+// prints from the files beside it: adding a run without regenerating the
+// table (make bench-history) fails here.
+func TestRecordedRunsTableMatchesTheFiles(t *testing.T) {
+	files, err := filepath.Glob("../../testdata/bench-*.txt")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no recorded runs in ../../testdata (%v)", err)
+	}
+	var out strings.Builder
+	if err := history(&out, files); err != nil {
+		t.Fatal(err)
+	}
+	doc, err := os.ReadFile("../../testdata/README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(doc), out.String()) {
+		t.Errorf("testdata/README.md lacks the history of its runs; run make bench-history and paste:\n%s", out.String())
 	}
 }

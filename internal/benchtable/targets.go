@@ -29,45 +29,66 @@ const (
 	maxReaperTickNs  = 1000000 // one reaper tick with nothing due: 1 ms
 )
 
-// targets prints the targets against the figures in rs: each
-// target, the figure it is read on (a ratio with its range and how many of
-// the side-by-side runs met it; a count at its highest in any run, or its
-// range where too few is as wrong as too many) and the verdict. A ratio's verdict is its median's; "not in every run" says that
-// some runs did not meet it. A target whose benchmark did not run is left
-// out.
+// verdict is one target read against the figures of a run of make bench.
+type verdict struct {
+	key            string // set on the targets the history reads (see historyKeys)
+	target, figure string
+	met            bool
+	// A ratio target also keeps its median, and how many of the
+	// side-by-side runs met it out of how many (runs is 0 for a count).
+	med           float64
+	runsMet, runs int
+}
+
+// targets prints the targets against the figures in rs (see
+// readTargets), one row each: the target, the figure it is read on and the
+// verdict.
 func targets(w io.Writer, rs []result) {
-	get := func(name string, procs int) (result, bool) { return find(rs, name, procs) }
 	fmt.Fprintln(w, "| target | figure | met |")
 	fmt.Fprintln(w, "|---|---|---|")
-	row := func(target, figure string, met bool) {
-		v := "yes"
-		if !met {
-			v = "no"
+	for _, v := range readTargets(rs) {
+		met := "yes"
+		if !v.met {
+			met = "no"
 		}
-		fmt.Fprintf(w, "| %s | %s | %s |\n", target, figure, v)
+		fmt.Fprintf(w, "| %s | %s | %s |\n", v.target, v.figure, met)
+	}
+}
+
+// readTargets reads the targets against the figures in rs: each
+// target, the figure it is read on (a ratio with its range and how many of
+// the side-by-side runs met it; a count at its highest in any run, or its
+// range where too few is as wrong as too many) and the verdict. A ratio's
+// verdict is its median's; "not in every run" says that some runs did not
+// meet it. A target whose benchmark did not run is left out.
+func readTargets(rs []result) []verdict {
+	get := func(name string, procs int) (result, bool) { return find(rs, name, procs) }
+	var out []verdict
+	row := func(target, figure string, met bool) {
+		out = append(out, verdict{target: target, figure: figure, met: met})
 	}
 	// ratioRow reads a ratio, given by its median and range and its value
 	// run by run: the verdict is the median's, with how many runs met the
 	// bound too.
-	ratioRow := func(target string, med, lo, hi float64, runs []float64, b bound, unit, note string) {
+	ratioRow := func(key, target string, med, lo, hi float64, runs []float64, b bound, unit, note string) {
 		fig := fmt.Sprintf("%.2f%s (%.2f–%.2f)", med, unit, lo, hi)
-		if len(runs) > 1 {
-			k := 0
-			for _, x := range runs {
-				if b.holds(x) {
-					k++
-				}
+		k := 0
+		for _, x := range runs {
+			if b.holds(x) {
+				k++
 			}
+		}
+		if len(runs) > 1 {
 			fig += fmt.Sprintf(", met in %d of %d runs", k, len(runs))
 			if b.holds(med) && k < len(runs) {
 				fig += ": not in every run"
 			}
 		}
-		row(target, fig+note, b.holds(med))
+		out = append(out, verdict{key: key, target: target, figure: fig + note, met: b.holds(med), med: med, runsMet: k, runs: len(runs)})
 	}
-	versus := func(target string, r, base result, b bound, note string) {
+	versus := func(key, target string, r, base result, b bound, note string) {
 		med, lo, hi, _ := ratioRuns(r, base)
-		ratioRow(target, med, lo, hi, runRatios(r, base), b, "×", note)
+		ratioRow(key, target, med, lo, hi, runRatios(r, base), b, "×", note)
 	}
 	for _, g := range hotGroups {
 		pool, ok := get(g.name+"/sandboxpool-Acquire+Release", hotProcs)
@@ -76,7 +97,7 @@ func targets(w io.Writer, rs []result) {
 		}
 		base, okBase := get(g.name+"/baseline-maphash64", hotProcs)
 		if okBase {
-			versus(fmt.Sprintf("hot path ≤ %g× the bare map (%s; GOMAXPROCS=%d)", maxHotVsBaseline, g.what, hotProcs), pool, base, bound{maxHotVsBaseline, false}, "")
+			versus("", fmt.Sprintf("hot path ≤ %g× the bare map (%s; GOMAXPROCS=%d)", maxHotVsBaseline, g.what, hotProcs), pool, base, bound{maxHotVsBaseline, false}, "")
 		}
 		if pud, ok := get(g.name+"/puddle-Acquire+Release", hotProcs); ok {
 			// The two targets together assume the bare map faster than
@@ -88,7 +109,7 @@ func targets(w io.Writer, rs []result) {
 				med, _, _, _ := ratioRuns(base, pud)
 				note = fmt.Sprintf("; the bare map itself %.2f× puddle", med)
 			}
-			versus(fmt.Sprintf("hot path faster than puddle (%s; GOMAXPROCS=%d)", g.what, hotProcs), pool, pud, bound{1, true}, note)
+			versus(puddleKey(g.name), fmt.Sprintf("hot path faster than puddle (%s; GOMAXPROCS=%d)", g.what, hotProcs), pool, pud, bound{1, true}, note)
 		}
 	}
 	// Counts are read at their highest in any run, at every GOMAXPROCS.
@@ -119,7 +140,7 @@ func targets(w io.Writer, rs []result) {
 			continue
 		}
 		if med, lo, hi, ok := budget(warm, get1, seq, 0.5); ok {
-			ratioRow(fmt.Sprintf("warm path ≤ 1.5× GET + the provider call, the call made after a GET (GOMAXPROCS=%d)", p),
+			ratioRow(budgetKey(p), fmt.Sprintf("warm path ≤ 1.5× GET + the provider call, the call made after a GET (GOMAXPROCS=%d)", p),
 				med, lo, hi, budgetRuns(warm, get1, seq, 0.5), bound{1, false}, " of the budget", "")
 		}
 	}
@@ -136,6 +157,7 @@ func targets(w io.Writer, rs []result) {
 	if v, ok := highest("ReaperTickIdle", "ns/op"); ok {
 		row("reaper tick < 1 ms with nothing due", fmt.Sprintf("%.0f ns at most", v), v < maxReaperTickNs)
 	}
+	return out
 }
 
 // extremes are the lowest and highest values metric took in any run of the
