@@ -56,7 +56,8 @@ func runName(file string) string {
 // historyRow is one run's row. What a run did not measure is "—".
 func historyRow(name string, rs []result) string {
 	cells := []string{name, "—", "—", "—"}
-	if get, ok := find(rs, "RedisPaths/baseline-GET", hotProcs); ok {
+	get, okGet := find(rs, "RedisPaths/baseline-GET", hotProcs)
+	if okGet {
 		cells[1] = fmt.Sprintf("%.0f µs", get.metrics["ns/op"]/1e3)
 	}
 	pud, okPud := find(rs, "HotPath/puddle-Acquire+Release", hotProcs)
@@ -74,16 +75,13 @@ func historyRow(name string, rs []result) string {
 		}
 		cells = append(cells, cell)
 	}
-	cells = append(cells, "—")
-	if warm, ok := find(rs, "RedisPaths/warm-redis-hit-e2b-fake", hotProcs); ok {
-		if get, ok := find(rs, "RedisPaths/baseline-GET", hotProcs); ok {
-			if own := divideRuns(runsOf(warm, "own-µs/op"), runsOf(get, "ns/op")); len(own) > 0 {
-				const nsPerµs = 1e3
-				med, _, _ := medianRange(own)
-				cells[len(cells)-1] = fmt.Sprintf("%.2f", med*nsPerµs)
-			}
+	own := "—"
+	if warm, ok := find(rs, "RedisPaths/warm-redis-hit-e2b-fake", hotProcs); ok && okGet {
+		if med, _, _, ok := ownShare(warm, get); ok {
+			own = fmt.Sprintf("%.2f", med)
 		}
 	}
+	cells = append(cells, own)
 	var missed []string
 	for _, v := range vs {
 		if !v.met && !slices.Contains(historyKeys, v.key) {

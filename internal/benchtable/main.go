@@ -96,14 +96,28 @@ func budget(warm, get, call result, k float64) (med, lo, hi float64, ok bool) {
 // GET, run by run (the median with the range). It is empty for a result
 // without the split.
 func ownTime(warm, get result) string {
-	rs := divideRuns(runsOf(warm, "own-µs/op"), runsOf(get, "ns/op"))
-	if len(rs) == 0 {
+	med, lo, hi, ok := ownShare(warm, get)
+	if !ok {
 		return ""
 	}
-	med, lo, hi := medianRange(rs)
-	const nsPerµs = 1e3
 	return fmt.Sprintf("; I/O %.1f µs/op, the pool's own time %.1f µs/op: %.2f of a GET (%.2f–%.2f)",
-		warm.metrics["io-µs/op"], warm.metrics["own-µs/op"], med*nsPerµs, lo*nsPerµs, hi*nsPerµs)
+		warm.metrics["io-µs/op"], warm.metrics["own-µs/op"], med, lo, hi)
+}
+
+// ownShare is the pool's own time in a warm Acquire (benchWarm's
+// own-µs/op) as a fraction of the GET of the same run, the median with the
+// lowest and highest; ok is false for a result without the split.
+func ownShare(warm, get result) (med, lo, hi float64, ok bool) {
+	rs := divideRuns(runsOf(warm, "own-µs/op"), runsOf(get, "ns/op"))
+	if len(rs) == 0 {
+		return 0, 0, 0, false
+	}
+	const nsPerµs = 1e3
+	for i := range rs {
+		rs[i] *= nsPerµs
+	}
+	med, lo, hi = medianRange(rs)
+	return med, lo, hi, true
 }
 
 // budgetRuns is budget's fraction run by run.
