@@ -259,11 +259,7 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, co *coordination
 		}
 		if err != nil {
 			rctx, cancel := m.outlive(ctx) // given back even when Close cut the create short
-			for _, taken := range added {
-				_ = m.store.do(rctx, func(ctx context.Context) error {
-					return luaDrop.Run(ctx, m.store.rdb, []string{taken}, pairMember(k)).Err()
-				})
-			}
+			_ = m.store.dropPlaces(rctx, k, added)
 			cancel()
 			return err
 		}
@@ -276,9 +272,18 @@ func (m *Manager) reserveRemote(ctx context.Context, k pairKey, co *coordination
 
 // unreserve drops the pair from the quota sets.
 func (st *store) unreserve(ctx context.Context, k pairKey) error {
+	return st.dropPlaces(ctx, k, []string{st.liveKey(), st.userLiveKey(k.user)})
+}
+
+// dropPlaces drops the pair's place from each of the quota sets keys
+// (luaDrop), in one round trip.
+func (st *store) dropPlaces(ctx context.Context, k pairKey, keys []string) error {
+	if len(keys) == 0 {
+		return nil
+	}
 	return st.do(ctx, func(ctx context.Context) error {
 		_, err := st.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, key := range []string{st.liveKey(), st.userLiveKey(k.user)} {
+			for _, key := range keys {
 				// Eval, not EvalSha: a pipeline cannot fall back on NOSCRIPT.
 				luaDrop.Eval(ctx, p, []string{key}, pairMember(k))
 			}
