@@ -95,8 +95,13 @@ type soak struct {
 	client *e2b.Client
 	mu     sync.Mutex
 	ms     []*sandboxpool.Manager
-	rdbs   []*redis.Client // closed at the end, after every manager
-	errs   sync.Map        // kind → *atomic.Int64
+	// rdbs are the managers' own Redis clients. Config.Redis stays the
+	// caller's, so the soak closes a manager's client once the manager
+	// closed, as a service would; one whose Close failed keeps it to the
+	// end, where the others close.
+	rdbs map[*sandboxpool.Manager]*redis.Client // guarded by mu
+
+	errs   sync.Map // kind → *atomic.Int64
 	served atomic.Int64
 	// servedGone counts Acquires served a sandbox the fake no longer runs
 	// (removed on another instance, announced but not heard yet, or not
@@ -188,14 +193,22 @@ const soakWarnsPerManager = 10
 // of newManager, so a create in flight may finish before Close gives up.
 const soakCloseTimeout = 15 * time.Second
 
-// closeManager closes m and records a failure.
+// closeManager closes m, then its Redis client, or records the failure
+// and leaves the client to the end.
 func (s *soak) closeManager(m *sandboxpool.Manager) {
 	ctx, cancel := context.WithTimeout(context.Background(), soakCloseTimeout)
 	defer cancel()
-	if err := m.Close(ctx); err != nil {
-		s.mu.Lock()
+	err := m.Close(ctx)
+	s.mu.Lock()
+	rdb := s.rdbs[m]
+	if err != nil {
 		s.closeErrs = append(s.closeErrs, err.Error())
-		s.mu.Unlock()
+	} else {
+		delete(s.rdbs, m)
+	}
+	s.mu.Unlock()
+	if err == nil {
+		_ = rdb.Close()
 	}
 }
 
@@ -210,9 +223,6 @@ func (s *soak) newManager(slot int) *sandboxpool.Manager {
 	}
 	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, MaxRetries: -1, DialTimeout: 200 * time.Millisecond,
 		ReadTimeout: 300 * time.Millisecond, WriteTimeout: 300 * time.Millisecond})
-	s.mu.Lock()
-	s.rdbs = append(s.rdbs, rdb)
-	s.mu.Unlock()
 	cfg := sandboxpool.Config{Provider: sandboxpool.NewE2BProvider(s.client), Redis: rdb, Namespace: "soak",
 		IdleTimeout: soakIdle, MaxAge: soakMaxAge, HealthCheckAfter: time.Second, UnresponsiveAfter: soakUnresponsive,
 		ReapInterval: 100 * time.Millisecond, LockTTL: time.Second, CreateTimeout: 10 * time.Second, Logger: slog.New(&s.warns),
@@ -222,6 +232,9 @@ func (s *soak) newManager(slot int) *sandboxpool.Manager {
 	if err != nil { // a fixed, valid config: New cannot fail (and this may run off the test goroutine)
 		panic(err)
 	}
+	s.mu.Lock()
+	s.rdbs[m] = rdb
+	s.mu.Unlock()
 	return m
 }
 
@@ -420,7 +433,7 @@ func (s *soak) settle(d *drains) (took time.Duration, last census) {
 }
 
 func TestSoak(t *testing.T) {
-	s := &soak{t: t, redis: redistest.Start(t), hung: map[string][2]string{}}
+	s := &soak{t: t, redis: redistest.Start(t), hung: map[string][2]string{}, rdbs: map[*sandboxpool.Manager]*redis.Client{}}
 	s.link = redistest.StartLink(t, s.redis.Addr, 0)
 	s.fake = e2btest.Start(e2btest.Config{MaxConcurrent: 500})
 	defer s.fake.Close()
