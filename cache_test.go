@@ -20,6 +20,7 @@ import (
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
 
 	"github.com/sandboxpool/sandboxpool"
 	fp "github.com/sandboxpool/sandboxpool/internal/fakeprovider"
@@ -1659,6 +1660,38 @@ func TestCloseWaitsForARemoveInFlight(t *testing.T) {
 	require.Eventually(t, func() bool { return other.Stats().Active == 0 }, 5*time.Second, 5*time.Millisecond,
 		"the other instance was not told of the removal")
 	assert.NotContains(t, logs.String(), "close: Redis did not answer")
+}
+
+// Close stops every goroutine the Manager started (its removal subscriber,
+// reaper, probe and clock loops, its kept workers) while the Redis client
+// stays open: Config.Redis is the caller's, and a service that closes a
+// Manager and keeps the client, or builds the next Manager on it, must not
+// be left with the closed one's goroutines, or with work of it that ends
+// only when the client closes. A kept worker would leave by itself a
+// second later (workerIdle), after goleak has stopped looking.
+func TestCloseLeavesNoGoroutineWhileTheRedisClientStaysOpen(t *testing.T) {
+	onBoth(t, func(t *testing.T, newCluster func(*testing.T, ...func(*sandboxpool.Config)) *cluster) {
+		c := newCluster(t)
+		rdb := c.client(t)
+		require.NoError(t, rdb.Ping(context.Background()).Err()) // the client's own connection predates the baseline
+		baseline := goleak.IgnoreCurrent()
+		m, err := sandboxpool.New(sandboxpool.Config{Provider: fp.New(), Redis: rdb}) // real clock, reaper and loops
+		require.NoError(t, err)
+		c.waitSubscribers(t, 1)
+		acquireID(t, m, "u", "p")
+		require.NoError(t, m.Remove(context.Background(), "u", "p")) // a removal announced
+		acquireID(t, m, "u", "q")                                    // a fill on a worker, kept after it
+		require.NoError(t, m.Close(context.Background()))
+		goleak.VerifyNone(t, baseline,
+			// miniredis serves the client's pooled connections in this process
+			goleak.IgnoreAnyFunction("github.com/alicebob/miniredis/v2/server.(*Server).servePeer"),
+			goleak.IgnoreAnyFunction("github.com/alicebob/miniredis/v2/server.(*Server).servePeer.func2"))
+		require.Eventually(t, func() bool { // and the subscription's connection is closed
+			got, err := c.rdb.PubSubNumSub(context.Background(), "sandboxpool:removed").Result()
+			return err == nil && got["sandboxpool:removed"] == 0
+		}, 5*time.Second, 5*time.Millisecond, "the removal subscription outlived Close")
+		require.NoError(t, rdb.Ping(context.Background()).Err(), "the caller's client outlives the Manager")
+	})
 }
 
 // onMessage is a slog.Handler that calls fn before it handles a record
