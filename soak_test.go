@@ -95,10 +95,9 @@ type soak struct {
 	client *e2b.Client
 	mu     sync.Mutex
 	ms     []*sandboxpool.Manager
-	// rdbs are the managers' own Redis clients. Config.Redis stays the
-	// caller's, so the soak closes a manager's client once the manager
-	// closed, as a service would; one whose Close failed keeps it to the
-	// end, where the others close.
+	// rdbs are the open managers' own Redis clients. Config.Redis stays
+	// the caller's, so the soak closes a manager's client once the manager
+	// closed, as a service would (see closeManager).
 	rdbs map[*sandboxpool.Manager]*redis.Client // guarded by mu
 
 	errs   sync.Map // kind → *atomic.Int64
@@ -193,23 +192,20 @@ const soakWarnsPerManager = 10
 // of newManager, so a create in flight may finish before Close gives up.
 const soakCloseTimeout = 15 * time.Second
 
-// closeManager closes m, then its Redis client, or records the failure
-// and leaves the client to the end.
+// closeManager closes m, recording a failure, then its Redis client: Close
+// returns once m's background work has stopped, cut short or not.
 func (s *soak) closeManager(m *sandboxpool.Manager) {
 	ctx, cancel := context.WithTimeout(context.Background(), soakCloseTimeout)
 	defer cancel()
 	err := m.Close(ctx)
 	s.mu.Lock()
 	rdb := s.rdbs[m]
+	delete(s.rdbs, m)
 	if err != nil {
 		s.closeErrs = append(s.closeErrs, err.Error())
-	} else {
-		delete(s.rdbs, m)
 	}
 	s.mu.Unlock()
-	if err == nil {
-		_ = rdb.Close()
-	}
+	_ = rdb.Close()
 }
 
 // cutSlot is the Manager slot whose Redis traffic goes through s.link.
@@ -664,9 +660,6 @@ func TestSoak(t *testing.T) {
 		broken = append(broken, fmt.Sprintf("%d Acquires %s set above anything the load holds or makes: places or tokens leaked", v.(*atomic.Int64).Load(), refusedKind))
 	}
 	s.client.CloseIdleConnections()
-	for _, c := range s.rdbs {
-		_ = c.Close()
-	}
 	time.Sleep(200 * time.Millisecond)
 	extraGoroutines := runtime.NumGoroutine() - goroutinesAtStart
 
