@@ -326,6 +326,41 @@ const (
 	soakDrain = soakIdle/2 + 2*time.Second + 500*time.Millisecond
 )
 
+// managerLoops are the loops a Manager with Redis runs from New until
+// Close, each on a goroutine of its own.
+var managerLoops = []string{"(*clock).run", "(*Manager).reapLoop", "(*Manager).probeLoop", "(*Manager).removalLoop", "(*Manager).checkEviction"}
+
+// loopsAmiss checks that each of managerLoops runs on exactly one goroutine
+// per open Manager: fewer is a loop that returned early (a probe loop that
+// quit after an outage, say), more is a closed Manager's loop that outlived
+// its Close. It reports each loop whose count is off.
+func loopsAmiss(open int) []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	counts := make([]int, len(managerLoops))
+	for _, g := range strings.Split(string(buf), "\n\n") {
+		for i, f := range managerLoops {
+			if strings.Contains(g, "github.com/sandboxpool/sandboxpool."+f+"(") {
+				counts[i]++
+			}
+		}
+	}
+	var amiss []string
+	for i, f := range managerLoops {
+		if counts[i] != open {
+			amiss = append(amiss, fmt.Sprintf("%d goroutines run %s, one per open Manager (%d) expected", counts[i], f, open))
+		}
+	}
+	return amiss
+}
+
 // census is one look at the fake. A live duplicate is a pair's running
 // sandbox younger than MaxAge beyond the first. A sandbox past MaxAge is
 // draining (never handed out again), not a duplicate; one running past
@@ -605,6 +640,9 @@ func TestSoak(t *testing.T) {
 		}
 		if r.served == 0 {
 			broken = append(broken, ph.name+": nothing served")
+		}
+		for _, msg := range loopsAmiss(soakManagers) {
+			broken = append(broken, ph.name+": "+msg)
 		}
 		if ph.check != nil {
 			report, b := ph.check(s)
