@@ -361,6 +361,20 @@ func loopsAmiss(open int) []string {
 	return amiss
 }
 
+// settledLoops is loopsAmiss once it holds, or after a second: the loops
+// of a Manager made just before the phase ended may not have been
+// scheduled yet.
+func settledLoops(open int) []string {
+	deadline := time.Now().Add(time.Second)
+	for {
+		amiss := loopsAmiss(open)
+		if len(amiss) == 0 || time.Now().After(deadline) {
+			return amiss
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // census is one look at the fake. A live duplicate is a pair's running
 // sandbox younger than MaxAge beyond the first. A sandbox past MaxAge is
 // draining (never handed out again), not a duplicate; one running past
@@ -641,7 +655,7 @@ func TestSoak(t *testing.T) {
 		if r.served == 0 {
 			broken = append(broken, ph.name+": nothing served")
 		}
-		for _, msg := range loopsAmiss(soakManagers) {
+		for _, msg := range settledLoops(soakManagers) {
 			broken = append(broken, ph.name+": "+msg)
 		}
 		if ph.check != nil {
