@@ -1,6 +1,10 @@
 package sandboxpool
 
-import "time"
+import (
+	"runtime"
+	"strings"
+	"time"
+)
 
 // Test hooks, compiled only into this package's tests.
 
@@ -105,3 +109,16 @@ func Suspects(m *Manager) int {
 // RefusingWrites reports whether m's Redis store is in an episode of
 // refused writes (see store.writesRefused).
 func RefusingWrites(m *Manager) bool { return m.store.refusedAt.Load() != 0 }
+
+// GoroutineStacks is every goroutine's stack, one string each, for tests
+// that count the goroutines running a function.
+func GoroutineStacks() []string {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			return strings.Split(string(buf[:n]), "\n\n")
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+}

@@ -46,8 +46,7 @@ func goroutineID() string {
 // workerStacks counts the goroutines running Manager.worker: all of them,
 // and the idle ones (worker is their top frame: waiting for a job).
 func workerStacks() (all, idle int) {
-	b := make([]byte, 1<<20)
-	for _, g := range strings.Split(string(b[:runtime.Stack(b, true)]), "\n\n") {
+	for _, g := range GoroutineStacks() {
 		if !strings.Contains(g, ".(*Manager).worker(") {
 			continue
 		}

@@ -335,17 +335,8 @@ var managerLoops = []string{"(*clock).run", "(*Manager).reapLoop", "(*Manager).p
 // quit after an outage, say), more is a closed Manager's loop that outlived
 // its Close. It reports each loop whose count is off.
 func loopsAmiss(open int) []string {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			buf = buf[:n]
-			break
-		}
-		buf = make([]byte, 2*len(buf))
-	}
 	counts := make([]int, len(managerLoops))
-	for _, g := range strings.Split(string(buf), "\n\n") {
+	for _, g := range sandboxpool.GoroutineStacks() {
 		for i, f := range managerLoops {
 			if strings.Contains(g, "github.com/sandboxpool/sandboxpool."+f+"(") {
 				counts[i]++
