@@ -6,11 +6,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"runtime"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -403,6 +405,70 @@ func TestBreakerOpensOnlyOnASilentRedis(t *testing.T) {
 	assert.True(t, st.degraded(), "silent for RedisTimeout")
 	assert.EqualValues(t, 3*breakerTrips, errs.Load(), "every failure is counted")
 }
+
+// A Cluster client is told to read the cluster's map again after a call
+// Redis did not answer (see nodeLost), and only then: not after a reply,
+// an error reply included, nor after a call its caller ended or the open
+// breaker refused, none of which says a node is gone. A client that keeps
+// no map is left alone.
+func TestClusterMapIsReadAgainOnlyAfterAnUnansweredCall(t *testing.T) {
+	mr := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: mr.Addr()})
+	defer rdb.Close()
+	cluster := &mapReloads{UniversalClient: rdb}
+	st, _ := testStore(cluster, time.Minute)
+	ctx := context.Background()
+	reply := func(msg string) func(context.Context) error {
+		return func(context.Context) error { return replyError(msg) }
+	}
+	for _, call := range []func(context.Context) error{
+		func(ctx context.Context) error { return rdb.Ping(ctx).Err() },
+		reply("WRONGTYPE Operation against a key holding the wrong kind of value"),
+		reply("OOM command not allowed when used memory > 'maxmemory'"),
+		reply("CLUSTERDOWN The cluster is down"),
+	} {
+		_ = st.do(ctx, call)
+	}
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	_ = st.do(cancelled, func(ctx context.Context) error { return ctx.Err() })
+	assert.Zero(t, cluster.n.Load(), "Redis answered, or the caller ended the call")
+
+	refused := func(context.Context) error { return &net.OpError{Op: "dial", Net: "tcp", Err: syscall.ECONNREFUSED} }
+	require.ErrorIs(t, st.do(ctx, refused), errRedisUnavailable)
+	assert.EqualValues(t, 1, cluster.n.Load(), "a node refused the connection")
+	st.timeout = time.Millisecond
+	silent := func(call context.Context) error { <-call.Done(); return call.Err() }
+	require.ErrorIs(t, st.do(ctx, silent), errRedisUnavailable)
+	assert.EqualValues(t, 2, cluster.n.Load(), "a node did not answer within RedisTimeout")
+
+	time.Sleep(2 * st.timeout)
+	for !st.degraded() {
+		_ = st.do(ctx, silent)
+	}
+	n := cluster.n.Load()
+	require.ErrorIs(t, st.do(ctx, silent), errRedisUnavailable)
+	assert.Equal(t, n, cluster.n.Load(), "the open breaker refused the call: it reached no node")
+
+	plain, _ := testStore(rdb, time.Minute)
+	assert.Nil(t, plain.nodes)
+	require.ErrorIs(t, plain.do(ctx, refused), errRedisUnavailable)
+}
+
+// mapReloads is a client that keeps a cluster's map (as a Cluster client
+// does) and counts how often it is told to read it again.
+type mapReloads struct {
+	redis.UniversalClient
+	n atomic.Int64
+}
+
+func (c *mapReloads) ReloadState(context.Context) { c.n.Add(1) }
+
+// replyError is an error reply from Redis.
+type replyError string
+
+func (e replyError) Error() string { return string(e) }
+func (replyError) RedisError()     {}
 
 // testStore is a Manager's store on rdb with the given RedisTimeout, and
 // the count of Redis errors it keeps.

@@ -237,33 +237,10 @@ func TestRealRedisOutageAndRecovery(t *testing.T) {
 	ms := instances(t, 4, p, outageClient(t, srv.Addr))
 	require.Empty(t, stampede(t, ms, 200, 20, 5*time.Second)) // warm: 20 pairs
 
-	var failed, served atomic.Int64
-	var wg sync.WaitGroup
-	stop := make(chan struct{})
 	srv.Stop() // Redis dies before the new pairs arrive
-	for w := range 8 {
-		wg.Go(func() {
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				pair := (w*7 + i) % 40 // 20 warm pairs, 20 new ones born during the outage
-				l, err := ms[(w+i)%len(ms)].Acquire(ctx, fmt.Sprint("user", pair%10), fmt.Sprint("proj", pair))
-				cancel()
-				if err != nil {
-					failed.Add(1)
-					t.Logf("acquire failed: %v", err)
-					continue
-				}
-				served.Add(1)
-				l.Release()
-				time.Sleep(2 * time.Millisecond)
-			}
-		})
-	}
+	stop := load(t, ms, 2*time.Second, func(w, i int) int {
+		return (w*7 + i) % 40 // 20 warm pairs, 20 new ones born during the outage
+	})
 	time.Sleep(time.Second)
 	degraded := 0
 	for _, m := range ms {
@@ -272,23 +249,15 @@ func TestRealRedisOutageAndRecovery(t *testing.T) {
 		}
 	}
 	srv.Start() // and comes back, empty
-	require.Eventually(t, func() bool {
-		for _, m := range ms {
-			if m.Stats().RedisDegraded {
-				return false
-			}
-		}
-		return true
-	}, 15*time.Second, 20*time.Millisecond, "every breaker closes again")
+	waitBreakersClosed(t, ms, "every breaker closes again")
 	time.Sleep(300 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	served, failed := stop()
 	st := sumStats(ms)
 	t.Logf("outage: %d served, %d failed, %d/%d instances degraded, %d degraded creates, %d creates for 40 pairs (%d duplicates during the outage)",
-		served.Load(), failed.Load(), degraded, len(ms), st.DegradedCreates, p.Calls(fp.OpCreate), p.Calls(fp.OpCreate)-40)
-	assert.Zero(t, failed.Load(), "requests keep succeeding within their timeouts")
+		served, failed, degraded, len(ms), st.DegradedCreates, p.Calls(fp.OpCreate), p.Calls(fp.OpCreate)-40)
+	assert.Zero(t, failed, "requests keep succeeding within their timeouts")
 	assert.Positive(t, degraded, "instances on the cold path noticed the outage")
-	assert.Positive(t, served.Load())
+	assert.Positive(t, served)
 	// After recovery every pair is published once: the outage's duplicates
 	// were retired by reconciliation, so new acquires agree on one sandbox.
 	require.Eventually(t, func() bool { return len(p.Alive()) <= 40 }, 10*time.Second, 20*time.Millisecond, "duplicates retired: %d alive", len(p.Alive()))
@@ -465,7 +434,7 @@ func TestRealRedisThatEvictsIsWarnedOf(t *testing.T) {
 	assert.Equal(t, 1, strings.Count(logs.String(), "Redis evicts keys when full"))
 	assert.True(t, m.Stats().RedisEvicts)
 
-	cl := redistest.StartCluster(t, 3)
+	cl := redistest.StartCluster(t, 3, 0)
 	cc := cl.Client(t)
 	require.NoError(t, cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
 		if err := c.ConfigSet(ctx, "maxmemory", "64mb").Err(); err != nil {
@@ -574,7 +543,7 @@ func outOfMemory(t *testing.T, srv *redistest.Server) *redis.Client {
 
 // The multi-instance test on a real 3-master Redis Cluster.
 func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
-	cl := redistest.StartCluster(t, 3)
+	cl := redistest.StartCluster(t, 3, 0)
 	p := fp.New()
 	p.SetLatency(fp.OpCreate, 20*time.Millisecond)
 	ms := instances(t, 8, p, func() redis.UniversalClient { return cl.Client(t) }, patientRedis,
@@ -620,6 +589,213 @@ func TestRealRedisClusterOneSandboxPerPair(t *testing.T) {
 		return true
 	}, 10*time.Second, 10*time.Millisecond, "every instance forgets the removed sandbox")
 	assert.NotContains(t, p.Alive(), removed)
+}
+
+// A Redis Cluster whose masters fail, one after the other, each with a
+// replica to take over: README advises replicas so that the failover, not
+// the breaker, carries the outage. Three failovers: a master that serves
+// no slot of the removal channel crashes (its connections are reset);
+// then the channel's master crashes; then, once that one is back as the
+// replica of the master that took its place, that master hangs (SIGSTOP:
+// its connections stay open and nothing answers), as a host that froze.
+// Four busy instances keep serving throughout (memory hits from memory;
+// new pairs, asked for from the failure on, wait out the failover within
+// their deadline where the failed master served their slot, or are
+// created without the lock while a breaker is open), their breakers close
+// once the replica serves, and every pair ends with one sandbox served by
+// all four. After each failover of the channel's master every
+// subscription has moved to the new one, that of a fifth instance too,
+// which makes no Redis call of its own (it probes Redis once an hour).
+// Then a Remove reaches every instance at once: probes of sandboxes are an
+// hour apart, so only announcements tell an instance that a sandbox is
+// gone.
+//
+// Before, a Cluster client kept routing a failed master's slots to its
+// address for up to a minute (go-redis reads the cluster's map again on
+// MOVED, and otherwise every ClusterStateReloadInterval): new pairs there
+// failed at their 15 s deadline, the pairs took longer than 15 s to
+// converge, and a subscription stayed with the dead master.
+func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
+	// Registered first, so run last, after the clients are closed: a
+	// go-redis pool whose dials failed probes its dead node once a second
+	// until the client is closed, and goleak must not find that probe.
+	t.Cleanup(func() { waitGoroutinesGone(t, "(*ConnPool).tryDial", 3*time.Second) })
+	cl := redistest.StartCluster(t, 3, 1)
+	p := fp.New()
+	newClient := func() redis.UniversalClient {
+		c := redis.NewClusterClient(&redis.ClusterOptions{ContextTimeoutEnabled: true, Addrs: cl.Addrs,
+			DialTimeout: 200 * time.Millisecond, ReadTimeout: 500 * time.Millisecond, WriteTimeout: 500 * time.Millisecond})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	hourlyProbes := func(c *sandboxpool.Config) {
+		c.HealthCheckAfter = time.Hour
+		c.MaxSandboxes = 1000
+		c.MaxPerUser = 100
+	}
+	ms := instances(t, 4, p, newClient, hourlyProbes)
+	idle := instances(t, 1, p, newClient, hourlyProbes, func(c *sandboxpool.Config) { sandboxpool.SlowRedisProbe(c, time.Hour) })[0]
+	const batch = 40 // new pairs: asked for before the first failure, then from each failure on
+	require.Empty(t, stampede(t, ms, 400, batch, 10*time.Second))
+	removed := acquireID(t, idle, "user0", "proj0")
+	channel := "sandboxpool:removed"
+	waitClusterSubscribed(t, cl.MasterOf(channel), len(ms)+1)
+
+	pairs := batch
+	failover := func(victim *redistest.Server, fail func()) {
+		t.Helper()
+		var down atomic.Bool
+		stop := load(t, ms, 15*time.Second, func(w, i int) int {
+			if down.Load() && i%2 == 0 {
+				return pairs + (w*11+i)%batch
+			}
+			return (w*11 + i) % pairs
+		})
+		time.Sleep(200 * time.Millisecond)
+		before := sumStats(ms)
+		start := time.Now()
+		fail()
+		down.Store(true)
+		cl.WaitFailover(victim)
+		took := time.Since(start)
+		time.Sleep(500 * time.Millisecond)
+		served, failed := stop()
+		pairs += batch
+		st := sumStats(ms)
+		t.Logf("failover of %s took %s: %d served, %d failed, %d Redis errors, %d creates without the lock, %d creates for %d pairs",
+			victim.Addr, took.Round(time.Millisecond), served, failed, st.RedisErrors-before.RedisErrors,
+			st.DegradedCreates-before.DegradedCreates, p.Calls(fp.OpCreate), pairs)
+		assert.Zero(t, failed, "every Acquire is served within its deadline")
+		assert.Greater(t, st.RedisErrors, before.RedisErrors, "the failover met the instances")
+		waitBreakersClosed(t, ms, "every breaker closes once the replica serves")
+
+		// One sandbox per pair, served by all four: duplicates made
+		// without the lock are retired once published.
+		require.Eventually(t, func() bool {
+			for pair := range pairs {
+				user, project := fmt.Sprint("user", pair%10), fmt.Sprint("proj", pair)
+				id := servedID(ms[0], user, project)
+				for _, m := range ms[1:] {
+					if id == "" || servedID(m, user, project) != id {
+						return false
+					}
+				}
+			}
+			return true
+		}, 15*time.Second, 50*time.Millisecond, "every instance serves each pair's one sandbox")
+		assert.Eventually(t, func() bool { return len(p.Alive()) == pairs }, 10*time.Second, 20*time.Millisecond, "one sandbox per pair alive")
+	}
+
+	masters := cl.Masters()
+	channelMaster := cl.MasterOf(channel)
+	other := masters[slices.IndexFunc(masters, func(s *redistest.Server) bool { return s != channelMaster })]
+	failover(other, other.Stop)
+	failover(channelMaster, channelMaster.Stop)
+	waitClusterSubscribed(t, cl.MasterOf(channel), len(ms)+1)
+	cl.Rejoin(channelMaster) // the replica of the master that took its place
+	promoted := cl.MasterOf(channel)
+	failover(promoted, promoted.Pause)
+
+	// Every subscription followed the channel's slot to the new master.
+	waitClusterSubscribed(t, cl.MasterOf(channel), len(ms)+1)
+	require.Equal(t, removed, servedID(ms[1], "user0", "proj0"))
+	require.NoError(t, ms[0].Remove(context.Background(), "user0", "proj0"))
+	assert.Eventually(t, func() bool {
+		for _, m := range append(ms[1:], idle) {
+			if id := servedID(m, "user0", "proj0"); id == "" || id == removed {
+				return false
+			}
+		}
+		return true
+	}, 5*time.Second, 10*time.Millisecond, "every instance forgets the removed sandbox at once, not at its next probe")
+	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
+}
+
+// load runs 8 workers that Acquire and Release, 2 ms apart, the pair
+// pick(w, i) names for worker w's i-th request, on Manager (w+i)%len(ms),
+// each within timeout, until the stop it returns is called: stop waits for
+// them and reports how many Acquires were served and how many failed
+// (each logged).
+func load(t *testing.T, ms []*sandboxpool.Manager, timeout time.Duration, pick func(w, i int) int) (stop func() (served, failed int64)) {
+	var (
+		servedN, failedN atomic.Int64
+		wg               sync.WaitGroup
+	)
+	done := make(chan struct{})
+	for w := range 8 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-done:
+					return
+				default:
+				}
+				pair := pick(w, i)
+				ctx, cancel := context.WithTimeout(context.Background(), timeout)
+				l, err := ms[(w+i)%len(ms)].Acquire(ctx, fmt.Sprint("user", pair%10), fmt.Sprint("proj", pair))
+				cancel()
+				if err != nil {
+					failedN.Add(1)
+					t.Logf("acquire failed: %v", err)
+					continue
+				}
+				servedN.Add(1)
+				l.Release()
+				time.Sleep(2 * time.Millisecond)
+			}
+		})
+	}
+	return func() (int64, int64) {
+		close(done)
+		wg.Wait()
+		return servedN.Load(), failedN.Load()
+	}
+}
+
+// waitBreakersClosed waits until no Manager of ms holds Redis degraded.
+func waitBreakersClosed(t *testing.T, ms []*sandboxpool.Manager, msg string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		for _, m := range ms {
+			if m.Stats().RedisDegraded {
+				return false
+			}
+		}
+		return true
+	}, 15*time.Second, 20*time.Millisecond, msg)
+}
+
+// waitClusterSubscribed waits until n clients listen for removals on node,
+// a Cluster's master: a Cluster client subscribes on the master of the
+// channel's slot, and a node counts only its own subscribers.
+func waitClusterSubscribed(t *testing.T, node *redistest.Server, n int) {
+	t.Helper()
+	admin := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: node.Addr})
+	defer admin.Close()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		got, err := admin.PubSubNumSub(context.Background(), "sandboxpool:removed").Result()
+		if err == nil && got["sandboxpool:removed"] == int64(n) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d instances subscribed on %s expected: %v %v", n, node.Addr, got, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// waitGoroutinesGone waits up to d until no goroutine runs fn.
+func waitGoroutinesGone(t *testing.T, fn string, d time.Duration) {
+	t.Helper()
+	assert.Eventually(t, func() bool {
+		for _, g := range sandboxpool.GoroutineStacks() {
+			if strings.Contains(g, fn) {
+				return false
+			}
+		}
+		return true
+	}, d, 20*time.Millisecond, "a goroutine still runs %s", fn)
 }
 
 // Removals still reach every instance after Redis restarts: the removal

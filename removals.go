@@ -239,9 +239,11 @@ func (m *Manager) removalLoop() {
 		case timedOut(err):
 			if time.Since(heard) >= m.cfg.removalPingAfter {
 				ctx, cancel := context.WithTimeout(m.baseCtx, m.cfg.RedisTimeout)
-				if ps.Ping(ctx) == nil { // its answer arrives as a message
+				if err := ps.Ping(ctx); err == nil { // its answer arrives as a message
 					pinged = time.Now()
-				} // else go-redis redialled, and the new subscription is confirmed
+				} else { // go-redis redialled, and the new subscription is confirmed, or it could not
+					m.store.nodeLost(m.baseCtx, err)
+				}
 				cancel()
 				heard = time.Now()
 			}
@@ -260,6 +262,7 @@ func (m *Manager) removalLoop() {
 			sub.renew(m.baseCtx, m.store.rdb, m.store.removedChannel(), m.cfg.RedisTimeout)
 			heard, pinged = time.Now(), time.Time{}
 		default: // the connection failed: go-redis redials on the next receive
+			m.store.nodeLost(m.baseCtx, err) // on the channel's master, which may have failed over
 			pinged = time.Time{}
 			if !pause(m.baseCtx, removalRetry) {
 				return
