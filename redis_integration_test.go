@@ -628,62 +628,14 @@ func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
 		t.Cleanup(func() { _ = c.Close() })
 		return c
 	}
-	hourlyProbes := func(c *sandboxpool.Config) {
-		c.HealthCheckAfter = time.Hour
-		c.MaxSandboxes = 1000
-		c.MaxPerUser = 100
-	}
-	ms := instances(t, 4, p, newClient, hourlyProbes)
-	idle := instances(t, 1, p, newClient, hourlyProbes, func(c *sandboxpool.Config) { sandboxpool.SlowRedisProbe(c, time.Hour) })[0]
-	const batch = 40 // new pairs: asked for before the first failure, then from each failure on
-	require.Empty(t, stampede(t, ms, 400, batch, 10*time.Second))
-	removed := acquireID(t, idle, "user0", "proj0")
+	ms, idle, removed := failoverInstances(t, p, newClient)
 	channel := "sandboxpool:removed"
-	waitClusterSubscribed(t, cl.MasterOf(channel), len(ms)+1)
+	waitSubscribed(t, cl.MasterOf(channel), int64(len(ms)+1))
 
-	pairs := batch
+	pairs := failoverBatch
 	failover := func(victim *redistest.Server, fail func()) {
 		t.Helper()
-		var down atomic.Bool
-		stop := load(t, ms, 15*time.Second, func(w, i int) int {
-			if down.Load() && i%2 == 0 {
-				return pairs + (w*11+i)%batch
-			}
-			return (w*11 + i) % pairs
-		})
-		time.Sleep(200 * time.Millisecond)
-		before := sumStats(ms)
-		start := time.Now()
-		fail()
-		down.Store(true)
-		cl.WaitFailover(victim)
-		took := time.Since(start)
-		time.Sleep(500 * time.Millisecond)
-		served, failed := stop()
-		pairs += batch
-		st := sumStats(ms)
-		t.Logf("failover of %s took %s: %d served, %d failed, %d Redis errors, %d creates without the lock, %d creates for %d pairs",
-			victim.Addr, took.Round(time.Millisecond), served, failed, st.RedisErrors-before.RedisErrors,
-			st.DegradedCreates-before.DegradedCreates, p.Calls(fp.OpCreate), pairs)
-		assert.Zero(t, failed, "every Acquire is served within its deadline")
-		assert.Greater(t, st.RedisErrors, before.RedisErrors, "the failover met the instances")
-		waitBreakersClosed(t, ms, "every breaker closes once the replica serves")
-
-		// One sandbox per pair, served by all four: duplicates made
-		// without the lock are retired once published.
-		require.Eventually(t, func() bool {
-			for pair := range pairs {
-				user, project := fmt.Sprint("user", pair%10), fmt.Sprint("proj", pair)
-				id := servedID(ms[0], user, project)
-				for _, m := range ms[1:] {
-					if id == "" || servedID(m, user, project) != id {
-						return false
-					}
-				}
-			}
-			return true
-		}, 15*time.Second, 50*time.Millisecond, "every instance serves each pair's one sandbox")
-		assert.Eventually(t, func() bool { return len(p.Alive()) == pairs }, 10*time.Second, 20*time.Millisecond, "one sandbox per pair alive")
+		pairs = throughFailover(t, ms, p, pairs, victim.Addr, fail, func() { cl.WaitFailover(victim) })
 	}
 
 	masters := cl.Masters()
@@ -691,13 +643,71 @@ func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
 	other := masters[slices.IndexFunc(masters, func(s *redistest.Server) bool { return s != channelMaster })]
 	failover(other, other.Stop)
 	failover(channelMaster, channelMaster.Stop)
-	waitClusterSubscribed(t, cl.MasterOf(channel), len(ms)+1)
+	waitSubscribed(t, cl.MasterOf(channel), int64(len(ms)+1))
 	cl.Rejoin(channelMaster) // the replica of the master that took its place
 	promoted := cl.MasterOf(channel)
 	failover(promoted, promoted.Pause)
 
 	// Every subscription followed the channel's slot to the new master.
-	waitClusterSubscribed(t, cl.MasterOf(channel), len(ms)+1)
+	waitSubscribed(t, cl.MasterOf(channel), int64(len(ms)+1))
+	removalReachesEveryInstance(t, ms, idle, removed)
+	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
+}
+
+// A master watched by Redis Sentinel hangs (SIGSTOP: its connections stay
+// open and nothing answers), and the sentinel promotes its replica:
+// instances on go-redis's failover client carry it as they carry a
+// Cluster's failover (see throughFailover), and every subscription moves
+// to the new master, an idle instance's too, so that a Remove reaches
+// every instance at once. (go-redis follows the sentinel's word: the
+// Manager needs nothing of its own here.)
+func TestRealRedisSentinelFailoverIsCarriedByTheReplica(t *testing.T) {
+	t.Cleanup(func() { waitGoroutinesGone(t, "(*ConnPool).tryDial", 3*time.Second) }) // as in the Cluster's test
+	sn := redistest.StartSentinel(t)
+	p := fp.New()
+	newClient := func() redis.UniversalClient {
+		c := redis.NewFailoverClient(&redis.FailoverOptions{ContextTimeoutEnabled: true, MasterName: sn.MasterName, SentinelAddrs: []string{sn.Addr},
+			DialTimeout: 200 * time.Millisecond, ReadTimeout: 500 * time.Millisecond, WriteTimeout: 500 * time.Millisecond})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+	ms, idle, removed := failoverInstances(t, p, newClient)
+	waitSubscribed(t, sn.Master, int64(len(ms)+1))
+	pairs := throughFailover(t, ms, p, failoverBatch, sn.Master.Addr, sn.Master.Pause, sn.WaitFailover)
+	waitSubscribed(t, sn.Replica, int64(len(ms)+1))
+	removalReachesEveryInstance(t, ms, idle, removed)
+	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
+}
+
+// failoverBatch is how many new pairs a failover test asks for: before
+// the first failure, then from each failure on.
+const failoverBatch = 40
+
+// failoverInstances builds the instances of a failover test, each with
+// its own client from newClient: four busy ones, which serve
+// failoverBatch pairs before it returns, and an idle one, which makes no
+// Redis call of its own (it probes Redis once an hour) and holds the pair
+// (user0, proj0), whose sandbox it returns. Probes of sandboxes are an
+// hour apart, so only announcements tell an instance that a sandbox is
+// gone.
+func failoverInstances(t *testing.T, p *fp.Provider, newClient func() redis.UniversalClient) (ms []*sandboxpool.Manager, idle *sandboxpool.Manager, removed string) {
+	t.Helper()
+	hourlyProbes := func(c *sandboxpool.Config) {
+		c.HealthCheckAfter = time.Hour
+		c.MaxSandboxes = 1000
+		c.MaxPerUser = 100
+	}
+	ms = instances(t, 4, p, newClient, hourlyProbes)
+	idle = instances(t, 1, p, newClient, hourlyProbes, func(c *sandboxpool.Config) { sandboxpool.SlowRedisProbe(c, time.Hour) })[0]
+	require.Empty(t, stampede(t, ms, 400, failoverBatch, 10*time.Second))
+	return ms, idle, acquireID(t, idle, "user0", "proj0")
+}
+
+// removalReachesEveryInstance removes (user0, proj0), served removed, on
+// ms[0], and checks that the other instances and idle stop handing it out
+// at once, not at their next probe (an hour away).
+func removalReachesEveryInstance(t *testing.T, ms []*sandboxpool.Manager, idle *sandboxpool.Manager, removed string) {
+	t.Helper()
 	require.Equal(t, removed, servedID(ms[1], "user0", "proj0"))
 	require.NoError(t, ms[0].Remove(context.Background(), "user0", "proj0"))
 	assert.Eventually(t, func() bool {
@@ -708,7 +718,56 @@ func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
 		}
 		return true
 	}, 5*time.Second, 10*time.Millisecond, "every instance forgets the removed sandbox at once, not at its next probe")
-	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
+}
+
+// throughFailover checks that ms carry a failover of their Redis: it runs
+// load on them, over pairs pairs until fail is called, then over
+// failoverBatch new ones too, and calls wait, which returns once the failover is complete.
+// No Acquire may fail within its 15 s deadline; the failure must meet the
+// instances (Redis errors); every breaker closes; within 15 s every pair
+// is served one sandbox, the same by every instance (duplicates made
+// without the lock are retired once published), and no other runs. It
+// returns the pairs there are now.
+func throughFailover(t *testing.T, ms []*sandboxpool.Manager, p *fp.Provider, pairs int, name string, fail, wait func()) int {
+	t.Helper()
+	var down atomic.Bool
+	stop := load(t, ms, 15*time.Second, func(w, i int) int {
+		if down.Load() && i%2 == 0 {
+			return pairs + (w*11+i)%failoverBatch
+		}
+		return (w*11 + i) % pairs
+	})
+	time.Sleep(200 * time.Millisecond)
+	before := sumStats(ms)
+	start := time.Now()
+	fail()
+	down.Store(true)
+	wait()
+	took := time.Since(start)
+	time.Sleep(500 * time.Millisecond)
+	served, failed := stop()
+	pairs += failoverBatch
+	st := sumStats(ms)
+	t.Logf("failover of %s took %s: %d served, %d failed, %d Redis errors, %d creates without the lock, %d creates for %d pairs",
+		name, took.Round(time.Millisecond), served, failed, st.RedisErrors-before.RedisErrors,
+		st.DegradedCreates-before.DegradedCreates, p.Calls(fp.OpCreate), pairs)
+	assert.Zero(t, failed, "every Acquire is served within its deadline")
+	assert.Greater(t, st.RedisErrors, before.RedisErrors, "the failover met the instances")
+	waitBreakersClosed(t, ms, "every breaker closes once the replica serves")
+	require.Eventually(t, func() bool {
+		for pair := range pairs {
+			user, project := fmt.Sprint("user", pair%10), fmt.Sprint("proj", pair)
+			id := servedID(ms[0], user, project)
+			for _, m := range ms[1:] {
+				if id == "" || servedID(m, user, project) != id {
+					return false
+				}
+			}
+		}
+		return true
+	}, 15*time.Second, 50*time.Millisecond, "every instance serves each pair's one sandbox")
+	assert.Eventually(t, func() bool { return len(p.Alive()) == pairs }, 10*time.Second, 20*time.Millisecond, "one sandbox per pair alive")
+	return pairs
 }
 
 // load runs 8 workers that Acquire and Release, 2 ms apart, the pair
@@ -765,26 +824,6 @@ func waitBreakersClosed(t *testing.T, ms []*sandboxpool.Manager, msg string) {
 	}, 15*time.Second, 20*time.Millisecond, msg)
 }
 
-// waitClusterSubscribed waits until n clients listen for removals on node,
-// a Cluster's master: a Cluster client subscribes on the master of the
-// channel's slot, and a node counts only its own subscribers.
-func waitClusterSubscribed(t *testing.T, node *redistest.Server, n int) {
-	t.Helper()
-	admin := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: node.Addr})
-	defer admin.Close()
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		got, err := admin.PubSubNumSub(context.Background(), "sandboxpool:removed").Result()
-		if err == nil && got["sandboxpool:removed"] == int64(n) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d instances subscribed on %s expected: %v %v", n, node.Addr, got, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // waitGoroutinesGone waits up to d until no goroutine runs fn.
 func waitGoroutinesGone(t *testing.T, fn string, d time.Duration) {
 	t.Helper()
@@ -822,14 +861,16 @@ func TestRealRedisRemovalsReachOtherInstancesAfterARestart(t *testing.T) {
 	assert.NotEqual(t, id, acquireID(t, ms[1], "u", "p"))
 }
 
-// waitSubscribed waits until n clients listen for removals on srv.
+// waitSubscribed waits until n clients listen for removals on srv (a
+// Cluster's node counts only its own subscribers: a Cluster client
+// subscribes on the master of the channel's slot).
 func waitSubscribed(t *testing.T, srv *redistest.Server, n int64) {
 	t.Helper()
 	admin := srv.Client(t)
 	require.Eventually(t, func() bool {
 		got, err := admin.PubSubNumSub(context.Background(), "sandboxpool:removed").Result()
 		return err == nil && got["sandboxpool:removed"] == n
-	}, 10*time.Second, 10*time.Millisecond, "%d instances subscribed", n)
+	}, 15*time.Second, 10*time.Millisecond, "%d instances subscribed on %s", n, srv.Addr)
 }
 
 // servedID is the sandbox m hands out for the pair, or "" if Acquire fails.

@@ -1,0 +1,98 @@
+package redistest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Sentinel is a master with one replica, watched by one Redis Sentinel
+// that fails the master over to the replica once it stops answering.
+type Sentinel struct {
+	Addr       string // the sentinel's
+	MasterName string
+	Master     *Server
+	Replica    *Server
+	t          testing.TB
+}
+
+// sentinelDownAfter is how long the master may go unanswered before the
+// sentinel judges it down and fails it over: Redis's default (30 s) would
+// make a test wait that long.
+const sentinelDownAfter = time.Second
+
+// StartSentinel runs a master, its replica and a sentinel (redis-server
+// --sentinel) that monitors the master with a quorum of one, and waits
+// until the replica is in sync and the sentinel knows it.
+func StartSentinel(t testing.TB) *Sentinel {
+	t.Helper()
+	master := Start(t)
+	host, port, _ := strings.Cut(master.Addr, ":")
+	replica := Start(t, "--replicaof", host, port)
+	s := &Sentinel{MasterName: "sandboxpool", Master: master, Replica: replica, t: t}
+	dir := t.TempDir()
+	conf := filepath.Join(dir, "sentinel.conf") // Sentinel rewrites it: it must be writable
+	err := os.WriteFile(conf, []byte(strings.Join([]string{
+		fmt.Sprintf("sentinel monitor %s %s %s 1", s.MasterName, host, port),
+		fmt.Sprintf("sentinel down-after-milliseconds %s %d", s.MasterName, sentinelDownAfter.Milliseconds()),
+		fmt.Sprintf("sentinel failover-timeout %s %d", s.MasterName, (10 * sentinelDownAfter).Milliseconds()),
+		"",
+	}, "\n")), 0o600)
+	if err != nil {
+		t.Fatalf("writing the sentinel's configuration: %v", err)
+	}
+	sp := freePort(t, false)
+	sentinel := &Server{Addr: "127.0.0.1:" + strconv.Itoa(sp), port: sp, dir: dir, t: t, conf: conf, args: []string{"--sentinel"}}
+	sentinel.Start()
+	t.Cleanup(sentinel.Stop)
+	s.Addr = sentinel.Addr
+	s.wait(func(sc *redis.SentinelClient, ctx context.Context) bool {
+		replicas, err := sc.Replicas(ctx, s.MasterName).Result()
+		return err == nil && len(replicas) == 1 && replicas[0]["master-link-status"] == "ok"
+	}, "the sentinel never saw the replica in sync")
+	return s
+}
+
+// WaitFailover waits until the sentinel names the replica as the master
+// (the test stopped or paused the master) and the replica serves as one.
+func (s *Sentinel) WaitFailover() {
+	s.t.Helper()
+	s.wait(func(sc *redis.SentinelClient, ctx context.Context) bool {
+		addr, err := sc.GetMasterAddrByName(ctx, s.MasterName).Result()
+		if err != nil || len(addr) != 2 || addr[0]+":"+addr[1] != s.Replica.Addr {
+			return false
+		}
+		rc := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.Replica.Addr})
+		defer rc.Close()
+		repl, err := rc.Info(ctx, "replication").Result()
+		return err == nil && strings.Contains(repl, "role:master")
+	}, "the sentinel never failed the master over to the replica")
+}
+
+// wait polls the sentinel with ok until it reports true, for up to
+// settleTimeout.
+func (s *Sentinel) wait(ok func(*redis.SentinelClient, context.Context) bool, failure string) {
+	s.t.Helper()
+	sc := redis.NewSentinelClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.Addr})
+	defer sc.Close()
+	deadline := time.Now().Add(settleTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		done := ok(sc, ctx)
+		cancel()
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("%s within %s", failure, settleTimeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
