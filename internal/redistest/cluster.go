@@ -149,14 +149,12 @@ func (c *Cluster) WaitFailover(master *Server) {
 	c.waitAnsweringOK()
 }
 
-// Rejoin restarts node, a master that failed over, and waits until it
-// serves as a replica of the master that took its place, in sync with it,
-// and every node that answers finds the cluster ok.
+// Rejoin restarts node, a master the test stopped and that failed over,
+// and waits until it serves as a replica of the master that took its
+// place, in sync with it, and every node that answers finds the cluster
+// ok.
 func (c *Cluster) Rejoin(node *Server) {
 	c.t.Helper()
-	if node.paused {
-		node.Stop()
-	}
 	node.Start()
 	cl := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: node.Addr})
 	defer cl.Close()
