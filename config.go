@@ -88,7 +88,11 @@ type Config struct {
 	// holds the pair → sandbox cache, the per-pair create lock, the idle
 	// clock, quotas and rate limits. Standalone, Sentinel and Cluster clients
 	// all work, on Redis 4.0 or later: nothing the Manager sends, in its
-	// scripts or through redislock and redis_rate, is newer. The client
+	// scripts or through redislock and redis_rate, is newer. A master
+	// that fails over to its replica is followed at once: the Manager has
+	// a Cluster client read the cluster's map again whenever a call gets
+	// no answer (go-redis alone waits for a MOVED reply, or a minute), and
+	// a Sentinel client follows its sentinels. The client
 	// must be built with ContextTimeoutEnabled: true (New refuses a
 	// go-redis client without it), or go-redis ignores RedisTimeout on a
 	// stalled server. Give the Manager a client of its own: it runs as
