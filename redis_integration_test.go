@@ -692,13 +692,13 @@ const failoverBatch = 40
 // gone.
 func failoverInstances(t *testing.T, p *fp.Provider, newClient func() redis.UniversalClient) (ms []*sandboxpool.Manager, idle *sandboxpool.Manager, removed string) {
 	t.Helper()
-	hourlyProbes := func(c *sandboxpool.Config) {
+	cfg := func(c *sandboxpool.Config) {
 		c.HealthCheckAfter = time.Hour
-		c.MaxSandboxes = 1000
+		c.MaxSandboxes = 1000 // quotas far above the load, so that their keys fail over too
 		c.MaxPerUser = 100
 	}
-	ms = instances(t, 4, p, newClient, hourlyProbes)
-	idle = instances(t, 1, p, newClient, hourlyProbes, func(c *sandboxpool.Config) { sandboxpool.SlowRedisProbe(c, time.Hour) })[0]
+	ms = instances(t, 4, p, newClient, cfg)
+	idle = instances(t, 1, p, newClient, cfg, func(c *sandboxpool.Config) { sandboxpool.SlowRedisProbe(c, time.Hour) })[0]
 	require.Empty(t, stampede(t, ms, 400, failoverBatch, 10*time.Second))
 	return ms, idle, acquireID(t, idle, "user0", "proj0")
 }
@@ -722,12 +722,12 @@ func removalReachesEveryInstance(t *testing.T, ms []*sandboxpool.Manager, idle *
 
 // throughFailover checks that ms carry a failover of their Redis: it runs
 // load on them, over pairs pairs until fail is called, then over
-// failoverBatch new ones too, and calls wait, which returns once the failover is complete.
-// No Acquire may fail within its 15 s deadline; the failure must meet the
-// instances (Redis errors); every breaker closes; within 15 s every pair
-// is served one sandbox, the same by every instance (duplicates made
-// without the lock are retired once published), and no other runs. It
-// returns the pairs there are now.
+// failoverBatch new ones too, and calls wait, which returns once the
+// failover is complete. No Acquire may fail within its 15 s deadline; the
+// failure must meet the instances (Redis errors); every breaker closes;
+// within 15 s every pair is served one sandbox, the same by every
+// instance (duplicates made without the lock are retired once published),
+// and no other runs. It returns the pairs there are now.
 func throughFailover(t *testing.T, ms []*sandboxpool.Manager, p *fp.Provider, pairs int, name string, fail, wait func()) int {
 	t.Helper()
 	var down atomic.Bool
