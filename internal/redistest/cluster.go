@@ -1,6 +1,7 @@
 package redistest
 
 import (
+	"bytes"
 	"context"
 	"os/exec"
 	"path/filepath"
@@ -172,6 +173,56 @@ func (c *Cluster) Rejoin(node *Server) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	c.waitAnsweringOK()
+}
+
+// Reshard starts moving n slots, and the keys in them, from one master to
+// another with redis-cli --cluster reshard, and returns a function that
+// waits until the move is done and checks that to serves n slots more.
+func (c *Cluster) Reshard(from, to *Server, n int) (wait func()) {
+	c.t.Helper()
+	before := c.slotsOf(to)
+	cmd := exec.Command(Require(c.t, "redis-cli"), "--cluster", "reshard", from.Addr,
+		"--cluster-from", c.id(from), "--cluster-to", c.id(to), "--cluster-slots", strconv.Itoa(n), "--cluster-yes")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		c.t.Fatalf("redis-cli --cluster reshard: %v", err)
+	}
+	return func() {
+		c.t.Helper()
+		if err := cmd.Wait(); err != nil {
+			c.t.Fatalf("redis-cli --cluster reshard: %v\n%s", err, out.Bytes())
+		}
+		if got := c.slotsOf(to); got != before+n {
+			c.t.Fatalf("%s serves %d slots after the move, %d expected", to.Addr, got, before+n)
+		}
+	}
+}
+
+// id is node's id in the cluster.
+func (c *Cluster) id(node *Server) string {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	cl := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: node.Addr})
+	defer cl.Close()
+	id, err := cl.ClusterMyID(ctx).Result()
+	if err != nil {
+		c.t.Fatalf("CLUSTER MYID on %s: %v", node.Addr, err)
+	}
+	return id
+}
+
+// slotsOf is how many slots master serves.
+func (c *Cluster) slotsOf(master *Server) int {
+	c.t.Helper()
+	n := 0
+	for _, r := range c.slots() {
+		if len(r.Nodes) > 0 && r.Nodes[0].Addr == master.Addr {
+			n += r.End - r.Start + 1
+		}
+	}
+	return n
 }
 
 // slots is the cluster's map of slots, as the first node that answers
