@@ -3,6 +3,7 @@ package redistest
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -31,6 +32,26 @@ const clusterNodeTimeout = 2 * time.Second
 // settleTimeout bounds how long a new cluster or sentinel's group, or one
 // failing over, may take to settle.
 const settleTimeout = 30 * time.Second
+
+// settle polls ok, each try within a second, every 20 ms until it reports
+// true, and fails the test with failure and the state ok reported last if
+// that takes longer than settleTimeout.
+func settle(t testing.TB, failure string, ok func(ctx context.Context) (done bool, state string)) {
+	t.Helper()
+	deadline := time.Now().Add(settleTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		done, state := ok(ctx)
+		cancel()
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s within %s: %s", failure, settleTimeout, state)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
 
 // StartCluster runs masters*(1+replicas) nodes with --cluster-enabled,
 // joins them with redis-cli --cluster create (masters of their slots
@@ -66,24 +87,15 @@ func StartCluster(t testing.TB, masters, replicas int) *Cluster {
 // replica, is in sync with its master.
 func (c *Cluster) waitOK(nodes []*Server) {
 	c.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
-	defer cancel()
 	for _, s := range nodes {
-		cl := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.Addr})
-		for {
+		cl := s.Client(c.t)
+		settle(c.t, "cluster node "+s.Addr+" never became ok", func(ctx context.Context) (bool, string) {
 			info, err := cl.ClusterInfo(ctx).Result()
 			repl, rerr := cl.Info(ctx, "replication").Result()
-			if err == nil && rerr == nil && strings.Contains(info, "cluster_state:ok") &&
-				(strings.Contains(repl, "role:master") || strings.Contains(repl, "master_link_status:up")) {
-				break
-			}
-			if ctx.Err() != nil {
-				_ = cl.Close()
-				c.t.Fatalf("cluster node %s never became ok: %v %v\n%s\n%s", s.Addr, err, rerr, info, repl)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-		_ = cl.Close()
+			inSync := strings.Contains(repl, "role:master") || strings.Contains(repl, "master_link_status:up")
+			return err == nil && rerr == nil && strings.Contains(info, "cluster_state:ok") && inSync,
+				fmt.Sprintf("%v %v\n%s\n%s", err, rerr, info, repl)
+		})
 	}
 }
 
@@ -140,13 +152,9 @@ func (c *Cluster) Masters() []*Server {
 // the cluster ok again.
 func (c *Cluster) WaitFailover(master *Server) {
 	c.t.Helper()
-	deadline := time.Now().Add(settleTimeout)
-	for slices.ContainsFunc(c.slots(), func(r redis.ClusterSlot) bool { return len(r.Nodes) == 0 || r.Nodes[0].Addr == master.Addr }) {
-		if time.Now().After(deadline) {
-			c.t.Fatalf("no replica took over the slots of %s within %s", master.Addr, settleTimeout)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	settle(c.t, "no replica took over the slots of "+master.Addr, func(context.Context) (bool, string) {
+		return !slices.ContainsFunc(c.slots(), func(r redis.ClusterSlot) bool { return len(r.Nodes) == 0 || r.Nodes[0].Addr == master.Addr }), ""
+	})
 	c.waitAnsweringOK()
 }
 
@@ -157,21 +165,12 @@ func (c *Cluster) WaitFailover(master *Server) {
 func (c *Cluster) Rejoin(node *Server) {
 	c.t.Helper()
 	node.Start()
-	cl := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: node.Addr})
-	defer cl.Close()
-	deadline := time.Now().Add(settleTimeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	cl := node.Client(c.t)
+	settle(c.t, node.Addr+" never rejoined as a replica in sync", func(ctx context.Context) (bool, string) {
 		repl, err := cl.Info(ctx, "replication").Result()
-		cancel()
-		if err == nil && strings.Contains(repl, "role:slave") && strings.Contains(repl, "master_link_status:up") {
-			break
-		}
-		if time.Now().After(deadline) {
-			c.t.Fatalf("%s never rejoined as a replica in sync: %v\n%s", node.Addr, err, repl)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err == nil && strings.Contains(repl, "role:slave") && strings.Contains(repl, "master_link_status:up"),
+			fmt.Sprintf("%v\n%s", err, repl)
+	})
 	c.waitAnsweringOK()
 }
 
@@ -204,9 +203,7 @@ func (c *Cluster) id(node *Server) string {
 	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	cl := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: node.Addr})
-	defer cl.Close()
-	id, err := cl.ClusterMyID(ctx).Result()
+	id, err := node.Client(c.t).ClusterMyID(ctx).Result()
 	if err != nil {
 		c.t.Fatalf("CLUSTER MYID on %s: %v", node.Addr, err)
 	}

@@ -53,10 +53,11 @@ func StartSentinel(t testing.TB) *Sentinel {
 	sentinel.Start()
 	t.Cleanup(sentinel.Stop)
 	s.Addr = sentinel.Addr
-	s.wait(func(sc *redis.SentinelClient, ctx context.Context) bool {
+	sc := s.client()
+	settle(t, "the sentinel never saw the replica in sync", func(ctx context.Context) (bool, string) {
 		replicas, err := sc.Replicas(ctx, s.MasterName).Result()
-		return err == nil && len(replicas) == 1 && replicas[0]["master-link-status"] == "ok"
-	}, "the sentinel never saw the replica in sync")
+		return err == nil && len(replicas) == 1 && replicas[0]["master-link-status"] == "ok", fmt.Sprintf("%v %v", err, replicas)
+	})
 	return s
 }
 
@@ -64,35 +65,20 @@ func StartSentinel(t testing.TB) *Sentinel {
 // (the test stopped or paused the master) and the replica serves as one.
 func (s *Sentinel) WaitFailover() {
 	s.t.Helper()
-	s.wait(func(sc *redis.SentinelClient, ctx context.Context) bool {
+	sc, rc := s.client(), s.Replica.Client(s.t)
+	settle(s.t, "the sentinel never failed the master over to the replica", func(ctx context.Context) (bool, string) {
 		addr, err := sc.GetMasterAddrByName(ctx, s.MasterName).Result()
 		if err != nil || len(addr) != 2 || addr[0]+":"+addr[1] != s.Replica.Addr {
-			return false
+			return false, fmt.Sprintf("master %v %v", addr, err)
 		}
-		rc := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.Replica.Addr})
-		defer rc.Close()
 		repl, err := rc.Info(ctx, "replication").Result()
-		return err == nil && strings.Contains(repl, "role:master")
-	}, "the sentinel never failed the master over to the replica")
+		return err == nil && strings.Contains(repl, "role:master"), fmt.Sprintf("%v\n%s", err, repl)
+	})
 }
 
-// wait polls the sentinel with ok until it reports true, for up to
-// settleTimeout.
-func (s *Sentinel) wait(ok func(*redis.SentinelClient, context.Context) bool, failure string) {
-	s.t.Helper()
+// client returns a new client for the sentinel, closed at test end.
+func (s *Sentinel) client() *redis.SentinelClient {
 	sc := redis.NewSentinelClient(&redis.Options{ContextTimeoutEnabled: true, Addr: s.Addr})
-	defer sc.Close()
-	deadline := time.Now().Add(settleTimeout)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		done := ok(sc, ctx)
-		cancel()
-		if done {
-			return
-		}
-		if time.Now().After(deadline) {
-			s.t.Fatalf("%s within %s", failure, settleTimeout)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	s.t.Cleanup(func() { _ = sc.Close() })
+	return sc
 }
