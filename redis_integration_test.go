@@ -655,12 +655,15 @@ func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
 }
 
 // A master watched by Redis Sentinel hangs (SIGSTOP: its connections stay
-// open and nothing answers), and the sentinel promotes its replica:
-// instances on go-redis's failover client carry it as they carry a
-// Cluster's failover (see throughFailover), and every subscription moves
-// to the new master, an idle instance's too, so that a Remove reaches
-// every instance at once. (go-redis follows the sentinel's word: the
-// Manager needs nothing of its own here.)
+// open and nothing answers), and the sentinel promotes its replica; the
+// hung master comes back and the sentinel makes it the replica; then the
+// new master crashes (SIGKILL: its connections are refused), and the
+// sentinel promotes the old one again. Instances on go-redis's failover
+// client carry both failovers as they carry a Cluster's (see
+// throughFailover), and every subscription moves to the master of the
+// moment, an idle instance's too, so that a Remove reaches every instance
+// at once. (go-redis follows the sentinel's word: the Manager needs
+// nothing of its own here.)
 func TestRealRedisSentinelFailoverIsCarriedByTheReplica(t *testing.T) {
 	t.Cleanup(func() { waitGoroutinesGone(t, "(*ConnPool).tryDial", 3*time.Second) }) // as in the Cluster's test
 	sn := redistest.StartSentinel(t)
@@ -673,8 +676,13 @@ func TestRealRedisSentinelFailoverIsCarriedByTheReplica(t *testing.T) {
 	}
 	ms, idle, removed := failoverInstances(t, p, newClient)
 	waitSubscribed(t, sn.Master, int64(len(ms)+1))
-	pairs := throughFailover(t, ms, p, failoverBatch, sn.Master.Addr, sn.Master.Pause, sn.WaitFailover)
-	waitSubscribed(t, sn.Replica, int64(len(ms)+1))
+	hung := sn.Master
+	pairs := throughFailover(t, ms, p, failoverBatch, hung.Addr, hung.Pause, sn.WaitFailover)
+	waitSubscribed(t, sn.Master, int64(len(ms)+1))
+	sn.Rejoin() // hung, now the replica
+	crashed := sn.Master
+	pairs = throughFailover(t, ms, p, pairs, crashed.Addr, crashed.Stop, sn.WaitFailover)
+	waitSubscribed(t, sn.Master, int64(len(ms)+1))
 	removalReachesEveryInstance(t, ms, idle, removed)
 	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
 }

@@ -63,6 +63,8 @@ func StartSentinel(t testing.TB) *Sentinel {
 
 // WaitFailover waits until the sentinel names the replica as the master
 // (the test stopped or paused the master) and the replica serves as one.
+// From then on Master names the promoted node, and Replica the former
+// master, for Rejoin and a failover back.
 func (s *Sentinel) WaitFailover() {
 	s.t.Helper()
 	sc, rc := s.client(), s.Replica.Client(s.t)
@@ -73,6 +75,30 @@ func (s *Sentinel) WaitFailover() {
 		}
 		repl, err := rc.Info(ctx, "replication").Result()
 		return err == nil && strings.Contains(repl, "role:master"), fmt.Sprintf("%v\n%s", err, repl)
+	})
+	s.Master, s.Replica = s.Replica, s.Master
+}
+
+// Rejoin brings the former master back (it resumes a paused one, and
+// restarts a stopped one, which comes back believing it is still the
+// master) and waits until the sentinel has made it the new master's
+// replica, in sync, as it does with a failed master that returns.
+func (s *Sentinel) Rejoin() {
+	s.t.Helper()
+	if s.Replica.paused {
+		s.Replica.Resume()
+	} else {
+		s.Replica.Start()
+	}
+	sc, rc := s.client(), s.Replica.Client(s.t)
+	settle(s.t, s.Replica.Addr+" never rejoined as the replica in sync", func(ctx context.Context) (bool, string) {
+		repl, err := rc.Info(ctx, "replication").Result()
+		if err != nil || !strings.Contains(repl, "role:slave") || !strings.Contains(repl, "master_link_status:up") {
+			return false, fmt.Sprintf("%v\n%s", err, repl)
+		}
+		replicas, err := sc.Replicas(ctx, s.MasterName).Result()
+		return err == nil && len(replicas) == 1 && replicas[0]["ip"]+":"+replicas[0]["port"] == s.Replica.Addr &&
+			replicas[0]["master-link-status"] == "ok" && !strings.Contains(replicas[0]["flags"], "down"), fmt.Sprintf("%v %v", err, replicas)
 	})
 }
 
