@@ -161,6 +161,8 @@ type store struct {
 	locker  *redislock.Client
 	limiter *redis_rate.Limiter
 	nodes   topology // the client, if it routes keys to nodes (see nodeLost)
+	cluster masters  // the client, if it is a Cluster's (see Manager.keysLost)
+	judged  judgment // what the Cluster last said of its failed masters
 	log     *slog.Logger
 	errs    *atomic.Int64 // Stats().RedisErrors
 	// born and heard time Redis's last answer: heard is when a call last
@@ -211,6 +213,7 @@ func newStore(cfg Config, log *slog.Logger, errs *atomic.Int64) *store {
 		turns:   semaphore.NewWeighted(int64(poolSize(cfg.Redis))),
 		locker:  redislock.New(cfg.Redis), limiter: redis_rate.NewLimiter(cfg.Redis)}
 	st.nodes, _ = cfg.Redis.(topology)
+	st.cluster, _ = cfg.Redis.(masters)
 	st.cb = gobreaker.NewCircuitBreaker[struct{}](gobreaker.Settings{
 		Name:        "sandboxpool-redis",
 		MaxRequests: 1,
@@ -267,32 +270,6 @@ func (st *store) do(ctx context.Context, fn func(context.Context) error) error {
 		st.refusalSince(st.sinceBorn())
 	}
 	return fmt.Errorf("%w: %w", errRedisUnavailable, err)
-}
-
-// topology is a Redis client that routes each key to the node serving its
-// slot, from a map of the cluster it can be told to read again:
-// *redis.ClusterClient.
-type topology interface{ ReloadState(ctx context.Context) }
-
-// nodeLost has a Cluster client read the cluster's map again after a call
-// that Redis did not answer (the node refused the connection, or did not
-// reply in time), and after the removal subscription lost its connection.
-// go-redis reads the map again on a MOVED reply, and otherwise only every
-// ClusterStateReloadInterval (a minute by default), not when the node it
-// routes a slot to is gone (redis/go-redis#3979). So after a master failed
-// over to its replica, every call of its slots went on failing for up to
-// that minute, the other masters' answers kept the breaker closed, a
-// create of a pair there tried again until its caller gave up, and the
-// subscription redialled the dead master
-// (TestRealRedisClusterFailoverIsCarriedByTheReplica). go-redis reads the
-// map on a goroutine of its own, one read at a time and at most one every
-// 200 ms, so a burst of failures costs a few CLUSTER SLOTS. A call the
-// breaker refused never reached a node.
-func (st *store) nodeLost(ctx context.Context, err error) {
-	if st.nodes == nil || isRedisError(err) || errors.Is(err, gobreaker.ErrOpenState) || errors.Is(err, gobreaker.ErrTooManyRequests) {
-		return
-	}
-	st.nodes.ReloadState(ctx)
 }
 
 // bounded runs fn with a Redis turn held and RedisTimeout on its context;

@@ -622,13 +622,7 @@ func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
 	t.Cleanup(func() { waitGoroutinesGone(t, "(*ConnPool).tryDial", 3*time.Second) })
 	cl := redistest.StartCluster(t, 3, 1)
 	p := fp.New()
-	newClient := func() redis.UniversalClient {
-		c := redis.NewClusterClient(&redis.ClusterOptions{ContextTimeoutEnabled: true, Addrs: cl.Addrs,
-			DialTimeout: 200 * time.Millisecond, ReadTimeout: 500 * time.Millisecond, WriteTimeout: 500 * time.Millisecond})
-		t.Cleanup(func() { _ = c.Close() })
-		return c
-	}
-	ms, idle, removed := failoverInstances(t, p, newClient)
+	ms, idle, removed := failoverInstances(t, p, lossClient(t, cl))
 	channel := "sandboxpool:removed"
 	waitSubscribed(t, cl.MasterOf(channel), int64(len(ms)+1))
 
@@ -650,6 +644,37 @@ func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
 
 	// Every subscription followed the channel's slot to the new master.
 	waitSubscribed(t, cl.MasterOf(channel), int64(len(ms)+1))
+	removalReachesEveryInstance(t, ms, idle, removed)
+	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
+}
+
+// A Cluster that serves the slots of the masters that answer while one
+// is down (cluster-require-full-coverage no) loses a master that has no
+// replica, while four instances serve with quotas, for longer than their
+// callers wait. The other masters go on answering, so the breakers stay
+// closed; once the Cluster judges the master failed, the creates of its
+// pairs go without the lock (see Manager.keysLost). No Acquire fails, and
+// once the master is back, empty, what was created meanwhile is published
+// and every pair converges (see carried). Before, each create of a pair on
+// the lost master's slots tried again until its caller gave up: a third
+// of the new pairs failed for as long as the master was down.
+func TestRealRedisClusterMasterLostWithoutAReplicaServesItsPairs(t *testing.T) {
+	t.Cleanup(func() { waitGoroutinesGone(t, "(*ConnPool).tryDial", 3*time.Second) }) // as in the failover test
+	cl := redistest.StartCluster(t, 3, 0, "--cluster-require-full-coverage", "no")
+	p := fp.New()
+	ms, idle, removed := failoverInstances(t, p, lossClient(t, cl))
+	// The master lost holds neither the removal channel nor the quota
+	// set of all pairs: their own users' sets and a third of the pairs.
+	keep := []*redistest.Server{cl.MasterOf("sandboxpool:removed"), cl.MasterOf("sandboxpool:live")}
+	masters := cl.Masters()
+	lost := masters[slices.IndexFunc(masters, func(s *redistest.Server) bool { return !slices.Contains(keep, s) })]
+	pairs, redisErrors := carried(t, ms, p, failoverBatch, "loss of the master "+lost.Addr, lost.Stop, func() {
+		cl.WaitFailed(lost)
+		time.Sleep(acquireWait) // every caller that waited on the lost master's pairs has given up, unless served
+		cl.Return(lost)
+	})
+	assert.Positive(t, redisErrors, "the loss met the instances")
+	assert.Positive(t, sumStats(ms).DegradedCreates, "the lost master's pairs were created without the lock")
 	removalReachesEveryInstance(t, ms, idle, removed)
 	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
 }
@@ -706,6 +731,18 @@ func TestRealRedisClusterReshardingIsCarried(t *testing.T) {
 	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
 }
 
+// lossClient makes clients for cl that find a node lost fast: a dial
+// fails within 200 ms, a reply is waited for 500 ms. Each is closed at
+// test end.
+func lossClient(t *testing.T, cl *redistest.Cluster) func() redis.UniversalClient {
+	return func() redis.UniversalClient {
+		c := redis.NewClusterClient(&redis.ClusterOptions{ContextTimeoutEnabled: true, Addrs: cl.Addrs,
+			DialTimeout: 200 * time.Millisecond, ReadTimeout: 500 * time.Millisecond, WriteTimeout: 500 * time.Millisecond})
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+}
+
 // failoverBatch is how many new pairs a failover test asks for: before
 // the first failure, then from each failure on.
 const failoverBatch = 40
@@ -757,10 +794,13 @@ func throughFailover(t *testing.T, ms []*sandboxpool.Manager, p *fp.Provider, pa
 	return pairs
 }
 
+// acquireWait is how long carried's callers wait for an Acquire.
+const acquireWait = 15 * time.Second
+
 // carried checks that ms carry a change of their Redis, which change
 // starts and wait sees complete: it runs load on them, over pairs pairs
 // until change is called, then over failoverBatch new ones too. No
-// Acquire may fail within its 15 s deadline; every breaker closes; within
+// Acquire may fail within its deadline (acquireWait); every breaker closes; within
 // 15 s every pair is served one sandbox, the same by every instance
 // (duplicates made without the lock are retired once published), and no
 // other runs. It returns the pairs there are now, and the Redis errors
@@ -768,7 +808,7 @@ func throughFailover(t *testing.T, ms []*sandboxpool.Manager, p *fp.Provider, pa
 func carried(t *testing.T, ms []*sandboxpool.Manager, p *fp.Provider, pairs int, name string, change, wait func()) (int, int64) {
 	t.Helper()
 	var changed atomic.Bool
-	stop := load(t, ms, 15*time.Second, func(w, i int) int {
+	stop := load(t, ms, acquireWait, func(w, i int) int {
 		if changed.Load() && i%2 == 0 {
 			return pairs + (w*11+i)%failoverBatch
 		}

@@ -53,11 +53,11 @@ func settle(t testing.TB, failure string, ok func(ctx context.Context) (done boo
 	}
 }
 
-// StartCluster runs masters*(1+replicas) nodes with --cluster-enabled,
-// joins them with redis-cli --cluster create (masters of their slots
-// first, replicas after), and waits until every node finds the cluster
-// ok and every replica has its master's data.
-func StartCluster(t testing.TB, masters, replicas int) *Cluster {
+// StartCluster runs masters*(1+replicas) nodes with --cluster-enabled
+// and args, joins them with redis-cli --cluster create (masters of their
+// slots first, replicas after), and waits until every node finds the
+// cluster ok and every replica has its master's data.
+func StartCluster(t testing.TB, masters, replicas int, args ...string) *Cluster {
 	t.Helper()
 	Require(t, "redis-server")
 	cli := Require(t, "redis-cli")
@@ -68,14 +68,15 @@ func StartCluster(t testing.TB, masters, replicas int) *Cluster {
 		s := &Server{Addr: "127.0.0.1:" + strconv.Itoa(port), port: port, dir: dir, t: t,
 			args: []string{"--cluster-enabled", "yes", "--cluster-config-file", filepath.Join(dir, "nodes.conf"),
 				"--cluster-node-timeout", strconv.Itoa(int(clusterNodeTimeout / time.Millisecond))}}
+		s.args = append(s.args, args...)
 		s.Start()
 		t.Cleanup(s.Stop)
 		c.nodes = append(c.nodes, s)
 		c.Addrs = append(c.Addrs, s.Addr)
 	}
-	args := append([]string{"--cluster", "create"}, c.Addrs...)
-	args = append(args, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
-	out, err := exec.Command(cli, args...).CombinedOutput()
+	create := append([]string{"--cluster", "create"}, c.Addrs...)
+	create = append(create, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
+	out, err := exec.Command(cli, create...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("redis-cli --cluster create: %v\n%s", err, out)
 	}
@@ -172,6 +173,45 @@ func (c *Cluster) Rejoin(node *Server) {
 			fmt.Sprintf("%v\n%s", err, repl)
 	})
 	c.waitAnsweringOK()
+}
+
+// WaitFailed waits until the nodes that answer agree that node, which the
+// test stopped or paused, has failed (its flags in CLUSTER NODES hold
+// fail: a majority of masters judged it so).
+func (c *Cluster) WaitFailed(node *Server) {
+	c.t.Helper()
+	settle(c.t, "the cluster never judged "+node.Addr+" failed", func(ctx context.Context) (bool, string) {
+		for _, s := range c.nodes {
+			if !s.answers() {
+				continue
+			}
+			nodes, err := s.Client(c.t).ClusterNodes(ctx).Result()
+			if err != nil || !flagged(nodes, node.Addr, "fail") {
+				return false, fmt.Sprintf("%s: %v\n%s", s.Addr, err, nodes)
+			}
+		}
+		return true, ""
+	})
+}
+
+// flagged reports whether the line of CLUSTER NODES for addr holds flag.
+func flagged(nodes, addr, flag string) bool {
+	for line := range strings.Lines(nodes) {
+		if f := strings.Fields(line); len(f) > 2 && strings.HasPrefix(f[1], addr+"@") {
+			return slices.Contains(strings.Split(f[2], ","), flag)
+		}
+	}
+	return false
+}
+
+// Return restarts node, a master the test stopped that no replica
+// replaced, with its slots and none of its keys (as a crash without
+// persistence leaves it), and waits until every node finds the cluster
+// ok.
+func (c *Cluster) Return(node *Server) {
+	c.t.Helper()
+	node.Start()
+	c.waitOK(c.nodes)
 }
 
 // Reshard starts moving n slots, and the keys in them, from one master to
