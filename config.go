@@ -204,8 +204,9 @@ type Config struct {
 	CreateLimit RateLimit
 
 	// RefuseCreatesWhenDegraded makes the Manager refuse fresh creates with
-	// ErrUnavailable while Redis is unreachable, instead of creating without
-	// the cross-instance lock. Sandboxes already in memory are served either
+	// ErrUnavailable while Redis is unreachable (or, in a Cluster, the
+	// master holding the keys a create needs is lost with no replica to
+	// take its place), instead of creating without the cross-instance lock. Sandboxes already in memory are served either
 	// way. default: false (create and count it in Stats().DegradedCreates).
 	RefuseCreatesWhenDegraded bool
 

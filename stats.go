@@ -31,7 +31,7 @@ type Stats struct {
 	RateLimited      int64 // creates refused by CreateLimit
 	QuotaRejected    int64 // creates refused by MaxSandboxes or MaxPerUser
 	RedisErrors      int64 // failed Redis calls
-	DegradedCreates  int64 // creates made without the Redis lock while Redis was down
+	DegradedCreates  int64 // creates made without the Redis lock while Redis (or the Cluster master holding their keys) was down
 	LockLost         int64 // creates whose Redis lock was lost before publishing (the sandbox kept if it is the pair's, else killed)
 	Reconciled       int64 // creates with an unknown outcome whose sandbox was then found by metadata
 	Superseded       int64 // pooled sandboxes retired because Redis names another sandbox for the pair
