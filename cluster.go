@@ -127,7 +127,9 @@ func (m *Manager) warnLost(ctx context.Context, key, addr string) {
 // judged failed with no replica to take their place, as the first master
 // to answer CLUSTER NODES said at most judgedEvery ago. It reads again on
 // one goroutine at a time, within RedisTimeout; a read no master answered
-// names none.
+// names none. go-redis reads its map of the Cluster first, from the nodes
+// in random order, so a hung master can take a read's RedisTimeout: that
+// read names none, and the next, a second later, tries again.
 func (st *store) failedMasters(ctx context.Context) map[string]bool {
 	j := &st.judged
 	j.mu.Lock()

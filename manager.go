@@ -487,9 +487,10 @@ func (m *Manager) check(ctx context.Context, s *slot) error {
 // in a burst on a busy host): creating then could make the pair a second
 // sandbox, so the coordinated create is tried again, every redisRetry,
 // until it succeeds, the breaker opens, Redis has refused writes for
-// RedisTimeout (see refusesWrites), a Cluster has judged the master of the
-// pair's keys failed for good (see keysLost), or the fill's time runs out
-// (see coordination for what the attempts share).
+// RedisTimeout (see refusesWrites), a Cluster has judged a master holding
+// a key the create needs lost, failed with no replica to take its place
+// (see keysLost), or the fill's time runs out (see coordination for what
+// the attempts share).
 func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, error) {
 	m.ctr.cacheMisses.Add(1)
 	if m.store != nil {
@@ -504,7 +505,7 @@ func (m *Manager) create(ctx context.Context, sh *shard, k pairKey) (*slot, erro
 				m.log.LogAttrs(ctx, slog.LevelWarn, "sandboxpool: Redis unavailable on the create path", slog.Any("error", err))
 			case refusesWrites(err) && m.refusedTooLong(ctx, err):
 				break coordinated
-			case !isRedisError(err) && m.keysLost(ctx, k): // unanswered, on a master gone for good
+			case !isRedisError(err) && m.keysLost(ctx, k): // unanswered, on a lost master
 				break coordinated
 			case !pause(ctx, redisRetry):
 				return nil, pairErr("create", k, fmt.Errorf("%w: %w", ErrUnavailable, err))
