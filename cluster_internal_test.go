@@ -2,7 +2,9 @@ package sandboxpool
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -11,6 +13,7 @@ import (
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // clusterNodes is CLUSTER NODES as Redis 7 prints it: masters :30001 to
@@ -134,6 +137,50 @@ func TestKeysLostAsksForEveryKeyACreateNeeds(t *testing.T) {
 	m := &Manager{cfg: Config{Redis: rdb}.withDefaults(), log: slog.New(slog.DiscardHandler)}
 	m.store = newStore(m.cfg, m.log, new(atomic.Int64))
 	assert.False(t, m.keysLost(ctx, k), "a client that is no Cluster's")
+}
+
+// A create whose Redis calls go unanswered, on a master the Cluster has
+// judged lost, goes without the lock at once (counted in
+// DegradedCreates), or with RefuseCreatesWhenDegraded is refused with
+// ErrUnavailable; the breaker stays closed throughout, as the other
+// masters' answers keep it. (Here nothing listens where the client dials,
+// and RedisTimeout is long, so that silence alone would not open the
+// breaker during the test.) Before, the create tried again until its
+// caller gave up.
+func TestCreateOnALostMasterGoesWithoutTheLockOrIsRefused(t *testing.T) {
+	for _, refuse := range []bool{false, true} {
+		t.Run(fmt.Sprint("RefuseCreatesWhenDegraded=", refuse), func(t *testing.T) {
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(t, err)
+			addr := ln.Addr().String()
+			require.NoError(t, ln.Close()) // a lost master: the dial is refused
+			rdb := redis.NewClient(&redis.Options{ContextTimeoutEnabled: true, Addr: addr, MaxRetries: -1})
+			defer rdb.Close()
+			k := pairKey{"u", "p"}
+			m, err := New(Config{Provider: stubProvider{}, Redis: newLostMaster(t, rdb, k.redisKey(DefaultNamespace, "sbx")),
+				RedisTimeout: time.Minute, RefuseCreatesWhenDegraded: refuse, probeInterval: time.Hour})
+			require.NoError(t, err)
+			defer m.Close(context.Background())
+			j := &m.store.judged
+			j.mu.Lock()
+			j.at, j.failed = time.Now().Add(time.Hour), map[string]bool{"lost:6379": true} // the Cluster's word, standing for the test
+			j.mu.Unlock()
+
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			l, err := m.Acquire(ctx, k.user, k.project)
+			st := m.Stats()
+			if refuse {
+				require.ErrorIs(t, err, ErrUnavailable)
+				assert.Zero(t, st.DegradedCreates)
+			} else {
+				require.NoError(t, err)
+				l.Release()
+				assert.EqualValues(t, 1, st.DegradedCreates)
+			}
+			assert.False(t, st.RedisDegraded, "the breaker opened")
+		})
+	}
 }
 
 // lostMaster is a Cluster client whose master "lost:6379" serves lostKey
