@@ -651,13 +651,14 @@ func TestRealRedisClusterFailoverIsCarriedByTheReplica(t *testing.T) {
 // A Cluster that serves the slots of the masters that answer while one
 // is down (cluster-require-full-coverage no) loses a master that has no
 // replica, while four instances serve with quotas, for longer than their
-// callers wait. The other masters go on answering, so the breakers stay
+// callers wait: the master crashes and comes back empty, then it hangs
+// and resumes. The other masters go on answering, so the breakers stay
 // closed; once the Cluster judges the master failed, the creates of its
 // pairs go without the lock (see Manager.keysLost). No Acquire fails, and
-// once the master is back, empty, what was created meanwhile is published
-// and every pair converges (see carried). Before, each create of a pair on
-// the lost master's slots tried again until its caller gave up: a third
-// of the new pairs failed for as long as the master was down.
+// once the master is back what was created meanwhile is published and
+// every pair converges (see carried). Before, each create of a pair on the
+// lost master's slots tried again until its caller gave up: a third of
+// the new pairs failed for as long as the master was down.
 func TestRealRedisClusterMasterLostWithoutAReplicaServesItsPairs(t *testing.T) {
 	t.Cleanup(func() { waitGoroutinesGone(t, "(*ConnPool).tryDial", 3*time.Second) }) // as in the failover test
 	cl := redistest.StartCluster(t, 3, 0, "--cluster-require-full-coverage", "no")
@@ -668,13 +669,21 @@ func TestRealRedisClusterMasterLostWithoutAReplicaServesItsPairs(t *testing.T) {
 	keep := []*redistest.Server{cl.MasterOf("sandboxpool:removed"), cl.MasterOf("sandboxpool:live")}
 	masters := cl.Masters()
 	lost := masters[slices.IndexFunc(masters, func(s *redistest.Server) bool { return !slices.Contains(keep, s) })]
-	pairs, redisErrors := carried(t, ms, p, failoverBatch, "loss of the master "+lost.Addr, lost.Stop, func() {
-		cl.WaitFailed(lost)
-		time.Sleep(acquireWait) // every caller that waited on the lost master's pairs has given up, unless served
-		cl.Return(lost)
-	})
-	assert.Positive(t, redisErrors, "the loss met the instances")
-	assert.Positive(t, sumStats(ms).DegradedCreates, "the lost master's pairs were created without the lock")
+	pairs := failoverBatch
+	for _, loss := range []struct {
+		name string
+		fail func()
+	}{{"crash", lost.Stop}, {"hang", lost.Pause}} {
+		degraded := sumStats(ms).DegradedCreates
+		var redisErrors int64
+		pairs, redisErrors = carried(t, ms, p, pairs, loss.name+" of the master "+lost.Addr, loss.fail, func() {
+			cl.WaitFailed(lost)
+			time.Sleep(acquireWait) // every caller that waited on the lost master's pairs has given up, unless served
+			cl.Return(lost)
+		})
+		assert.Positive(t, redisErrors, "the loss met the instances")
+		assert.Greater(t, sumStats(ms).DegradedCreates, degraded, "the lost master's pairs were created without the lock")
+	}
 	removalReachesEveryInstance(t, ms, idle, removed)
 	require.Empty(t, stampede(t, ms, 400, pairs, 10*time.Second))
 }

@@ -204,13 +204,17 @@ func flagged(nodes, addr, flag string) bool {
 	return false
 }
 
-// Return restarts node, a master the test stopped that no replica
-// replaced, with its slots and none of its keys (as a crash without
-// persistence leaves it), and waits until every node finds the cluster
-// ok.
+// Return brings back node, a master the test stopped or paused that no
+// replica replaced: it resumes a paused one, and restarts a stopped one
+// with its slots and none of its keys (as a crash without persistence
+// leaves it); then it waits until every node finds the cluster ok.
 func (c *Cluster) Return(node *Server) {
 	c.t.Helper()
-	node.Start()
+	if node.paused {
+		node.Resume()
+	} else {
+		node.Start()
+	}
 	c.waitOK(c.nodes)
 }
 
