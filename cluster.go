@@ -93,12 +93,10 @@ func (m *Manager) keysLost(ctx context.Context, k pairKey) bool {
 	if len(failed) == 0 {
 		return false
 	}
-	keys := []string{m.store.sbxKey(k)}
-	if m.cfg.MaxPerUser > 0 || m.cfg.CreateLimit.enabled() { // the user's rate shares its set's slot
-		keys = append(keys, m.store.userLiveKey(k.user))
-	}
-	if m.cfg.MaxSandboxes > 0 {
-		keys = append(keys, m.store.liveKey())
+	sets, _ := m.quotaSets(k)
+	keys := append([]string{m.store.sbxKey(k)}, sets...)
+	if m.cfg.CreateLimit.enabled() {
+		keys = append(keys, m.store.rateKey(k.user))
 	}
 	for _, key := range keys {
 		if c, err := m.store.cluster.MasterForKey(ctx, key); err == nil && failed[c.Options().Addr] {

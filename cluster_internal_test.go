@@ -183,8 +183,8 @@ func TestCreateOnALostMasterGoesWithoutTheLockOrIsRefused(t *testing.T) {
 	}
 }
 
-// lostMaster is a Cluster client whose master "lost:6379" serves lostKey
-// and "well:6379" every other key. Asked to reach every master, it reaches
+// lostMaster is a Cluster client whose master "lost:6379" serves lostKey's
+// slot (every key with its hash tag) and "well:6379" every other key. Asked to reach every master, it reaches
 // none: a read of the Cluster's word names no failed master.
 type lostMaster struct {
 	redis.UniversalClient
@@ -201,7 +201,7 @@ func newLostMaster(t *testing.T, rdb redis.UniversalClient, lostKey string) *los
 }
 
 func (c *lostMaster) MasterForKey(_ context.Context, key string) (*redis.Client, error) {
-	if key == c.lostKey {
+	if hashTag(key) == hashTag(c.lostKey) {
 		return c.lost, nil
 	}
 	return c.well, nil
@@ -210,4 +210,15 @@ func (c *lostMaster) MasterForKey(_ context.Context, key string) (*redis.Client,
 func (c *lostMaster) ForEachMaster(context.Context, func(context.Context, *redis.Client) error) error {
 	c.reads.Add(1)
 	return nil
+}
+
+// hashTag is the part of key that Redis Cluster hashes to find its slot:
+// the first {...} that holds something, or else the whole key.
+func hashTag(key string) string {
+	if _, rest, ok := strings.Cut(key, "{"); ok {
+		if tag, _, ok := strings.Cut(rest, "}"); ok && tag != "" {
+			return tag
+		}
+	}
+	return key
 }

@@ -180,14 +180,17 @@ func (c *Cluster) Rejoin(node *Server) {
 // fail: a majority of masters judged it so).
 func (c *Cluster) WaitFailed(node *Server) {
 	c.t.Helper()
+	var answering []*redis.Client
+	for _, s := range c.nodes {
+		if s.answers() {
+			answering = append(answering, s.Client(c.t))
+		}
+	}
 	settle(c.t, "the cluster never judged "+node.Addr+" failed", func(ctx context.Context) (bool, string) {
-		for _, s := range c.nodes {
-			if !s.answers() {
-				continue
-			}
-			nodes, err := s.Client(c.t).ClusterNodes(ctx).Result()
+		for _, cl := range answering {
+			nodes, err := cl.ClusterNodes(ctx).Result()
 			if err != nil || !flagged(nodes, node.Addr, "fail") {
-				return false, fmt.Sprintf("%s: %v\n%s", s.Addr, err, nodes)
+				return false, fmt.Sprintf("%s: %v\n%s", cl.Options().Addr, err, nodes)
 			}
 		}
 		return true, ""
